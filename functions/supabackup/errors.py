@@ -1,0 +1,52 @@
+"""One exception tree for the engine.
+
+Every failure the engine expects is a `SupabackupError` with a message (what went wrong)
+and a hint (what to do). The CLI turns them into one line on stderr and an exit status;
+the Lambda handler into a failed invocation and an SNS message. Library code never exits.
+"""
+
+from __future__ import annotations
+
+
+class SupabackupError(Exception):
+    """Base of every expected failure."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}; {self.hint}" if self.hint else self.message
+
+
+class ConfigError(SupabackupError):
+    """Bad input: a malformed URL, event, profile or store address."""
+
+    exit_code = 2
+
+
+class ConnectionFailed(SupabackupError):
+    """The database could not be reached or refused us."""
+
+
+class ToolError(SupabackupError):
+    """No suitable PostgreSQL client binary (pg_dump, pg_restore, ...) is available."""
+
+
+class DumpFailed(SupabackupError):
+    """pg_dump or pg_dumpall did not finish cleanly; nothing of the run is kept."""
+
+
+class StoreError(SupabackupError):
+    """The S3 store could not be read or written."""
+
+
+class BackupNotFound(StoreError):
+    """No committed backup matches what was asked for."""
+
+
+class RestoreFailed(SupabackupError):
+    """A restore did not complete; the target was left as the error describes."""

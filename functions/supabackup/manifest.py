@@ -1,0 +1,111 @@
+"""The manifest: the one object whose existence makes a backup exist.
+
+It is written last, with a conditional put, and records the sha256 and size of every
+object of the backup, so that verify and restore can trust nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .errors import StoreError
+
+FORMAT = 1
+RETENTION_CLASSES = ("daily", "weekly", "monthly", "pinned")
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    name: str      # file name inside the backup's folder
+    kind: str      # "roles" | "database"
+    size: int
+    sha256: str
+    format: str    # "sql" | "custom"
+    compression: str = "none"
+
+
+@dataclass
+class Manifest:
+    backup_id: str
+    database_id: str
+    kind: str
+    profile: str
+    retention: str
+    started_at: str
+    finished_at: str
+    snapshot_at: str
+    snapshot_id: str
+    server_version: str
+    database: str
+    database_size: int
+    pg_dump: str           # path of the binary used
+    pg_dump_version: str
+    objects: list[StoredObject]
+    label: str | None = None
+    trigger: str = "manual"
+    platform_schemas: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    format: int = FORMAT
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(o.size for o in self.objects)
+
+    @property
+    def duration_seconds(self) -> float:
+        return (parse_time(self.finished_at) - parse_time(self.started_at)).total_seconds()
+
+    def object(self, kind: str) -> StoredObject:
+        return next(o for o in self.objects if o.kind == kind)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes, key: str = "manifest") -> Manifest:
+        try:
+            data: dict[str, Any] = json.loads(raw)
+            if data.get("format") != FORMAT:
+                raise ValueError(f"unknown manifest format {data.get('format')!r}")
+            data["objects"] = [StoredObject(**o) for o in data["objects"]]
+            return cls(**data)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise StoreError(f"{key} is damaged: {exc}",
+                             "run `supabackup verify`; restore from another backup") from None
+
+    def summary(self) -> dict[str, Any]:
+        """What `list` and SNS show: no object list, nothing secret."""
+        return {
+            "backup_id": self.backup_id, "database_id": self.database_id, "kind": self.kind,
+            "profile": self.profile, "retention": self.retention, "label": self.label,
+            "trigger": self.trigger, "snapshot_at": self.snapshot_at,
+            "server_version": self.server_version, "bytes": self.total_bytes,
+            "duration_seconds": round(self.duration_seconds, 1),
+            "pg_dump_version": self.pg_dump_version, "warnings": self.warnings,
+        }
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(ts: datetime) -> str:
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def new_backup_id(ts: datetime, kind: str) -> str:
+    """Sorts by time: 20261124T030000Z-full."""
+    suffix = {"full": "full", "incremental": "incr"}[kind]
+    return ts.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ") + f"-{suffix}"
+
+
+def backup_time(backup_id: str) -> datetime:
+    return datetime.strptime(backup_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)

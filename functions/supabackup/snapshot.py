@@ -1,0 +1,98 @@
+"""The run's one snapshot, and the facts about the server read inside it.
+
+A REPEATABLE READ, READ ONLY transaction is opened and its snapshot exported; every
+pg_dump of the run attaches to it with --snapshot, so all archives of one backup show
+the same instant. The transaction (and its connection) must stay open until the last
+pg_dump has started, so SnapshotSession is a context manager held for the whole run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+
+import psycopg2
+import psycopg2.extensions
+
+from .dburl import ConnectionInfo
+from .errors import ConnectionFailed
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version: str        # e.g. "15.18"
+    version_num: int    # e.g. 150018
+    database_size: int  # bytes, pg_database_size() of the dumped database
+    snapshot_at: datetime
+
+    @property
+    def major(self) -> int:
+        return self.version_num // 10000
+
+
+def connect(conn: ConnectionInfo) -> psycopg2.extensions.connection:
+    """Open a connection, turning libpq's failures into one clear, password-free error."""
+    try:
+        return psycopg2.connect(**conn.psycopg_kwargs())
+    except psycopg2.OperationalError as exc:
+        detail = conn.redact(" ".join(str(exc).split()))
+        raise ConnectionFailed(f"cannot connect to {conn.display()}: {detail}",
+                               connection_hint(detail, conn)) from None
+
+
+def connection_hint(detail: str, conn: ConnectionInfo) -> str:
+    """What an operator should do about a libpq connection error."""
+    lowered = detail.lower()
+    if "password authentication failed" in lowered or "no password supplied" in lowered:
+        return "check the user and password in the database URL or secret"
+    if "does not exist" in lowered and "database" in lowered:
+        return "check the database name"
+    if "ssl" in lowered:
+        return "the server refused TLS; add ?sslmode=disable only for a trusted local network"
+    if conn.is_supabase:
+        return ("check the host and port; Supabase's direct host is IPv6-only, so from "
+                "IPv4 networks use the session pooler (port 5432, user postgres.<ref>)")
+    return "check the host and port, and that the server accepts connections from here"
+
+
+class SnapshotSession:
+    """An open REPEATABLE READ transaction whose snapshot pg_dump attaches to."""
+
+    def __init__(self, conn: ConnectionInfo) -> None:
+        self.conn_info = conn
+        self.connection = connect(conn)
+        try:
+            self.connection.set_session(isolation_level="REPEATABLE READ", readonly=True)
+            with self.connection.cursor() as cur:
+                cur.execute(
+                    "SELECT pg_export_snapshot(), now(), current_setting('server_version'),"
+                    " current_setting('server_version_num')::int,"
+                    " pg_database_size(current_database())"
+                )
+                snapshot, now, version, version_num, size = cur.fetchone()
+        except psycopg2.Error as exc:
+            self.connection.close()
+            detail = conn.redact(" ".join(str(exc).split()))
+            raise ConnectionFailed(
+                f"cannot export a snapshot on {conn.display()}: {detail}",
+                "use a direct connection or Supabase's session pooler; a transaction "
+                "pooler cannot hold a snapshot",
+            ) from None
+        self.snapshot_id: str = snapshot
+        self.server = ServerInfo(version=version.split()[0], version_num=version_num,
+                                 database_size=size, snapshot_at=now)
+
+    def __enter__(self) -> SnapshotSession:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self.connection.closed:
+            try:
+                self.connection.rollback()
+            finally:
+                self.connection.close()

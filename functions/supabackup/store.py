@@ -1,0 +1,245 @@
+"""The S3 store: layout, streaming uploads, the manifest commit, and listing.
+
+Layout:  s3://BUCKET/PREFIX/<database-id>/backups/<backup-id>/{roles.sql,database.dump,manifest.json}
+
+A backup exists if and only if its manifest exists. `BackupWriter` uploads data objects
+first, then the manifest with `IfNoneMatch: *` so that it is never overwritten; on any
+failure, `discard()` aborts the run's multipart uploads and deletes what it wrote.
+Uploads use boto3's transfer manager on a non-seekable stream: memory is bounded by part
+size times the number of parts in flight, and the part size grows with the expected size
+so that no archive needs more than 10,000 parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import urlencode, urlsplit
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .errors import BackupNotFound, ConfigError, StoreError
+from .manifest import Manifest
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+else:
+    S3Client = Any
+
+MIB = 1024 * 1024
+MIN_PART = 8 * MIB
+MAX_PARTS = 10_000
+# The archive is compressed and almost always smaller than the database; twice the
+# database size leaves room for the rare archive that is not.
+SIZE_SAFETY = 2
+CONCURRENCY = 4
+MANIFEST = "manifest.json"
+BOTO_CONFIG = Config(retries={"mode": "standard", "max_attempts": 5},
+                     connect_timeout=10, read_timeout=60)
+
+
+def s3_client() -> S3Client:
+    """An S3 client with botocore's standard retries; endpoint from AWS_ENDPOINT_URL_S3."""
+    return boto3.client("s3", config=BOTO_CONFIG)
+
+
+def part_size_for(expected_bytes: int) -> int:
+    """Smallest whole-MiB part size, at least 8 MiB, that fits the archive in 10,000 parts."""
+    needed = math.ceil(expected_bytes * SIZE_SAFETY / MAX_PARTS)
+    return max(MIN_PART, math.ceil(needed / MIB) * MIB)
+
+
+class HashingReader:
+    """Wraps a readable stream; counts bytes and computes sha256 as they pass."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha256.update(data)
+        self.size += len(data)
+        return data
+
+    @property
+    def hexdigest(self) -> str:
+        return self.sha256.hexdigest()
+
+
+@dataclass(frozen=True)
+class StoreURL:
+    bucket: str
+    prefix: str  # no leading or trailing slash; may be empty
+
+    @classmethod
+    def parse(cls, url: str) -> StoreURL:
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ConfigError(f"the store {url!r} is not an s3://BUCKET/PREFIX address",
+                              "pass --store s3://BUCKET/PREFIX (or set SUPABACKUP_STORE)")
+        return cls(bucket=parts.netloc, prefix=parts.path.strip("/"))
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+
+class Store:
+    """Narrow interface to one store: the only code that talks to S3."""
+
+    def __init__(self, url: StoreURL, client: S3Client | None = None) -> None:
+        self.url = url
+        self.s3 = client or s3_client()
+
+    def key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.url.prefix, *parts) if p)
+
+    def backup_key(self, database_id: str, backup_id: str, name: str = "") -> str:
+        return self.key(database_id, "backups", backup_id, name)
+
+    def check_access(self) -> None:
+        """Fail before any dump starts when the bucket is missing or out of reach."""
+        try:
+            self.s3.head_bucket(Bucket=self.url.bucket)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise StoreError(f"bucket {self.url.bucket!r} does not exist",
+                                 "create it (the SAM stack does) or fix --store") from None
+            if code in ("403", "AccessDenied", "Forbidden"):
+                raise StoreError(f"access to bucket {self.url.bucket!r} is denied",
+                                 "check the IAM policy and the bucket policy") from None
+            raise store_error(exc, f"s3://{self.url.bucket}") from None
+        except BotoCoreError as exc:
+            raise store_error(exc, f"s3://{self.url.bucket}") from None
+
+    # --- writing -----------------------------------------------------------------------
+
+    def begin(self, database_id: str, backup_id: str) -> BackupWriter:
+        return BackupWriter(self, database_id, backup_id)
+
+    # --- reading -----------------------------------------------------------------------
+
+    def database_ids(self) -> list[str]:
+        prefix = self.key() + "/" if self.url.prefix else ""
+        found = []
+        paginator = self.s3.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.url.bucket, Prefix=prefix, Delimiter="/"):
+                for common in page.get("CommonPrefixes", []):
+                    found.append(common["Prefix"][len(prefix):].rstrip("/"))
+        except (ClientError, BotoCoreError) as exc:
+            raise store_error(exc, str(self.url)) from None
+        return sorted(found)
+
+    def manifests(self, database_id: str) -> list[Manifest]:
+        """Every committed backup of a database, oldest first. Only manifests count."""
+        prefix = self.key(database_id, "backups") + "/"
+        keys = []
+        paginator = self.s3.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.url.bucket, Prefix=prefix):
+                keys += [o["Key"] for o in page.get("Contents", [])
+                         if o["Key"].endswith("/" + MANIFEST)]
+        except (ClientError, BotoCoreError) as exc:
+            raise store_error(exc, str(self.url)) from None
+        return [self.read_manifest_key(k) for k in sorted(keys)]
+
+    def read_manifest_key(self, key: str) -> Manifest:
+        try:
+            raw = self.s3.get_object(Bucket=self.url.bucket, Key=key)["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            raise store_error(exc, key) from None
+        return Manifest.from_json(raw, key)
+
+    def read_manifest(self, database_id: str, backup_id: str) -> Manifest:
+        key = self.backup_key(database_id, backup_id, MANIFEST)
+        try:
+            raw = self.s3.get_object(Bucket=self.url.bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise BackupNotFound(f"no backup {backup_id} of {database_id} in {self.url}",
+                                     "run `supabackup list` to see the backups") from None
+            raise store_error(exc, key) from None
+        return Manifest.from_json(raw, key)
+
+    def open_object(self, manifest: Manifest, name: str) -> Iterator[bytes]:
+        """Stream one object of a backup in chunks, without a local copy."""
+        key = self.backup_key(manifest.database_id, manifest.backup_id, name)
+        try:
+            body = self.s3.get_object(Bucket=self.url.bucket, Key=key)["Body"]
+            yield from body.iter_chunks(chunk_size=1 * MIB)
+        except (ClientError, BotoCoreError) as exc:
+            raise store_error(exc, key) from None
+
+
+@dataclass
+class BackupWriter:
+    """Uploads one backup's objects, then commits its manifest; or discards them all."""
+
+    store: Store
+    database_id: str
+    backup_id: str
+    written: list[str] = field(default_factory=list)
+
+    def upload(self, name: str, stream: IO[bytes], expected_bytes: int,
+               tags: dict[str, str]) -> None:
+        """Stream `stream` to S3 until EOF; the stream itself decides if EOF is good."""
+        key = self.store.backup_key(self.database_id, self.backup_id, name)
+        part = part_size_for(expected_bytes)
+        config = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
+                                max_concurrency=CONCURRENCY)
+        # Parts read ahead of the uploaders; boto3's constructor does not expose it.
+        config.max_in_memory_upload_chunks = CONCURRENCY
+        self.written.append(key)
+        self.store.s3.upload_fileobj(
+            stream, self.store.url.bucket, key, Config=config,
+            ExtraArgs={"Tagging": tagging(tags), "ContentType": "application/octet-stream"},
+        )
+
+    def commit(self, manifest: Manifest, tags: dict[str, str]) -> str:
+        """Write the manifest last; refuse to overwrite an existing one."""
+        key = self.store.backup_key(self.database_id, self.backup_id, MANIFEST)
+        try:
+            self.store.s3.put_object(Bucket=self.store.url.bucket, Key=key,
+                                     Body=manifest.to_json(), IfNoneMatch="*",
+                                     ContentType="application/json", Tagging=tagging(tags))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                raise StoreError(f"backup {self.backup_id} already exists in {self.store.url}",
+                                 "another run committed the same backup id; run again") from None
+            raise store_error(exc, key) from None
+        return key
+
+    def discard(self) -> None:
+        """Abort this run's multipart uploads and delete the objects it wrote."""
+        s3, bucket = self.store.s3, self.store.url.bucket
+        prefix = self.store.backup_key(self.database_id, self.backup_id) + "/"
+        uploads = s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
+        for upload in uploads:
+            if upload["Key"] in self.written:
+                s3.abort_multipart_upload(Bucket=bucket, Key=upload["Key"],
+                                          UploadId=upload["UploadId"])
+        for key in self.written:
+            s3.delete_object(Bucket=bucket, Key=key)
+
+
+def tagging(tags: dict[str, str]) -> str:
+    return urlencode(tags)
+
+
+def store_error(exc: Exception, where: str) -> StoreError:
+    """A StoreError that names the S3 error and the object."""
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        return StoreError(f"S3 {err.get('Code', 'error')} on {where}: {err.get('Message', '')}".rstrip(": "),
+                          "check the bucket, its policy and the function's IAM role")
+    return StoreError(f"S3 request failed on {where}: {exc}",
+                      "check the network path and the S3 endpoint; the run can be retried")
