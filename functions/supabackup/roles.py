@@ -84,3 +84,7 @@ def plan_roles(script: str, existing_roles: set[str]) -> RolePlan:
                 stmt = re.sub(r"\s+GRANTED BY\s*$", "", stmt) + ";"
         plan.statements.append(stmt)
     return plan
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

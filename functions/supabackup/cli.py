@@ -1,0 +1,142 @@
+"""The `supabackup` command line: parse flags into options and call the engine.
+
+Errors map to exit status and one clear line on stderr here, and only here:
+0 success, 1 a failed run, 2 bad input, 70 an unexpected error (a bug: the traceback
+follows with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .backup import BackupRequest
+from .catalog import resolve_database_id, select_backup
+from .dburl import ConnectionInfo
+from .errors import ConfigError, SupabackupError
+from .manifest import RETENTION_CLASSES
+from .notify import Notifier, human_bytes, human_duration
+from .profiles import NAMES as PROFILE_NAMES
+from .restore import run_restore
+from .run import backup_and_report
+from .store import Store, StoreURL
+
+EXIT_BUG = 70
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="supabackup", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"supabackup {__version__}")
+    parser.add_argument("--debug", action="store_true", help="log progress and show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def store_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store", default=os.environ.get("SUPABACKUP_STORE"),
+                       help="s3://BUCKET/PREFIX (default: $SUPABACKUP_STORE)")
+        p.add_argument("--database-id", help="which database in the store (default: derived "
+                       "from the URL when backing up; the store's only one otherwise)")
+
+    backup = sub.add_parser("backup", help="take a backup")
+    backup.add_argument("kind", choices=["full"])
+    backup.add_argument("--database-url", default=os.environ.get("SUPABACKUP_DATABASE_URL"),
+                        help="postgresql://USER:PASSWORD@HOST:PORT/DB "
+                             "(default: $SUPABACKUP_DATABASE_URL)")
+    store_flag(backup)
+    backup.add_argument("--profile", help=f"one of {', '.join(PROFILE_NAMES)} "
+                        "(default: supabase for Supabase hosts, postgres elsewhere)")
+    backup.add_argument("--label", help='a note shown by list and SNS, e.g. "before migration 42"')
+    backup.add_argument("--retention", default="daily", choices=RETENTION_CLASSES)
+    backup.add_argument("--sns-topic-arn", default=os.environ.get("SUPABACKUP_SNS_TOPIC_ARN"),
+                        help="publish the outcome here (default: $SUPABACKUP_SNS_TOPIC_ARN)")
+
+    lister = sub.add_parser("list", help="list committed backups")
+    store_flag(lister)
+    lister.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    restore = sub.add_parser("restore", help="restore a backup into an empty database")
+    store_flag(restore)
+    restore.add_argument("--target-url", required=True, help="the empty database to restore into")
+    restore.add_argument("--at", default="latest", help="latest, a BACKUP_ID, or an ISO time")
+    return parser
+
+
+def require(value: str | None, flag: str, env: str) -> str:
+    if not value:
+        raise ConfigError(f"{flag} is required", f"pass {flag} or set {env}")
+    return value
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    conn = ConnectionInfo.from_url(require(args.database_url, "--database-url",
+                                           "SUPABACKUP_DATABASE_URL"))
+    store = Store(StoreURL.parse(require(args.store, "--store", "SUPABACKUP_STORE")))
+    request = BackupRequest(kind=args.kind, profile=args.profile, retention=args.retention,
+                            label=args.label, trigger="cli", database_id=args.database_id)
+    manifest, outcome = backup_and_report(conn, store, request, Notifier(args.sns_topic_arn))
+    print(f"{manifest.backup_id}: {human_bytes(manifest.total_bytes)} in "
+          f"{human_duration(outcome.duration_seconds)} "
+          f"({manifest.profile} profile, server {manifest.server_version}, "
+          f"pg_dump {manifest.pg_dump_version})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    store = Store(StoreURL.parse(require(args.store, "--store", "SUPABACKUP_STORE")))
+    ids = [args.database_id] if args.database_id else store.database_ids()
+    rows = [m.summary() for db in ids for m in store.manifests(db)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no backups in {store.url}")
+        return 0
+    header = ("DATABASE", "BACKUP", "KIND", "RETENTION", "SIZE", "SNAPSHOT AT", "LABEL")
+    table = [header] + [
+        (r["database_id"], r["backup_id"], r["kind"], r["retention"], human_bytes(r["bytes"]),
+         r["snapshot_at"][:19] + "Z", r["label"] or "") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    store = Store(StoreURL.parse(require(args.store, "--store", "SUPABACKUP_STORE")))
+    target = ConnectionInfo.from_url(args.target_url)
+    manifest = select_backup(store, resolve_database_id(store, args.database_id), args.at)
+    report = run_restore(store, manifest, target)
+    for line in report.lines():
+        print(line)
+    return 0
+
+
+COMMANDS = {"backup": cmd_backup, "list": cmd_list, "restore": cmd_restore}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except SupabackupError as exc:
+        print(f"supabackup: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("supabackup: interrupted; nothing of this run was committed", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that reports bugs
+        if args.debug:
+            raise
+        print(f"supabackup: unexpected error: {type(exc).__name__}: {exc} "
+              "(run again with --debug for the traceback)", file=sys.stderr)
+        return EXIT_BUG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

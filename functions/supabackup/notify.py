@@ -1,0 +1,135 @@
+"""One SNS message per run, on success and on failure.
+
+The subject reads well in an email; the body is JSON (the manifest summary, or the error
+and what to do); message attributes `status`, `kind` and `database` let a subscription
+filter for failures only. Publishing never turns a good backup into a failed one: a
+publish error is logged and counted, and the run's own outcome stands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .errors import SupabackupError
+from .manifest import Manifest
+
+if TYPE_CHECKING:
+    from mypy_boto3_sns import SNSClient
+else:
+    SNSClient = Any
+
+log = logging.getLogger(__name__)
+SUBJECT_MAX = 100  # SNS's limit
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one run ended: a manifest, or an error."""
+
+    kind: str
+    database: str
+    duration_seconds: float
+    manifest: Manifest | None = None
+    error: BaseException | None = None
+    scrub: Callable[[str], str] = str  # removes secrets from error text
+
+
+    @property
+    def status(self) -> str:
+        return "succeeded" if self.error is None else "failed"
+
+    def subject(self) -> str:
+        head = f"supabackup: {self.kind} backup of {self.database} {self.status}"
+        if self.manifest is not None:
+            text = (f"{head}: {human_bytes(self.manifest.total_bytes)} in "
+                    f"{human_duration(self.duration_seconds)}")
+        else:
+            text = f"{head}: {self.scrub(error_message(self.error))}"
+        text = " ".join(text.split()).encode("ascii", "replace").decode()
+        return text if len(text) <= SUBJECT_MAX else text[: SUBJECT_MAX - 3] + "..."
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": self.status, "kind": self.kind,
+                                "database": self.database,
+                                "duration_seconds": round(self.duration_seconds, 1)}
+        if self.manifest is not None:
+            body["backup"] = self.manifest.summary()
+        else:
+            body["error"] = self.scrub(error_message(self.error))
+            body["error_type"] = type(self.error).__name__
+            body["what_to_do"] = self.scrub(error_hint(self.error))
+        return body
+
+
+def error_message(error: BaseException | None) -> str:
+    if isinstance(error, SupabackupError):
+        return error.message
+    return f"unexpected {type(error).__name__}: {error}"
+
+
+def error_hint(error: BaseException | None) -> str:
+    if isinstance(error, SupabackupError) and error.hint:
+        return error.hint
+    return "see the function's logs for the traceback, and report it if it recurs"
+
+
+class Notifier:
+    """Publishes outcomes to one SNS topic; a Notifier without a topic stays silent."""
+
+    def __init__(self, topic_arn: str | None, client: SNSClient | None = None) -> None:
+        self.topic_arn = topic_arn
+        self._client = client
+        self.failures = 0
+
+    @property
+    def client(self) -> SNSClient:
+        if self._client is None:
+            from .store import BOTO_CONFIG
+            self._client = boto3.client("sns", config=BOTO_CONFIG)
+        return self._client
+
+    def publish(self, outcome: Outcome) -> bool:
+        if not self.topic_arn:
+            return False
+        try:
+            self.client.publish(
+                TopicArn=self.topic_arn,
+                Subject=outcome.subject(),
+                Message=json.dumps(outcome.body(), indent=2, default=str),
+                MessageAttributes={
+                    "status": {"DataType": "String", "StringValue": outcome.status},
+                    "kind": {"DataType": "String", "StringValue": outcome.kind},
+                    "database": {"DataType": "String", "StringValue": outcome.database},
+                },
+            )
+            return True
+        except (ClientError, BotoCoreError) as exc:
+            self.failures += 1
+            log.error("could not publish the run's outcome to SNS: %s", exc)
+            return False

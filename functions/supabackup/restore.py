@@ -1,0 +1,259 @@
+"""Restore a full backup into an empty database.
+
+    choose the backup -> check the target is empty -> choose pg_restore -> roles
+    -> pg_restore (pre-data, data, post-data) fed from S3
+
+pg_restore reads the archive on stdin, straight from the S3 response: no local copy.
+pg_restore writes the SQL script, psql applies it in a single transaction, and the
+archive's sha256 and size are checked against the manifest before psql may commit, so a
+damaged archive or a failed restore leaves the target as empty as it was; roles the
+restore created are dropped again. (Script mode, rather than pg_restore --dbname, lets
+a pg_restore 17 restore into PostgreSQL 15 and 16: see NEWER_SETTINGS.)
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from hashlib import sha256
+from typing import IO
+
+import psycopg2
+
+from .backup import DATABASE, ROLES
+from .dburl import ConnectionInfo
+from .dump import _base_env
+from .errors import RestoreFailed, StoreError
+from .manifest import Manifest, StoredObject
+from .pgtools import PgTools, find_tools
+from .roles import plan_roles, quote_ident
+from .snapshot import connect
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RestoreReport:
+    backup_id: str
+    target: str
+    bytes: int = 0
+    roles_created: list[str] = field(default_factory=list)
+    roles_existing: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"restored {self.backup_id} into {self.target} ({self.bytes} bytes)"]
+        if self.roles_created:
+            out.append(f"created roles: {', '.join(self.roles_created)} (without passwords)")
+        if self.roles_existing:
+            out.append(f"left existing roles as they are: {', '.join(self.roles_existing)}")
+        return out
+
+
+def run_restore(store: Store, manifest: Manifest, target: ConnectionInfo) -> RestoreReport:
+    """Restore `manifest`'s backup into the empty database `target`."""
+    report = RestoreReport(backup_id=manifest.backup_id, target=target.display())
+    conn = connect(target)
+    conn.autocommit = True
+    try:
+        _check_empty(conn, target)
+        server_version_num = conn.server_version
+        tools = find_tools(int(manifest.pg_dump_version.split(".")[0]), purpose="restore")
+        roles_script = _read_small(store, manifest, manifest.object("roles")).decode()
+        plan = plan_roles(roles_script, _existing_roles(conn))
+        report.roles_created, report.roles_existing = plan.create, plan.existing
+        _apply_roles(conn, plan.statements, target)
+    finally:
+        conn.close()
+    try:
+        report.bytes = _pg_restore(store, manifest, target, tools, server_version_num)
+    except BaseException:
+        _drop_roles(target, report.roles_created)
+        raise
+    log.info("restored %s into %s", manifest.backup_id, target.display())
+    return report
+
+
+def _check_empty(conn: psycopg2.extensions.connection, target: ConnectionInfo) -> None:
+    with conn.cursor() as cur:
+        cur.execute("""
+            SELECT n.nspname || '.' || c.relname FROM pg_class c
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+              AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+            ORDER BY 1 LIMIT 5""")
+        found = [r[0] for r in cur.fetchall()]
+    if found:
+        raise RestoreFailed(
+            f"the target {target.display()} is not empty (it has {', '.join(found)}, ...)",
+            "restore into a new, empty database (createdb NAME) so nothing is overwritten",
+        )
+
+
+def _existing_roles(conn: psycopg2.extensions.connection) -> set[str]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT rolname FROM pg_roles")
+        return {r[0] for r in cur.fetchall()}
+
+
+def _apply_roles(conn: psycopg2.extensions.connection, statements: list[str],
+                 target: ConnectionInfo) -> None:
+    if not statements:
+        return
+    try:
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+            for stmt in statements:
+                cur.execute(stmt)
+            cur.execute("COMMIT")
+    except psycopg2.Error as exc:
+        conn.rollback()
+        detail = target.redact(" ".join(str(exc).split()))
+        raise RestoreFailed(f"creating roles on {target.display()} failed: {detail}",
+                            "the restoring user needs CREATEROLE; nothing was restored") from None
+
+
+def _drop_roles(target: ConnectionInfo, roles: list[str]) -> None:
+    """Undo the roles a failed restore created (best effort: the error already speaks)."""
+    if not roles:
+        return
+    try:
+        conn = connect(target)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for role in reversed(roles):
+                cur.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
+        conn.close()
+    except Exception as exc:  # noqa: BLE001 - the restore's own error is the one to report
+        log.warning("could not drop roles created by the failed restore: %s", exc)
+
+
+def _read_small(store: Store, manifest: Manifest, obj: StoredObject) -> bytes:
+    data = b"".join(store.open_object(manifest, obj.name))
+    _check_digest(obj, len(data), sha256(data).hexdigest())
+    return data
+
+
+def _check_digest(obj: StoredObject, size: int, digest: str) -> None:
+    if size != obj.size or digest != obj.sha256:
+        raise StoreError(
+            f"{obj.name} does not match its manifest (size {size}, expected {obj.size}; "
+            f"sha256 {digest[:12]}..., expected {obj.sha256[:12]}...)",
+            "the object is damaged: run `supabackup verify` and restore another backup",
+        )
+
+
+# Session settings newer pg_restore versions emit that older servers reject, by the
+# server version that introduced them. pg_restore 17 sets transaction_timeout even when
+# restoring into PostgreSQL 15 or 16.
+NEWER_SETTINGS = ((170000, b"SET transaction_timeout = 0;\n"),)
+HEADER_LINES = 64
+
+
+def _pg_restore(store: Store, manifest: Manifest, target: ConnectionInfo,
+                tools: PgTools, server_version_num: int) -> int:
+    """S3 -> pg_restore (script mode) -> psql --single-transaction, with no local copy.
+
+    psql commits when its input ends, so its input is ended only after the archive's
+    size and sha256 have matched the manifest and pg_restore has exited cleanly; on any
+    failure psql is killed first, and the transaction never commits.
+    """
+    obj = manifest.object("database")
+    env = {**_base_env(), **target.libpq_env()}
+    drop = {line for version, line in NEWER_SETTINGS if server_version_num < version}
+    psql = _Process([tools.path("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                     "--single-transaction", "-o", "/dev/null"], env, stdin=True)
+    restore = _Process([tools.path("pg_restore"), "--file=-"], env, stdin=True,
+                       stdout=True)
+    pump = threading.Thread(target=_pump, args=(restore.stdout, psql.stdin, drop), daemon=True)
+    pump.start()
+    digest, size = sha256(), 0
+    try:
+        try:
+            for chunk in store.open_object(manifest, obj.name):
+                digest.update(chunk)
+                size += len(chunk)
+                restore.stdin.write(chunk)
+        except BrokenPipeError:
+            pass  # pg_restore stopped reading; its exit status says why
+        _check_digest(obj, size, digest.hexdigest())
+        _close(restore.stdin)
+        restore.finish(f"pg_restore of {manifest.backup_id}", target)
+        pump.join()
+        _close(psql.stdin)  # only now may psql reach its COMMIT
+        psql.finish(f"restoring {manifest.backup_id} with psql", target)
+    except BaseException:
+        psql.kill()  # first: the single transaction must never commit
+        restore.kill()
+        raise
+    return size
+
+
+class _Process:
+    """A child process with its stderr drained in the background."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], stdin: bool = False,
+                 stdout: bool = False) -> None:
+        self.proc = subprocess.Popen(
+            argv, env=env, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout else subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.stderr = b""
+        self._drain = threading.Thread(target=self._read_stderr, daemon=True)
+        self._drain.start()
+
+    @property
+    def stdin(self) -> IO[bytes]:
+        assert self.proc.stdin is not None
+        return self.proc.stdin
+
+    @property
+    def stdout(self) -> IO[bytes]:
+        assert self.proc.stdout is not None
+        return self.proc.stdout
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        self.stderr = self.proc.stderr.read()
+
+    def finish(self, what: str, target: ConnectionInfo) -> None:
+        code = self.proc.wait()
+        self._drain.join()
+        if code != 0:
+            text = target.redact(self.stderr.decode("utf-8", "replace")).strip()
+            errors = [ln for ln in text.splitlines() if "error" in ln.lower()]
+            detail = "; ".join(errors)[:2000] or text[-2000:]
+            raise RestoreFailed(f"{what} failed (exit status {code}): {detail}",
+                                "nothing was restored (single transaction); "
+                                "fix the cause and run again")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def _pump(src: IO[bytes], dst: IO[bytes], drop: set[bytes]) -> None:
+    """Copy pg_restore's script to psql, leaving out settings the target cannot take."""
+    try:
+        for _ in range(HEADER_LINES):
+            line = src.readline()
+            if not line:
+                return
+            if line not in drop:
+                dst.write(line)
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    except (BrokenPipeError, ValueError):
+        pass  # psql stopped or was killed; its exit status and the caller speak
+
+
+def _close(pipe: IO[bytes]) -> None:
+    try:
+        pipe.close()
+    except BrokenPipeError:
+        pass
+
+
+__all__ = ["DATABASE", "ROLES", "RestoreReport", "run_restore"]
