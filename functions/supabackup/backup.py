@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .dburl import ConnectionInfo
 from .dump import DumpProcess
@@ -44,6 +44,7 @@ class BackupRequest:
     label: str | None = None
     trigger: str = "manual"          # "schedule" | "manual" | "cli"
     database_id: str | None = None   # None: derived from the connection
+    backup_id: str | None = None     # None: from the snapshot's time
 
     def __post_init__(self) -> None:
         if self.kind != "full":
@@ -54,6 +55,12 @@ class BackupRequest:
         if self.label is not None and (len(self.label) > 200 or not self.label.isprintable()):
             raise ConfigError("the label must be printable text of at most 200 characters")
 
+    def with_profile(self, profile: str) -> BackupRequest:
+        return replace(self, profile=profile)
+
+    def with_backup_id(self, backup_id: str) -> BackupRequest:
+        return replace(self, backup_id=backup_id)
+
 
 def run_full_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Manifest:
     """Take one full backup and commit it; raise (having stored nothing) on any failure."""
@@ -63,7 +70,7 @@ def run_full_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) 
     with SnapshotSession(conn) as session:
         tools = find_tools(session.server.major)
         database_id = request.database_id or conn.database_id
-        backup_id = new_backup_id(session.server.snapshot_at, "full")
+        backup_id = request.backup_id or new_backup_id(session.server.snapshot_at, "full")
         log.info("backup %s of %s: server %s, pg_dump %s, snapshot %s", backup_id,
                  conn.display(), session.server.version, tools.version, session.snapshot_id)
         writer = store.begin(database_id, backup_id)
@@ -103,7 +110,7 @@ def _dump_roles(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo, prof
             "-l", conn.dbname]
     with DumpProcess(argv, conn, "pg_dumpall --roles-only") as proc:
         script = b"".join(iter(lambda: proc.read(1 << 20), b"")).decode()
-    filtered = drop_reserved(script, profile.reserved_roles).encode()
+    filtered = drop_reserved(script, profile.is_reserved).encode()
     reader = HashingReader(io.BytesIO(filtered))
     writer.upload(ROLES, reader, len(filtered), tags)
     return StoredObject(name=ROLES, kind="roles", size=reader.size, sha256=reader.hexdigest,

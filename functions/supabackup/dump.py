@@ -29,7 +29,8 @@ class DumpProcess:
         self.argv = argv
         self.conn = conn
         self.what = what
-        env = {**_base_env(), **conn.libpq_env()}
+        env = {**_base_env(), **conn.libpq_env(),
+               "PGAPPNAME": f"supabackup {os.path.basename(argv[0])}"}
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env, bufsize=0)
         self._stderr: deque[bytes] = deque()
@@ -72,7 +73,9 @@ class DumpProcess:
         code = self.proc.wait()
         self._stderr_thread.join()
         text = self.conn.redact(b"".join(self._stderr).decode("utf-8", "replace"))
-        errors = [ln for ln in text.splitlines() if ": error:" in ln or "FATAL" in ln]
+        errors = [ln for ln in text.splitlines()
+                  if ": error:" in ln or "FATAL" in ln
+                  or (": detail:" in ln and "Command was" not in ln)]
         self.warnings = [ln for ln in text.splitlines() if ": warning:" in ln]
         if code != 0 or errors:
             reason = _exit_reason(code)
@@ -111,7 +114,7 @@ def dump_hint(detail: str) -> str:
         return "use a pg_dump at least as new as the server (see SUPABACKUP_PG_BINDIR)"
     if "permission denied" in lowered:
         return "the database user lacks a privilege; grant it or exclude the object"
-    if "terminat" in lowered or "connection" in lowered or "server closed" in lowered:
+    if any(w in lowered for w in ("terminat", "connection", "server closed", "pqgetcopydata")):
         return "the connection was lost mid-dump; check the server and run again"
     if "snapshot" in lowered:
         return "the exported snapshot was lost; use a direct or session-pooler connection"

@@ -21,30 +21,31 @@ from .dburl import ConnectionInfo
 from .errors import ConfigError
 
 # Roles a Supabase project creates itself; a restore into a fresh project must not touch
-# them. Source: supabase/cli, internal/utils/misc.go (reserved roles) and the
-# init scripts of supabase/postgres.
+# them. Sources: supabase/cli internal/utils/misc.go (ReservedRoles) and
+# pkg/migration/dump.go (which also reserves every supabase_* and cli_login_* role).
 SUPABASE_RESERVED_ROLES = frozenset({
     "anon", "authenticated", "authenticator", "dashboard_user", "pgbouncer", "postgres",
-    "service_role", "supabase_admin", "supabase_auth_admin", "supabase_functions_admin",
-    "supabase_read_only_user", "supabase_realtime_admin", "supabase_replication_admin",
-    "supabase_storage_admin", "supabase_etl_admin", "supabase_privileged_role",
-    "pgsodium_keyholder", "pgsodium_keyiduser", "pgsodium_keymaker", "pgtle_admin",
+    "service_role", "pgsodium_keyholder", "pgsodium_keyiduser", "pgsodium_keymaker",
+    "pgtle_admin",
 })
+SUPABASE_RESERVED_PREFIXES = ("supabase_", "cli_login_")
 
-# Schemas the platform owns and fills entirely itself: nothing of the user's lives there
-# that a backup could restore into a new project, and `postgres` may not even read them.
+# Schemas the platform owns and fills itself, left out whole (definitions and data), as
+# `supabase db dump` leaves out their data (supabase/cli pkg/migration/dump.go): nothing
+# in them restores into another project, and `postgres` may not be allowed to read them.
 SUPABASE_INTERNAL_SCHEMAS = (
-    "_analytics", "_realtime", "_supavisor", "pgbouncer", "pgsodium", "pgsodium_masks",
-    "pgtle", "repack", "tiger", "tiger_data", "topology", "timescaledb_*",
-    "_timescaledb_*", "supabase_functions", "net", "graphql", "graphql_public", "realtime",
+    "_analytics", "_realtime", "_supavisor", "etl", "graphql", "graphql_public", "net",
+    "pgbouncer", "pgsodium", "pgsodium_masks", "pgtle", "realtime", "repack", "tiger",
+    "tiger_data", "timescaledb_*", "_timescaledb_*", "topology", "vault",
 )
 
 # Platform schemas whose definitions a fresh project already has, but whose data (and
-# user additions) belong to the user and are kept.
-SUPABASE_PLATFORM_SCHEMAS = ("auth", "storage", "extensions", "vault", "cron", "pgmq",
-                             "supabase_migrations")
+# user additions: policies, triggers, grants) belong to the user and are kept.
+SUPABASE_PLATFORM_SCHEMAS = ("auth", "storage", "extensions", "supabase_functions",
+                             "supabase_migrations", "cron", "pgmq")
 
 # Migration bookkeeping of the platform's services: a fresh project has its own.
+# (supabase_migrations.schema_migrations is the user's own history and is kept.)
 SUPABASE_MIGRATION_TABLES = ("auth.schema_migrations", "storage.migrations",
                              "supabase_functions.migrations")
 
@@ -58,6 +59,11 @@ class Profile:
     exclude_table_data: tuple[str, ...] = ()
     platform_schemas: tuple[str, ...] = ()
     reserved_roles: frozenset[str] = frozenset()
+    reserved_prefixes: tuple[str, ...] = ()
+
+    def is_reserved(self, role: str) -> bool:
+        return role in self.reserved_roles or any(role.startswith(p)
+                                                  for p in self.reserved_prefixes)
 
     def pg_dump_args(self) -> list[str]:
         args = [f"--exclude-schema={s}" for s in self.exclude_schemas]
@@ -73,6 +79,7 @@ PROFILES = {
         exclude_table_data=SUPABASE_MIGRATION_TABLES,
         platform_schemas=SUPABASE_PLATFORM_SCHEMAS,
         reserved_roles=SUPABASE_RESERVED_ROLES,
+        reserved_prefixes=SUPABASE_RESERVED_PREFIXES,
     ),
 }
 

@@ -8,6 +8,7 @@ that already exist on the target exactly as they are (it says which).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _IDENT = r'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
@@ -39,14 +40,16 @@ def subject_roles(statement: str) -> tuple[str, ...]:
     return ()
 
 
-def drop_reserved(script: str, reserved: frozenset[str]) -> str:
-    """The script without statements about reserved roles (for the supabase profile)."""
-    if not reserved:
-        return script
+def drop_reserved(script: str, is_reserved: Callable[[str], bool]) -> str:
+    """The script without statements that define or change a reserved role.
+
+    A GRANT of a reserved role to a user's role (GRANT authenticated TO app_user) is
+    about the user's role and is kept; one that changes a reserved role is dropped.
+    """
     kept = []
     for line in script.splitlines():
         roles = subject_roles(line)
-        if roles and any(r in reserved for r in roles[:1]):
+        if roles and is_reserved(roles[0]):
             continue
         kept.append(line)
     return "\n".join(kept) + "\n"

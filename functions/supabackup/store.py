@@ -49,10 +49,10 @@ def s3_client() -> S3Client:
     return boto3.client("s3", config=BOTO_CONFIG)
 
 
-def part_size_for(expected_bytes: int) -> int:
-    """Smallest whole-MiB part size, at least 8 MiB, that fits the archive in 10,000 parts."""
+def part_size_for(expected_bytes: int, minimum: int = MIN_PART) -> int:
+    """Smallest whole-MiB part size, at least `minimum`, that fits the archive in 10,000 parts."""
     needed = math.ceil(expected_bytes * SIZE_SAFETY / MAX_PARTS)
-    return max(MIN_PART, math.ceil(needed / MIB) * MIB)
+    return max(minimum, math.ceil(needed / MIB) * MIB)
 
 
 class HashingReader:
@@ -94,9 +94,12 @@ class StoreURL:
 class Store:
     """Narrow interface to one store: the only code that talks to S3."""
 
-    def __init__(self, url: StoreURL, client: S3Client | None = None) -> None:
+    def __init__(self, url: StoreURL, client: S3Client | None = None,
+                 min_part_size: int = MIN_PART, concurrency: int = CONCURRENCY) -> None:
         self.url = url
         self.s3 = client or s3_client()
+        self.min_part_size = min_part_size
+        self.concurrency = concurrency
 
     def key(self, *parts: str) -> str:
         return "/".join(p for p in (self.url.prefix, *parts) if p)
@@ -123,6 +126,15 @@ class Store:
     # --- writing -----------------------------------------------------------------------
 
     def begin(self, database_id: str, backup_id: str) -> BackupWriter:
+        """Start writing a backup; refuse an id that already has objects (never overwrite)."""
+        prefix = self.backup_key(database_id, backup_id) + "/"
+        try:
+            listed = self.s3.list_objects_v2(Bucket=self.url.bucket, Prefix=prefix, MaxKeys=1)
+        except (ClientError, BotoCoreError) as exc:
+            raise store_error(exc, prefix) from None
+        if listed.get("KeyCount", 0):
+            raise StoreError(f"backup {backup_id} already exists in {self.url}",
+                             "another run wrote the same backup id; run again")
         return BackupWriter(self, database_id, backup_id)
 
     # --- reading -----------------------------------------------------------------------
@@ -193,20 +205,25 @@ class BackupWriter:
                tags: dict[str, str]) -> None:
         """Stream `stream` to S3 until EOF; the stream itself decides if EOF is good."""
         key = self.store.backup_key(self.database_id, self.backup_id, name)
-        part = part_size_for(expected_bytes)
+        part = part_size_for(expected_bytes, self.store.min_part_size)
         config = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
-                                max_concurrency=CONCURRENCY)
+                                max_concurrency=self.store.concurrency)
         # Parts read ahead of the uploaders; boto3's constructor does not expose it.
-        config.max_in_memory_upload_chunks = CONCURRENCY
+        config.max_in_memory_upload_chunks = self.store.concurrency
         self.written.append(key)
-        self.store.s3.upload_fileobj(
-            stream, self.store.url.bucket, key, Config=config,
-            ExtraArgs={"Tagging": tagging(tags), "ContentType": "application/octet-stream"},
-        )
+        try:
+            self.store.s3.upload_fileobj(
+                stream, self.store.url.bucket, key, Config=config,
+                ExtraArgs={"Tagging": tagging(tags), "ContentType": "application/octet-stream"},
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise store_error(exc, key) from None
 
     def commit(self, manifest: Manifest, tags: dict[str, str]) -> str:
         """Write the manifest last; refuse to overwrite an existing one."""
         key = self.store.backup_key(self.database_id, self.backup_id, MANIFEST)
+        # A put can land even when its response is lost: discard() must remove it too.
+        self.written.insert(0, key)
         try:
             self.store.s3.put_object(Bucket=self.store.url.bucket, Key=key,
                                      Body=manifest.to_json(), IfNoneMatch="*",
@@ -219,7 +236,10 @@ class BackupWriter:
         return key
 
     def discard(self) -> None:
-        """Abort this run's multipart uploads and delete the objects it wrote."""
+        """Abort this run's multipart uploads and delete the objects it wrote.
+
+        The manifest goes first, so the backup stops existing before its data does.
+        """
         s3, bucket = self.store.s3, self.store.url.bucket
         prefix = self.store.backup_key(self.database_id, self.backup_id) + "/"
         uploads = s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])

@@ -1,0 +1,177 @@
+"""Shared fixtures: real PostgreSQL 15 and 17 servers, moto for AWS, fault injection.
+
+Clusters are started once per session (as the `postgres` OS user) on free loopback
+ports; each test gets fresh databases in them. AWS is moto: in-process (`aws`) for the
+engine and handler tests, its server on loopback (`local_s3`) for the CLI subprocesses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from devkit.pg import Cluster, bindir_for
+from devkit.s3 import FAKE_CREDENTIALS, LocalS3
+from supabackup.store import MIB, Store, StoreURL
+
+REPO = Path(__file__).resolve().parent.parent
+EVENTS = REPO / "events"
+SQL = REPO / "devkit" / "sql"
+BUCKET = "sb-test-bucket"
+
+# Never reach real AWS from a test, whatever the developer's shell has set.
+for _var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN",
+             "SUPABACKUP_PG_BINDIR", "SUPABACKUP_STORE", "SUPABACKUP_DATABASE_URL"):
+    os.environ.pop(_var, None)
+os.environ.update(FAKE_CREDENTIALS)
+
+
+def load_event(name: str) -> dict[str, Any]:
+    """The sample events users invoke with are the ones tests use."""
+    return json.loads((EVENTS / name).read_text())
+
+
+_clusters: dict[int, Cluster] = {}
+
+
+def _cluster(major: int) -> Cluster:
+    if major not in _clusters:
+        _clusters[major] = Cluster(bindir_for(major)).start()
+    return _clusters[major]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for cluster in _clusters.values():
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg15() -> Cluster:
+    return _cluster(15)
+
+
+@pytest.fixture(scope="session")
+def pg17() -> Cluster:
+    return _cluster(17)
+
+
+@pytest.fixture(params=[15, 17], ids=["pg15", "pg17"])
+def cluster(request: pytest.FixtureRequest) -> Cluster:
+    """Each test that takes `cluster` runs against PostgreSQL 15 and 17."""
+    return _cluster(request.param)
+
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def new_db(request: pytest.FixtureRequest) -> Iterator[Callable[[Cluster], str]]:
+    """Factory: a fresh, empty database on a cluster; returns its name. Dropped after."""
+    made: list[tuple[Cluster, str]] = []
+
+    def make(cluster: Cluster) -> str:
+        name = f"t{os.getpid()}_{next(_names)}"
+        cluster.create_database(name)
+        made.append((cluster, name))
+        return name
+
+    yield make
+    for cluster, name in made:
+        cluster.drop_database(name)
+
+
+@pytest.fixture
+def aws() -> Iterator[None]:
+    with mock_aws():
+        yield
+
+
+@pytest.fixture
+def s3(aws: None) -> Any:
+    client = boto3.client("s3", region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    return client
+
+
+@pytest.fixture
+def store(s3: Any) -> Store:
+    # Small parts so that modest test databases span several parts, as real ones do.
+    return Store(StoreURL.parse(f"s3://{BUCKET}/backups"), s3, min_part_size=5 * MIB,
+                 concurrency=2)
+
+
+class Inbox:
+    """An SNS topic with an SQS queue subscribed, to read what was published."""
+
+    def __init__(self, sns: Any, sqs: Any) -> None:
+        self.sns, self.sqs = sns, sqs
+        self.topic_arn = sns.create_topic(Name="supabackup-test")["TopicArn"]
+        self.queue_url = sqs.create_queue(QueueName="supabackup-inbox")["QueueUrl"]
+        queue_arn = sqs.get_queue_attributes(QueueUrl=self.queue_url,
+                                             AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        sns.subscribe(TopicArn=self.topic_arn, Protocol="sqs", Endpoint=queue_arn)
+
+    def messages(self) -> list[dict[str, Any]]:
+        """Each published message: Subject, Message (parsed JSON), MessageAttributes."""
+        out = []
+        while True:
+            got = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10)
+            if not got.get("Messages"):
+                return out
+            for msg in got["Messages"]:
+                envelope = json.loads(msg["Body"])
+                envelope["Message"] = json.loads(envelope["Message"])
+                out.append(envelope)
+                self.sqs.delete_message(QueueUrl=self.queue_url,
+                                        ReceiptHandle=msg["ReceiptHandle"])
+
+
+@pytest.fixture
+def inbox(aws: None) -> Inbox:
+    return Inbox(boto3.client("sns", region_name="us-east-1"),
+                 boto3.client("sqs", region_name="us-east-1"))
+
+
+@pytest.fixture(scope="session")
+def local_s3() -> Iterator[LocalS3]:
+    with LocalS3() as server:
+        yield server
+
+
+def stored_keys(client: Any, bucket: str = BUCKET) -> list[str]:
+    return [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+def open_uploads(client: Any, bucket: str = BUCKET) -> list[str]:
+    return [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+
+def child_pids(name: str) -> list[int]:
+    """PIDs of our child processes called `name` (e.g. the running pg_dump)."""
+    me, found = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+            comm = fields[0].split("(", 1)[1]
+            ppid = int(fields[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == me and comm == name:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def kill_children(name: str) -> int:
+    pids = child_pids(name)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return len(pids)
