@@ -6,6 +6,7 @@ AWS_ENDPOINT_URL_S3 variable that boto3 reads itself; `env()` returns what to se
 
 from __future__ import annotations
 
+import logging
 from types import TracebackType
 
 import boto3
@@ -43,6 +44,7 @@ class LocalS3:
         self.client().create_bucket(Bucket=name)
 
     def __enter__(self) -> LocalS3:
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
         self.server.start()
         return self
 

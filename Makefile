@@ -1,0 +1,41 @@
+# supabackup: `make demo` runs the whole job locally; `make test` runs the test suite.
+# Both work on a fresh machine after `make setup` (which they call themselves).
+
+PYTHON ?= $(shell command -v python3.12 2>/dev/null || PYENV_VERSION=3.12.1 pyenv which python 2>/dev/null || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+PG17   := build/postgresql-17/.version
+
+.PHONY: setup test demo bench lint layer clean
+
+setup: $(VENV)/.installed $(PG17)
+
+$(VENV)/.installed: requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+# PostgreSQL 17 client and server binaries (pinned, checksummed) for the tests and demo.
+$(PG17): layers/postgresql.lock layers/fetch_postgres.py $(VENV)/.installed
+	$(BIN)/python layers/fetch_postgres.py build/postgresql-17
+
+test: setup
+	$(BIN)/pytest
+
+demo: setup
+	$(BIN)/python -m devkit.demo
+
+bench: setup
+	$(BIN)/python bench/bench_full.py
+
+lint: setup
+	$(BIN)/ruff check functions devkit tests bench layers
+	$(BIN)/mypy functions/supabackup
+
+layer: setup
+	$(MAKE) -C layers layer
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
