@@ -1,0 +1,119 @@
+"""Restores into real PostgreSQL 15 and 17: round trips, refusals, damaged archives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from devkit.compare import differences
+from devkit.pg import Cluster
+from supabackup.backup import BackupRequest, run_full_backup
+from supabackup.catalog import select_backup
+from supabackup.dburl import ConnectionInfo
+from supabackup.errors import BackupNotFound, RestoreFailed, StoreError
+from supabackup.restore import run_restore
+from supabackup.store import Store
+
+from .conftest import BUCKET, SQL
+
+
+def _conn(cluster: Cluster, db: str) -> ConnectionInfo:
+    return ConnectionInfo.from_url(cluster.url(db))
+
+
+def _user_relations(cluster: Cluster, db: str) -> int:
+    return cluster.execute(
+        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "AND n.nspname NOT LIKE 'pg_toast%'", db)[0][0]
+
+
+def test_every_common_kind_of_object_round_trips_to_an_identical_dump(
+        cluster: Cluster, new_db: Any, store: Store) -> None:
+    # GIVEN a database with every common kind of object (see devkit/sql/all_kinds.sql)
+    source, target = new_db(cluster), new_db(cluster)
+    cluster.psql_file(SQL / "all_kinds.sql", source)
+    # WHEN it is backed up and restored into an empty database
+    manifest = run_full_backup(_conn(cluster, source), store, BackupRequest())
+    report = run_restore(store, manifest, _conn(cluster, target))
+    # THEN a pg_dump of each is the same, apart from order
+    assert differences(cluster.url(source), cluster.url(target)) == []
+    assert report.bytes == manifest.object("database").size
+    assert "sb_test_reader" in report.roles_existing
+
+
+def test_supabase_shaped_database_round_trips_on_the_same_server(
+        pg15: Cluster, new_db: Any, store: Store) -> None:
+    source, target = new_db(pg15), new_db(pg15)
+    for name in ("supabase_platform.sql", "supabase_sample.sql"):
+        pg15.psql_file(SQL / name, source)
+    manifest = run_full_backup(_conn(pg15, source), store, BackupRequest(profile="postgres"))
+    run_restore(store, manifest, _conn(pg15, target))
+    assert differences(pg15.url(source), pg15.url(target)) == []
+
+
+def test_restore_creates_missing_roles_and_reports_existing_ones(
+        pg17: Cluster, new_db: Any, store: Store) -> None:
+    source, target = new_db(pg17), new_db(pg17)
+    pg17.execute("CREATE ROLE sb_restore_only; CREATE TABLE t (id int);"
+                 "GRANT SELECT ON t TO sb_restore_only", source)
+    manifest = run_full_backup(_conn(pg17, source), store, BackupRequest())
+    pg17.execute("DROP TABLE t", source)
+    pg17.execute("DROP ROLE sb_restore_only")  # as if restoring on another server
+    try:
+        report = run_restore(store, manifest, _conn(pg17, target))
+        assert report.roles_created == ["sb_restore_only"]
+        assert "postgres" in report.roles_existing
+        assert pg17.execute("SELECT has_table_privilege('sb_restore_only', 't', 'SELECT')",
+                            target) == [(True,)]
+    finally:
+        pg17.drop_database(target)
+        pg17.execute("DROP ROLE IF EXISTS sb_restore_only")
+
+
+def test_restore_refuses_a_target_that_is_not_empty_and_leaves_it_alone(
+        pg15: Cluster, new_db: Any, store: Store) -> None:
+    source, target = new_db(pg15), new_db(pg15)
+    pg15.execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)", source)
+    pg15.execute("CREATE TABLE precious (id int); INSERT INTO precious VALUES (7)", target)
+    manifest = run_full_backup(_conn(pg15, source), store, BackupRequest())
+    with pytest.raises(RestoreFailed, match=r"is not empty \(it has public.precious"):
+        run_restore(store, manifest, _conn(pg15, target))
+    assert pg15.execute("SELECT * FROM precious", target) == [(7,)]
+    assert _user_relations(pg15, target) == 1
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "append"])
+def test_damaged_archive_is_refused_and_the_target_stays_empty(
+        pg17: Cluster, new_db: Any, store: Store, s3: Any, damage: str) -> None:
+    source, target = new_db(pg17), new_db(pg17)
+    pg17.psql_file(SQL / "all_kinds.sql", source)
+    manifest = run_full_backup(_conn(pg17, source), store, BackupRequest())
+    key = store.backup_key(manifest.database_id, manifest.backup_id, "database.dump")
+    data = bytearray(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    elif damage == "truncate":
+        del data[-100:]
+    else:
+        data += b"trailing garbage"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=bytes(data))
+    with pytest.raises((StoreError, RestoreFailed), match="database.dump does not match|pg_restore"):
+        run_restore(store, manifest, _conn(pg17, target))
+    assert _user_relations(pg17, target) == 0
+
+
+def test_select_backup_by_id_time_and_latest(pg15: Cluster, new_db: Any, store: Store) -> None:
+    db = new_db(pg15)
+    pg15.execute("CREATE TABLE t (id int)", db)
+    first = run_full_backup(_conn(pg15, db), store,
+                            BackupRequest(backup_id="20261101T030000Z-full"))
+    second = run_full_backup(_conn(pg15, db), store,
+                             BackupRequest(backup_id="20261108T030000Z-full"))
+    assert select_backup(store, first.database_id).backup_id == second.backup_id
+    assert select_backup(store, first.database_id, first.backup_id).backup_id == first.backup_id
+    with pytest.raises(BackupNotFound, match="no backup 'nope'"):
+        select_backup(store, first.database_id, "nope")
+    with pytest.raises(BackupNotFound, match="no committed backup"):
+        select_backup(store, "unknown-db")
