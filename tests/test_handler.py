@@ -1,0 +1,144 @@
+"""The Lambda handler, called as Lambda calls it, with the sample events from events/."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import pytest
+
+from devkit.pg import Cluster
+from supabackup.errors import ConfigError
+from supabackup.handlers import backup as handler_module
+
+from .conftest import BUCKET, Inbox, load_event, open_uploads, stored_keys
+
+PASSWORD = "handler-Secret-pw-42"
+
+
+@dataclass
+class FakeContext:
+    function_name: str = "supabackup-backup"
+    memory_limit_in_mb: int = 1024
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:supabackup-backup"
+    aws_request_id: str = "req-1"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 900_000
+
+
+@pytest.fixture
+def deployed(pg15: Cluster, new_db: Any, s3: Any, inbox: Inbox,
+             monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """What the stack provides: a bucket, a topic, a secret in the RDS shape."""
+    db = new_db(pg15)
+    pg15.execute(f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname='sb_lambda')"
+                 f" THEN CREATE ROLE sb_lambda LOGIN SUPERUSER PASSWORD '{PASSWORD}'; END IF;"
+                 f" END$$; CREATE TABLE orders (id int PRIMARY KEY); "
+                 f"INSERT INTO orders SELECT generate_series(1, 100)", db)
+    secrets = boto3.client("secretsmanager", region_name="us-east-1")
+    arn = secrets.create_secret(Name="supabackup/db", SecretString=json.dumps({
+        "host": "127.0.0.1", "port": pg15.port, "username": "sb_lambda",
+        "password": PASSWORD, "dbname": db}))["ARN"]
+    monkeypatch.setenv("SUPABACKUP_STORE", f"s3://{BUCKET}/prod")
+    monkeypatch.setenv("SUPABACKUP_DB_SECRET_ARN", arn)
+    monkeypatch.setenv("SUPABACKUP_SNS_TOPIC_ARN", inbox.topic_arn)
+    monkeypatch.setenv("POWERTOOLS_METRICS_NAMESPACE", "supabackup")
+    monkeypatch.setattr(handler_module, "clients", {
+        "s3": s3, "secretsmanager": secrets, "sns": inbox.sns})
+    return {"db": db, "secrets": secrets, "arn": arn}
+
+
+@pytest.fixture
+def log_buffer() -> Any:
+    """The handler's structured log lines, formatted by Powertools' own formatter."""
+    buffer = io.StringIO()
+    extra = logging.StreamHandler(buffer)
+    extra.setFormatter(handler_module.logger.registered_formatter)
+    handler_module.logger.addHandler(extra)
+    yield buffer
+    handler_module.logger.removeHandler(extra)
+
+
+def _emf(out: str) -> dict[str, Any]:
+    """The EMF metrics document Powertools printed."""
+    docs = [json.loads(line) for line in out.splitlines() if line.startswith('{"_aws"')]
+    assert len(docs) == 1, out
+    return docs[0]
+
+
+def test_scheduled_event_takes_a_weekly_full_backup(deployed: dict[str, Any], s3: Any,
+                                                    inbox: Inbox, log_buffer: Any,
+                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    result = handler_module.handler(load_event("backup-full-scheduled.json"), FakeContext())
+    assert result["retention"] == "weekly" and result["trigger"] == "schedule"
+    keys = stored_keys(s3)
+    assert any(k.endswith(f"{result['backup_id']}/manifest.json") for k in keys)
+    tags = s3.get_object_tagging(Bucket=BUCKET, Key=next(k for k in keys if k.endswith(".dump")))
+    assert {"Key": "retention", "Value": "weekly"} in tags["TagSet"]
+    (msg,) = inbox.messages()
+    assert msg["MessageAttributes"]["status"]["Value"] == "succeeded"
+    out = capfd.readouterr().out
+    metrics = _emf(out)
+    out += log_buffer.getvalue()
+    assert metrics["BackupSucceeded"] == [1.0] or metrics["BackupSucceeded"] == 1.0
+    assert metrics["kind"] == "full"
+    logs = [json.loads(line) for line in out.splitlines() if line.startswith('{"level"')]
+    assert any(log.get("correlation_id") == result["backup_id"] for log in logs), out[:3000]
+    assert PASSWORD not in out
+
+
+def test_manual_event_carries_its_label_and_retention(deployed: dict[str, Any],
+                                                      inbox: Inbox) -> None:
+    result = handler_module.handler(load_event("backup-full-manual.json"), FakeContext())
+    assert (result["label"], result["retention"]) == ("before migration 42", "pinned")
+    (msg,) = inbox.messages()
+    assert msg["Message"]["backup"]["label"] == "before migration 42"
+
+
+@pytest.mark.parametrize("event, match", [
+    (["full"], "the event is not a JSON object"),
+    ({"kind": "full", "retension": "pinned"}, "unknown event field"),
+    ({"kind": "full", "label": 42}, "event field 'label' must be a string"),
+    ({"kind": "full", "retention": "forever"}, "unknown retention class 'forever'"),
+    ({"kind": "differential"}, "unknown backup kind 'differential'"),
+    ({"trigger": "cron"}, "unknown trigger 'cron'"),
+])
+def test_malformed_event_fails_clearly_and_stores_nothing(
+        deployed: dict[str, Any], s3: Any, inbox: Inbox, event: Any, match: str,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match=match):
+        handler_module.handler(event, FakeContext())
+    assert stored_keys(s3) == [] and open_uploads(s3) == []
+    (msg,) = inbox.messages()
+    assert msg["MessageAttributes"]["status"]["Value"] == "failed"
+    assert _emf(capfd.readouterr().out)["BackupFailed"] in ([1.0], 1.0)
+
+
+def test_missing_secret_fails_clearly(deployed: dict[str, Any], s3: Any, inbox: Inbox,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SUPABACKUP_DB_SECRET_ARN", deployed["arn"] + "-gone")
+    with pytest.raises(ConfigError, match="cannot read the database secret .*ResourceNotFoundException"):
+        handler_module.handler(load_event("backup-full-manual.json"), FakeContext())
+    assert stored_keys(s3) == []
+    (msg,) = inbox.messages()
+    assert "check SUPABACKUP_DB_SECRET_ARN" in msg["Message"]["what_to_do"]
+
+
+def test_failed_backup_fails_the_invocation_and_never_leaks_the_password(
+        deployed: dict[str, Any], pg15: Cluster, s3: Any, inbox: Inbox, log_buffer: Any,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    deployed["secrets"].put_secret_value(SecretId=deployed["arn"], SecretString=json.dumps({
+        "host": "127.0.0.1", "port": pg15.port, "username": "sb_lambda",
+        "password": PASSWORD + "-wrong", "dbname": deployed["db"]}))
+    with pytest.raises(Exception, match="password authentication failed"):
+        handler_module.handler(load_event("backup-full-scheduled.json"), FakeContext())
+    out = capfd.readouterr().out + log_buffer.getvalue()
+    assert '"message":"backup failed: cannot connect to sb_lambda@127.0.0.1' in out
+    assert PASSWORD not in out
+    assert PASSWORD not in repr(inbox.messages())
+    assert _emf(out)["BackupFailed"] in ([1.0], 1.0)
