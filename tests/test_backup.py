@@ -225,3 +225,23 @@ def test_part_size_grows_so_no_archive_needs_more_than_10000_parts() -> None:
         part = part_size_for(size)
         assert part >= 8 * MIB and part % MIB == 0
         assert 2 * size / part <= MAX_PARTS
+
+
+def test_archive_shows_the_instant_of_the_exported_snapshot_not_when_pg_dump_started(
+        pg15: Cluster, new_db: Any, store: Store, s3: Any) -> None:
+    # GIVEN a row committed after the run exported its snapshot but before pg_dump started
+    # (the roles script is uploaded in between)
+    source, target = new_db(pg15), new_db(pg15)
+    pg15.execute("CREATE TABLE ledger (id int PRIMARY KEY); INSERT INTO ledger VALUES (1)", source)
+
+    def commit_late_row(request: Any, **_: Any) -> None:
+        if request.url.split("?")[0].endswith("/roles.sql"):
+            pg15.execute("INSERT INTO ledger VALUES (2)", source)
+
+    s3.meta.events.register_first("before-send.s3.PutObject", commit_late_row)
+    manifest = run_full_backup(_conn(pg15, source), store, BackupRequest())
+    # THEN the restored database holds the data as of the snapshot only
+    from supabackup.restore import run_restore
+    run_restore(store, manifest, _conn(pg15, target))
+    assert pg15.execute("SELECT id FROM ledger ORDER BY id", source) == [(1,), (2,)]
+    assert pg15.execute("SELECT id FROM ledger ORDER BY id", target) == [(1,)]
