@@ -51,8 +51,8 @@ def main() -> int:
         cluster.create_database("app")
         for name in ("supabase_platform.sql", "supabase_sample.sql"):
             cluster.psql_file(SQL / name, "app")
-        rows = cluster.execute("SELECT sum(n_live_tup)::int, count(*)::int FROM pg_stat_user_tables", "app")[0]
-        print(f"source: a Supabase-shaped database with {rows[1]} tables\n")
+        (tables,) = cluster.execute("SELECT count(*) FROM pg_stat_user_tables", "app")[0]
+        print(f"source: a Supabase-shaped database with {tables} tables\n")
         env = {**os.environ, **s3.env()}
 
         t0 = time.monotonic()

@@ -18,10 +18,10 @@ from typing import Any
 import boto3
 import pytest
 from moto import mock_aws
+from supabackup.store import MIB, Store, StoreURL
 
 from devkit.pg import Cluster, bindir_for
 from devkit.s3 import FAKE_CREDENTIALS, LocalS3
-from supabackup.store import MIB, Store, StoreURL
 
 REPO = Path(__file__).resolve().parent.parent
 EVENTS = REPO / "events"

@@ -10,8 +10,6 @@ from typing import Any
 import pytest
 from botocore.awsrequest import AWSResponse
 from moto.core.botocore_stubber import MockRawResponse
-
-from devkit.pg import Cluster
 from supabackup.backup import BackupRequest, run_full_backup
 from supabackup.dburl import ConnectionInfo
 from supabackup.errors import DumpFailed, StoreError
@@ -19,6 +17,8 @@ from supabackup.notify import Notifier
 from supabackup.pgtools import find_tools
 from supabackup.run import backup_and_report
 from supabackup.store import MIB, Store, StoreURL
+
+from devkit.pg import Cluster
 
 from .conftest import BUCKET, Inbox, child_pids, kill_children, open_uploads, stored_keys
 

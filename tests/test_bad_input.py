@@ -6,14 +6,14 @@ import logging
 from typing import Any
 
 import pytest
-
-from devkit.pg import PG15_BINDIR, Cluster, free_port
 from supabackup.backup import BackupRequest
 from supabackup.dburl import ConnectionInfo
 from supabackup.errors import ConfigError, ConnectionFailed, StoreError, ToolError
 from supabackup.notify import Notifier
 from supabackup.run import backup_and_report
 from supabackup.store import Store, StoreURL
+
+from devkit.pg import PG15_BINDIR, Cluster, free_port
 
 from .conftest import Inbox, open_uploads, stored_keys
 

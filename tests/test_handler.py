@@ -10,10 +10,10 @@ from typing import Any
 
 import boto3
 import pytest
-
-from devkit.pg import Cluster
 from supabackup.errors import ConfigError
 from supabackup.handlers import backup as handler_module
+
+from devkit.pg import Cluster
 
 from .conftest import BUCKET, Inbox, load_event, open_uploads, stored_keys
 

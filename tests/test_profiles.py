@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from devkit.pg import Cluster
 from supabackup.backup import BackupRequest, run_full_backup
 from supabackup.dburl import ConnectionInfo
 from supabackup.errors import ConfigError
@@ -21,6 +19,8 @@ from supabackup.pgtools import find_tools
 from supabackup.profiles import resolve_profile
 from supabackup.roles import drop_reserved, plan_roles
 from supabackup.store import Store
+
+from devkit.pg import Cluster
 
 from .conftest import BUCKET, SQL
 
@@ -30,7 +30,6 @@ def supabase_backup(pg15: Cluster, tmp_path_factory: pytest.TempPathFactory) -> 
     """A supabase-profile backup of the sample project: its listing and roles script."""
     import boto3
     from moto import mock_aws
-
     from supabackup.store import StoreURL
     db = "supabase_profile_src"
     pg15.drop_database(db)

@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from devkit.compare import differences
-from devkit.pg import Cluster
 from supabackup.backup import BackupRequest, run_full_backup
 from supabackup.catalog import select_backup
 from supabackup.dburl import ConnectionInfo
 from supabackup.errors import BackupNotFound, RestoreFailed, StoreError
 from supabackup.restore import run_restore
 from supabackup.store import Store
+
+from devkit.compare import differences
+from devkit.pg import Cluster
 
 from .conftest import BUCKET, SQL
 

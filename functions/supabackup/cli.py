@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("supabackup: interrupted; nothing of this run was committed", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the one place that reports bugs
+    except Exception as exc:
         if args.debug:
             raise
         print(f"supabackup: unexpected error: {type(exc).__name__}: {exc} "

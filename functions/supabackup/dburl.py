@@ -48,8 +48,9 @@ class ConnectionInfo:
         query = dict(parse_qsl(parts.query))
         unknown = set(query) - PASSTHROUGH
         if unknown:
-            raise ConfigError(f"unsupported database URL parameter(s): {', '.join(sorted(unknown))}",
-                              f"supported: {', '.join(sorted(PASSTHROUGH))}")
+            raise ConfigError(
+                f"unsupported database URL parameter(s): {', '.join(sorted(unknown))}",
+                f"supported: {', '.join(sorted(PASSTHROUGH))}")
         info = cls(
             host=parts.hostname,
             port=port,

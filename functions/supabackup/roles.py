@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _IDENT = r'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
-_ABOUT_ROLE = re.compile(rf"^(?:CREATE ROLE|ALTER ROLE|COMMENT ON ROLE|SECURITY LABEL .*? ON ROLE)\s+({_IDENT})")
+_ABOUT_ROLE = re.compile(
+    rf"^(?:CREATE ROLE|ALTER ROLE|COMMENT ON ROLE|SECURITY LABEL .*? ON ROLE)\s+({_IDENT})")
 _GRANT = re.compile(rf"^GRANT\s+({_IDENT})\s+TO\s+({_IDENT})(.*?)(?:\s+GRANTED BY\s+({_IDENT}))?;$")
 
 

@@ -16,7 +16,7 @@ import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlencode, urlsplit
 
 import boto3
@@ -55,10 +55,16 @@ def part_size_for(expected_bytes: int, minimum: int = MIN_PART) -> int:
     return max(minimum, math.ceil(needed / MIB) * MIB)
 
 
+class Readable(Protocol):
+    """Anything with read(n): a file, a BytesIO, a running pg_dump."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 class HashingReader:
     """Wraps a readable stream; counts bytes and computes sha256 as they pass."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: Readable) -> None:
         self.raw = raw
         self.sha256 = hashlib.sha256()
         self.size = 0
@@ -201,7 +207,7 @@ class BackupWriter:
     backup_id: str
     written: list[str] = field(default_factory=list)
 
-    def upload(self, name: str, stream: IO[bytes], expected_bytes: int,
+    def upload(self, name: str, stream: Readable, expected_bytes: int,
                tags: dict[str, str]) -> None:
         """Stream `stream` to S3 until EOF; the stream itself decides if EOF is good."""
         key = self.store.backup_key(self.database_id, self.backup_id, name)
@@ -259,7 +265,8 @@ def store_error(exc: Exception, where: str) -> StoreError:
     """A StoreError that names the S3 error and the object."""
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
-        return StoreError(f"S3 {err.get('Code', 'error')} on {where}: {err.get('Message', '')}".rstrip(": "),
+        text = f"S3 {err.get('Code', 'error')} on {where}: {err.get('Message', '')}"
+        return StoreError(text.rstrip(": "),
                           "check the bucket, its policy and the function's IAM role")
     return StoreError(f"S3 request failed on {where}: {exc}",
                       "check the network path and the S3 endpoint; the run can be retried")
