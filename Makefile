@@ -1,7 +1,10 @@
 # supabackup: `make demo` runs the whole job locally; `make test` runs the test suite.
 # Both work on a fresh machine after `make setup` (which they call themselves).
 
-PYTHON ?= $(shell command -v python3.12 2>/dev/null || PYENV_VERSION=3.12.1 pyenv which python 2>/dev/null || command -v python3)
+# Python 3.12, as on Lambda: a python3.12 that runs, else pyenv's newest 3.12, else python3.
+PYTHON ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || \
+	{ v=$$(pyenv versions --bare 2>/dev/null | grep '^3\.12' | tail -1); \
+	  [ -n "$$v" ] && PYENV_VERSION=$$v pyenv which python; } 2>/dev/null || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 PG17   := build/postgresql-17/.version

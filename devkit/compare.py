@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 
 from supabackup.dburl import ConnectionInfo
+from supabackup.dump import child_env
 from supabackup.pgtools import find_tools
 
 
@@ -19,8 +20,8 @@ def dump_lines(url: str) -> list[str]:
     argv = [tools.path("pg_dump"), "--no-sync"]
     if _has_restrict_key(argv[0]):
         argv.append("--restrict-key=devkit")
-    out = subprocess.run(argv, env={**info.libpq_env(), "PATH": "/usr/bin:/bin"},
-                         capture_output=True, check=True).stdout.decode()
+    out = subprocess.run(argv, env=child_env(info), capture_output=True,
+                         check=True).stdout.decode()
     return sorted(line for line in out.splitlines()
                   if line.strip() and not line.startswith("--"))
 

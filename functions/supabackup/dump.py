@@ -29,8 +29,7 @@ class DumpProcess:
         self.argv = argv
         self.conn = conn
         self.what = what
-        env = {**_base_env(), **conn.libpq_env(),
-               "PGAPPNAME": f"supabackup {os.path.basename(argv[0])}"}
+        env = child_env(conn, application=f"supabackup {os.path.basename(argv[0])}")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env, bufsize=0)
         self._stderr: deque[bytes] = deque()
@@ -121,7 +120,15 @@ def dump_hint(detail: str) -> str:
     return "nothing of this run was kept; fix the cause and run again"
 
 
-def _base_env() -> dict[str, str]:
-    """A minimal environment: PATH and the library path, no inherited PG* settings."""
+def child_env(conn: ConnectionInfo, application: str | None = None) -> dict[str, str]:
+    """Environment for a PostgreSQL client program: connection through PG* variables.
+
+    Nothing else is inherited but PATH, the library path and the locale, so no stray PG*
+    setting of the caller's can redirect a dump or a restore.
+    """
     keep = ("PATH", "LD_LIBRARY_PATH", "HOME", "TZ", "LANG", "LC_ALL")
-    return {k: os.environ[k] for k in keep if k in os.environ}
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update(conn.libpq_env())
+    if application:
+        env["PGAPPNAME"] = application
+    return env

@@ -4,7 +4,7 @@
     -> pg_restore (pre-data, data, post-data) fed from S3
 
 pg_restore reads the archive on stdin, straight from the S3 response: no local copy.
-pg_restore writes the SQL script, psql applies it in a single transaction, and the
+It writes the SQL script, psql applies it in a single transaction, and the
 archive's sha256 and size are checked against the manifest before psql may commit, so a
 damaged archive or a failed restore leaves the target as empty as it was; roles the
 restore created are dropped again. (Script mode, rather than pg_restore --dbname, lets
@@ -22,9 +22,8 @@ from typing import IO
 
 import psycopg2
 
-from .backup import DATABASE, ROLES
 from .dburl import ConnectionInfo
-from .dump import _base_env
+from .dump import child_env
 from .errors import RestoreFailed, StoreError
 from .manifest import Manifest, StoredObject
 from .pgtools import PgTools, find_tools
@@ -161,7 +160,7 @@ def _pg_restore(store: Store, manifest: Manifest, target: ConnectionInfo,
     failure psql is killed first, and the transaction never commits.
     """
     obj = manifest.object("database")
-    env = {**_base_env(), **target.libpq_env()}
+    env = child_env(target, application="supabackup restore")
     drop = {line for version, line in NEWER_SETTINGS if server_version_num < version}
     psql = _Process([tools.path("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
                      "--single-transaction", "-o", "/dev/null"], env, stdin=True)
@@ -255,5 +254,3 @@ def _close(pipe: IO[bytes]) -> None:
     except BrokenPipeError:
         pass
 
-
-__all__ = ["DATABASE", "ROLES", "RestoreReport", "run_restore"]
