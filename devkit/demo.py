@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .compare import differences
+from .compare import differences, table_fingerprints
 from .pg import Cluster, bindir_for
 from .s3 import LocalS3
 
@@ -68,16 +68,16 @@ def main() -> int:
         restore_s = time.monotonic() - t0
 
         diff = differences(cluster.url("app"), cluster.url("app_restored"))
-        counts = cluster.execute(
-            "SELECT schemaname || '.' || relname FROM pg_stat_user_tables ORDER BY 1", "app")
-        mismatched = [t for (t,) in counts
-                      if cluster.execute(f"SELECT count(*) FROM {t}", "app")
-                      != cluster.execute(f"SELECT count(*) FROM {t}", "app_restored")]
+        source = table_fingerprints(cluster.url("app"))
+        restored = table_fingerprints(cluster.url("app_restored"))
+        mismatched = [t for t in source if restored.get(t) != source[t]]
 
     print("\nreport")
     print(f"  backup:   {backup_s:.1f}s    restore: {restore_s:.1f}s    "
           f"total demo: {time.monotonic() - started:.1f}s")
-    print(f"  tables compared by row count: {len(counts)}, mismatched: {len(mismatched)}")
+    rows = sum(count for count, _ in source.values() if count > 0)
+    print(f"  tables compared by row count and content fingerprint: {len(source)} "
+          f"({rows} rows), mismatched: {len(mismatched)}")
     if diff or mismatched:
         print("  pg_dump of source and restored database DIFFER:")
         for line in diff:

@@ -12,7 +12,7 @@ from supabackup.errors import BackupNotFound, RestoreFailed, StoreError
 from supabackup.restore import run_restore
 from supabackup.store import Store
 
-from devkit.compare import differences
+from devkit.compare import differences, table_fingerprints
 from devkit.pg import Cluster
 
 from .conftest import BUCKET, SQL
@@ -117,3 +117,43 @@ def test_select_backup_by_id_time_and_latest(pg15: Cluster, new_db: Any, store: 
         select_backup(store, first.database_id, "nope")
     with pytest.raises(BackupNotFound, match="no committed backup"):
         select_backup(store, "unknown-db")
+
+
+def test_backup_of_postgresql_15_restores_into_postgresql_17(
+        pg15: Cluster, pg17: Cluster, new_db: Any, store: Store) -> None:
+    # The upgrade path: Supabase projects move from 15 to 17.
+    source, target = new_db(pg15), new_db(pg17)
+    pg15.psql_file(SQL / "all_kinds.sql", source)
+    manifest = run_full_backup(_conn(pg15, source), store, BackupRequest())
+    run_restore(store, manifest, _conn(pg17, target))
+    restored = table_fingerprints(pg17.url(target))
+    assert restored == table_fingerprints(pg15.url(source))
+    assert len(restored) >= 10 and all(count for count, _ in restored.values())
+
+
+def test_script_filter_adapts_statements_and_never_touches_copy_data() -> None:
+    import io
+
+    from supabackup.restore import ScriptFilter
+    script = b"".join([
+        b"SET transaction_timeout = 0;\n",
+        b"ALTER TABLE ONLY public.t ALTER COLUMN id SET (pg_attver=26490784);\n",
+        b"ALTER TABLE ONLY public.t ALTER COLUMN v SET (n_distinct=5, pg_attver=26490784);\n",
+        b"COPY public.t (id, v) FROM stdin;\n",
+        b"1\tSET transaction_timeout = 0;\n",
+        b"2\tALTER TABLE ONLY public.t ALTER COLUMN id SET (pg_attver=1);\n",
+        b"\\.\n",
+        b"SELECT 1;\n",
+    ])
+    out_15, out_17 = io.BytesIO(), io.BytesIO()
+    ScriptFilter(150020).pump(io.BytesIO(script), out_15)
+    ScriptFilter(170011).pump(io.BytesIO(script), out_17)
+    assert out_15.getvalue() == b"".join([
+        b"ALTER TABLE ONLY public.t ALTER COLUMN v SET (n_distinct=5);\n",
+        b"COPY public.t (id, v) FROM stdin;\n",
+        b"1\tSET transaction_timeout = 0;\n",
+        b"2\tALTER TABLE ONLY public.t ALTER COLUMN id SET (pg_attver=1);\n",
+        b"\\.\n",
+        b"SELECT 1;\n",
+    ])
+    assert out_17.getvalue() == b"SET transaction_timeout = 0;\n" + out_15.getvalue()

@@ -8,12 +8,14 @@ It writes the SQL script, psql applies it in a single transaction, and the
 archive's sha256 and size are checked against the manifest before psql may commit, so a
 damaged archive or a failed restore leaves the target as empty as it was; roles the
 restore created are dropped again. (Script mode, rather than pg_restore --dbname, lets
-a pg_restore 17 restore into PostgreSQL 15 and 16: see NEWER_SETTINGS.)
+a pg_restore 17 restore into PostgreSQL 15 and 16, and a backup of one server
+restore into another: see ScriptFilter.)
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import threading
 from dataclasses import dataclass, field
@@ -148,7 +150,11 @@ def _check_digest(obj: StoredObject, size: int, digest: str) -> None:
 # server version that introduced them. pg_restore 17 sets transaction_timeout even when
 # restoring into PostgreSQL 15 or 16.
 NEWER_SETTINGS = ((170000, b"SET transaction_timeout = 0;\n"),)
-HEADER_LINES = 64
+# Column options a server assigns itself. PostgreSQL 15.20 stamps every column with
+# pg_attver and ignores a client's value; PostgreSQL 17.11 rejects the option outright.
+# pg_dump 17.11 dumps it anyway, so it is left out of every restore script.
+SERVER_MANAGED_COLUMN_OPTIONS = (b"pg_attver",)
+_COLUMN_OPTIONS = re.compile(rb"^(ALTER TABLE (?:ONLY )?.+ ALTER COLUMN .+ SET \()(.*)(\);\n)$")
 
 
 def _pg_restore(store: Store, manifest: Manifest, target: ConnectionInfo,
@@ -161,12 +167,13 @@ def _pg_restore(store: Store, manifest: Manifest, target: ConnectionInfo,
     """
     obj = manifest.object("database")
     env = child_env(target, application="supabackup restore")
-    drop = {line for version, line in NEWER_SETTINGS if server_version_num < version}
+    script_filter = ScriptFilter(server_version_num)
     psql = _Process([tools.path("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
                      "--single-transaction", "-o", "/dev/null"], env, stdin=True)
     restore = _Process([tools.path("pg_restore"), "--file=-"], env, stdin=True,
                        stdout=True)
-    pump = threading.Thread(target=_pump, args=(restore.stdout, psql.stdin, drop), daemon=True)
+    pump = threading.Thread(target=script_filter.pump, args=(restore.stdout, psql.stdin),
+                            daemon=True)
     pump.start()
     digest, size = sha256(), 0
     try:
@@ -188,6 +195,46 @@ def _pg_restore(store: Store, manifest: Manifest, target: ConnectionInfo,
         restore.kill()
         raise
     return size
+
+
+class ScriptFilter:
+    """Adapts pg_restore's SQL script to the target server, leaving data untouched.
+
+    Statements pass line by line through `statement()`; the rows of COPY blocks pass
+    through unchanged, whatever they contain.
+    """
+
+    def __init__(self, server_version_num: int) -> None:
+        self.drop_lines = {line for version, line in NEWER_SETTINGS
+                           if server_version_num < version}
+
+    def statement(self, line: bytes) -> bytes:
+        if line in self.drop_lines:
+            return b""
+        if b"ALTER COLUMN" in line:
+            match = _COLUMN_OPTIONS.match(line)
+            if match:
+                options = [o for o in match.group(2).split(b", ")
+                           if o.split(b"=", 1)[0] not in SERVER_MANAGED_COLUMN_OPTIONS]
+                if not options:
+                    return b""
+                return match.group(1) + b", ".join(options) + match.group(3)
+        return line
+
+    def pump(self, src: IO[bytes], dst: IO[bytes]) -> None:
+        """Copy pg_restore's script to psql through the filter."""
+        in_copy = False
+        try:
+            for line in src:
+                if in_copy:
+                    in_copy = line != b"\\.\n"
+                elif line.startswith(b"COPY ") and line.endswith(b" FROM stdin;\n"):
+                    in_copy = True
+                else:
+                    line = self.statement(line)
+                dst.write(line)
+        except (BrokenPipeError, ValueError):
+            pass  # psql stopped or was killed; its exit status and the caller speak
 
 
 class _Process:
@@ -231,21 +278,6 @@ class _Process:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-
-
-def _pump(src: IO[bytes], dst: IO[bytes], drop: set[bytes]) -> None:
-    """Copy pg_restore's script to psql, leaving out settings the target cannot take."""
-    try:
-        for _ in range(HEADER_LINES):
-            line = src.readline()
-            if not line:
-                return
-            if line not in drop:
-                dst.write(line)
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
-    except (BrokenPipeError, ValueError):
-        pass  # psql stopped or was killed; its exit status and the caller speak
 
 
 def _close(pipe: IO[bytes]) -> None:
