@@ -245,3 +245,23 @@ def test_archive_shows_the_instant_of_the_exported_snapshot_not_when_pg_dump_sta
     run_restore(store, manifest, _conn(pg15, target))
     assert pg15.execute("SELECT id FROM ledger ORDER BY id", source) == [(1,), (2,)]
     assert pg15.execute("SELECT id FROM ledger ORDER BY id", target) == [(1,)]
+
+
+def test_cleanup_that_fails_too_never_hides_the_original_error(
+        pg15: Cluster, new_db: Any, store: Store, s3: Any) -> None:
+    # GIVEN S3 refuses the manifest, and then every cleanup request as well
+    db = new_db(pg15)
+    _seed(pg15, db)
+
+    def refuse(request: Any, **_: Any) -> AWSResponse | None:
+        if request.method == "PUT" and not request.url.split("?")[0].endswith("/manifest.json"):
+            return None
+        if request.method in ("GET", "HEAD"):
+            return None
+        body = b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
+        return AWSResponse(request.url, 503, {}, MockRawResponse(body))
+
+    s3.meta.events.register_first("before-send.s3", refuse)
+    # THEN the run fails with the manifest's error, not the cleanup's
+    with pytest.raises(StoreError, match="ServiceUnavailable on .*manifest.json"):
+        run_full_backup(_conn(pg15, db), store, BackupRequest())

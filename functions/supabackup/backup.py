@@ -93,10 +93,22 @@ def run_full_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) 
             writer.commit(manifest, tags)
         except BaseException:
             log.warning("backup %s failed; discarding what it wrote", backup_id)
-            writer.discard()
+            _discard(writer)
             raise
     log.info("backup %s committed: %d bytes", backup_id, manifest.total_bytes)
     return manifest
+
+
+def _discard(writer: BackupWriter) -> None:
+    """Remove what a failed run wrote, without hiding the failure itself.
+
+    If S3 is unreachable now too, the objects stay behind without a manifest (so they
+    never count as a backup) and lifecycle aborts the incomplete uploads after a day.
+    """
+    try:
+        writer.discard()
+    except Exception as exc:  # noqa: BLE001 - the run's own error is the one to raise
+        log.error("could not remove the failed backup %s's objects: %s", writer.backup_id, exc)
 
 
 def _dump_roles(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo, profile: Profile,
