@@ -2,8 +2,9 @@
 
 Thin: validate the event, read the database secret, call the engine through
 `backup_and_report` (which publishes the SNS outcome), and emit metrics. A failure is
-re-raised so the invocation fails, which the schedule's retry policy, the Lambda Errors
-alarm and the dead-letter queue all see.
+re-raised so the invocation fails: the Lambda Errors alarm sees it, and, as EventBridge
+Scheduler invokes asynchronously, the function's EventInvokeConfig retries it once and
+then sends the event to the dead-letter queue (see template.yaml).
 
 Environment: SUPABACKUP_STORE (s3://BUCKET/PREFIX), SUPABACKUP_DB_SECRET_ARN,
 SUPABACKUP_SNS_TOPIC_ARN, and optionally SUPABACKUP_PROFILE.
