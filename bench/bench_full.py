@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.request
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ BUCKET = "supabackup-bench"
 STORE_PREFIX = "bench"
 RESULTS = REPO / "bench" / "results" / "latest.json"
 SUPABACKUP = Path(sys.executable).parent / "supabackup"
+SINK = Path(__file__).resolve().parent / "s3sink.py"
 MIB = 1024 * 1024
 
 # Targets the project set (printed as PASS/MISS, never asserted).
@@ -58,6 +59,14 @@ TARGET_RSS_FLAT = 1.20         # largest-size RSS / smallest-size RSS
 
 METHODS = ("pg_dump", "ours", "dump-then-upload")
 POLL_SECONDS = 0.02
+# The throwaway server: durability off, WAL-free bulk load (wal_level=minimal), no
+# autovacuum or checkpoint kicking in while a run is timed.
+CLUSTER_SETTINGS = {
+    "wal_level": "minimal", "max_wal_senders": "0", "max_wal_size": "8GB",
+    "checkpoint_timeout": "30min", "maintenance_work_mem": "256MB",
+    "shared_buffers": "256MB", "autovacuum": "off",
+}
+GNU_TIME = "/usr/bin/time"  # apt package `time`
 
 # The same upload `aws s3 cp FILE s3://...` does: boto3's upload_file with the default
 # TransferConfig (8 MiB parts, 10 threads), in its own process.
@@ -71,7 +80,7 @@ boto3.client("s3").upload_file(sys.argv[1], sys.argv[2], sys.argv[3])
 
 # Rows per GiB of pg_database_size(), calibrated on PostgreSQL 17 with the schema below
 # (a fixed constant, so that a size always gives the same rows and the same bytes).
-EVENTS_PER_GB = 1_140_000
+EVENTS_PER_GB = 1_010_000
 ITEMS_PER_EVENT = 3
 EVENTS_PER_ACCOUNT = 100
 
@@ -144,7 +153,7 @@ SELECT i,
            'items', jsonb_build_array(
                jsonb_build_object('sku', 'SKU-' || (i %% 5000), 'qty', 1 + i %% 4),
                jsonb_build_object('sku', 'SKU-' || ((i * 3) %% 5000), 'qty', 1 + i %% 3)),
-           'total', ((i::bigint * 104729) %% 10000000) / 100.0,
+           'total', (((i::bigint * 104729) %% 10000000) / 100.0)::numeric(12,2),
            'flags', jsonb_build_object('gift', i %% 11 = 0, 'express', i %% 3 = 0)),
        ARRAY[w[1 + (i * 47) %% n], w[1 + (i * 53) %% n]],
        i %% 10 <> 0
@@ -238,18 +247,48 @@ def _parallel(cluster: Cluster, dbname: str, lanes: list[list[str]]) -> None:
 
 # --- measuring one command ---------------------------------------------------------------
 
-@dataclass
-class Sample:
-    wall: float
-    rss_tree_kb: int                 # wait4() ru_maxrss: max over the process and its children
-    rss_kb: dict[str, int] = field(default_factory=dict)  # polled VmHWM per program name
-
-    def rss_mb(self, name: str) -> float | None:
-        kb = self.rss_kb.get(name)
-        return None if kb is None else kb / 1024
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _vmhwm(pid: int) -> tuple[str, int] | None:
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat from the state field on (so field N of proc(5) is index N - 3)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def process_cpu(pid: int, children: bool = False) -> float:
+    """CPU seconds of one process (and of the children it has reaped, if asked)."""
+    f = _stat_fields(pid)
+    if f is None:
+        return 0.0
+    ticks = int(f[11]) + int(f[12]) + ((int(f[13]) + int(f[14])) if children else 0)
+    return ticks / CLK_TCK
+
+
+def machine_busy() -> float:
+    """CPU seconds all CPUs of the machine have spent busy since boot."""
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = cpu[:8]
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+def _proc_status(pid: int) -> tuple[str, int] | None:
+    """(program name, VmHWM in KiB): the kernel's own peak-RSS counter of one process."""
     try:
         with open(f"/proc/{pid}/status") as f:
             text = f.read()
@@ -264,52 +303,76 @@ def _vmhwm(pid: int) -> tuple[str, int] | None:
     return (name, hwm) if hwm else None
 
 
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found += [int(c) for c in f.read().split()]
-    except OSError:
-        pass
-    return found
-
-
 class Poller(threading.Thread):
-    """Samples VmHWM (the kernel's own peak-RSS counter) of a process tree."""
+    """Samples peak RSS (VmHWM) and CPU time of every process of a tree, by program name."""
 
     def __init__(self, pid: int, rename: dict[str, str]) -> None:
         super().__init__(daemon=True)
         self.pid, self.rename = pid, rename
-        self.peaks: dict[str, int] = {}
+        self.seen: dict[int, tuple[str, int, float]] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
-        while not self.stop.is_set():
+        while True:
+            stopping = self.stop.is_set()
             todo = [self.pid]
             while todo:
                 pid = todo.pop()
-                got = _vmhwm(pid)
+                got = _proc_status(pid)
                 if got:
                     name = self.rename.get(got[0], got[0])
-                    self.peaks[name] = max(self.peaks.get(name, 0), got[1])
+                    self.seen[pid] = (name, got[1], process_cpu(pid))
                 todo += _children(pid)
-            self.stop.wait(POLL_SECONDS)
+            if stopping or self.stop.wait(POLL_SECONDS):
+                if stopping:
+                    return
+
+    def by_name(self) -> tuple[dict[str, int], dict[str, float]]:
+        rss: dict[str, int] = {}
+        cpu: dict[str, float] = {}
+        for name, hwm, secs in self.seen.values():
+            rss[name] = max(rss.get(name, 0), hwm)
+            cpu[name] = cpu.get(name, 0.0) + secs
+        return rss, cpu
+
+
+@dataclass
+class Sample:
+    wall: float
+    rss_tree_kb: int        # GNU time %M: the peak of the command or any of its children
+    cpu_tree: float         # GNU time %U + %S: the command and its children
+    rss_kb: dict[str, int]  # polled VmHWM per program name
+    cpu: dict[str, float]   # polled CPU seconds per program name
+
+    def rss_mb(self, name: str) -> float | None:
+        kb = self.rss_kb.get(name)
+        return None if kb is None else kb / 1024
 
 
 def measure(argv: list[str], env: dict[str, str], stdout: Any = subprocess.DEVNULL,
             rename: dict[str, str] | None = None) -> Sample:
-    """Run one command; wall time from fork to reap, peak RSS from wait4 and /proc."""
+    """Run one command; wall time from fork to reap, peak RSS from GNU time and /proc.
+
+    The command runs under `/usr/bin/time`, whose ru_maxrss is the peak of the command
+    and its children. (Not wait4() from here: a child's ru_maxrss also counts the pages
+    of the parent it was forked from, before exec, and this process is ~80 MB.) The
+    poller samples each process's own VmHWM, to tell supabackup from its pg_dump.
+    """
+    fd, name = tempfile.mkstemp(prefix="sbbench-time-")
+    os.close(fd)
+    timefile = Path(name)
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
+    proc = subprocess.Popen([GNU_TIME, "-f", "%M %U %S", "-o", str(timefile), "--", *argv],
+                            env=env, stdin=subprocess.DEVNULL, stdout=stdout,
                             stderr=subprocess.PIPE)
     poller = Poller(proc.pid, rename or {})
     poller.start()
-    stderr = b""
     try:
         assert proc.stderr is not None
         stderr = proc.stderr.read()
-        _, status, usage = os.wait4(proc.pid, 0)
+        code = proc.wait()
+        wall = time.perf_counter() - started
+        last = (timefile.read_text().strip().splitlines() or ["0 0 0"])[-1].split()
     except BaseException:
         proc.kill()
         proc.wait()
@@ -317,18 +380,62 @@ def measure(argv: list[str], env: dict[str, str], stdout: Any = subprocess.DEVNU
     finally:
         poller.stop.set()
         poller.join()
-    wall = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{argv[0]} exited {proc.returncode}: "
+        timefile.unlink(missing_ok=True)
+    if code != 0:
+        raise RuntimeError(f"{argv[0]} exited {code}: "
                            f"{stderr.decode(errors='replace').strip()[-2000:]}")
-    return Sample(wall=wall, rss_tree_kb=usage.ru_maxrss, rss_kb=poller.peaks)
+    rss, cpu = poller.by_name()
+    rss.pop("time", None)
+    cpu.pop("time", None)
+    return Sample(wall=wall, rss_tree_kb=int(last[0]), cpu_tree=float(last[1]) + float(last[2]),
+                  rss_kb=rss, cpu=cpu)
+
+
+class CpuAccount:
+    """Where the machine's CPU time went during one measurement.
+
+    command: what GNU time reports for the measured command and its children;
+    postgres: the server (the postmaster, its live children and those it has reaped);
+    s3: the S3 endpoint (the moto process; this whole process in thread mode);
+    others: everything else the machine ran meanwhile: noise from other work.
+    """
+
+    def __init__(self, cluster: Cluster, s3: S3Endpoint) -> None:
+        self.cluster, self.s3 = cluster, s3
+        self.postmaster = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
+
+    def _postgres(self) -> float:
+        total = process_cpu(self.postmaster, children=True)
+        return total + sum(process_cpu(p) for p in _children(self.postmaster))
+
+    def snapshot(self) -> tuple[float, float, float, float]:
+        me = os.times()
+        return (machine_busy(), self._postgres(), self.s3.cpu_seconds(), me.user + me.system)
+
+    def since(self, before: tuple[float, float, float, float], command: float) -> dict[str, float]:
+        after = self.snapshot()
+        busy, pg, s3, me = (a - b for a, b in zip(after, before, strict=True))
+        if self.s3.mode == "thread":
+            me = 0.0  # s3 is this process
+        return {"postgres": pg, "s3": s3,
+                "others": max(0.0, busy - command - pg - s3 - me)}
+
+
+def settle(max_seconds: float) -> float:
+    """Wait (up to max_seconds) for the machine to be idle; return the busy CPUs seen last."""
+    deadline = time.monotonic() + max_seconds
+    while True:
+        b0, t0 = machine_busy(), time.monotonic()
+        time.sleep(0.5)
+        busy = (machine_busy() - b0) / (time.monotonic() - t0)
+        if busy < 0.25 or time.monotonic() >= deadline:
+            return busy
 
 
 # --- the loopback S3 endpoint ------------------------------------------------------------
 
 class S3Endpoint:
-    """moto's server: a separate process (default) or a thread of this process."""
+    """moto's server, in its own process (default) or a thread of this one; or the sink."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -353,11 +460,13 @@ class S3Endpoint:
                             config=Config(retries={"max_attempts": 5, "mode": "standard"}))
 
     def start(self) -> S3Endpoint:
-        if self.mode == "process":
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, start_new_session=True)
+        if self.mode in ("process", "sink"):
+            server = (["-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+                      if self.mode == "process" else [str(SINK), "--port", str(self.port)])
+            # A session of its own: a Ctrl-C reaches us, and we stop it in order.
+            self.proc = subprocess.Popen([sys.executable, *server], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
         else:
             import logging
 
@@ -377,19 +486,14 @@ class S3Endpoint:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        urllib.request.urlopen(self.url + "/moto-api/", timeout=10).read()  # noqa: S310
+        if self.mode != "sink":
+            urllib.request.urlopen(self.url + "/moto-api/", timeout=10).read()  # noqa: S310
         self.client().create_bucket(Bucket=BUCKET)
         return self
 
     def cpu_seconds(self) -> float:
         """CPU time the endpoint has used so far (this whole process in thread mode)."""
-        pid = self.proc.pid if self.proc else os.getpid()
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu(self.proc.pid if self.proc else os.getpid())
 
     def empty(self, prefix: str = "") -> int:
         """Delete every object and abort every upload under prefix; return bytes deleted."""
@@ -416,46 +520,92 @@ class S3Endpoint:
 
 # --- the three methods -------------------------------------------------------------------
 
-def run_pg_dump(pg_dump: str, url: str, env: dict[str, str]) -> dict[str, Any]:
-    with open(os.devnull, "wb") as devnull:
-        s = measure([pg_dump, "-Fc", "--compress=zstd", "-d", url], env, stdout=devnull)
-    return {"wall": s.wall, "rss_mb": {"pg_dump": s.rss_tree_kb / 1024}}
+PY_NAMES = {"supabackup": "python", "python": "python", "python3": "python",
+            "python3.12": "python"}
 
 
-def run_ours(url: str, s3: S3Endpoint, env: dict[str, str]) -> dict[str, Any]:
-    cpu = s3.cpu_seconds()
-    s = measure([str(SUPABACKUP), "backup", "full", "--database-url", url,
-                 "--store", f"s3://{BUCKET}/{STORE_PREFIX}"], env,
-                rename={"supabackup": "python", "python3": "python", "python3.12": "python"})
-    cpu = s3.cpu_seconds() - cpu
-    archive = s3.empty(STORE_PREFIX + "/")
-    rss = {"python": s.rss_mb("python"), "pg_dump": s.rss_mb("pg_dump"),
-           "tree": s.rss_tree_kb / 1024}
-    return {"wall": s.wall, "rss_mb": rss, "s3_cpu_seconds": cpu, "stored_bytes": archive}
+class Runner:
+    """Runs each method once against one database and returns its figures."""
 
+    def __init__(self, cluster: Cluster, s3: S3Endpoint, pg_dump: str, workdir: Path,
+                 settle_seconds: float) -> None:
+        self.cluster, self.s3, self.pg_dump, self.workdir = cluster, s3, pg_dump, workdir
+        self.settle_seconds = settle_seconds
+        self.account = CpuAccount(cluster, s3)
+        self.env = s3.env()
 
-def run_dump_then_upload(pg_dump: str, url: str, s3: S3Endpoint, env: dict[str, str],
-                         workdir: Path) -> dict[str, Any]:
-    path = workdir / "database.dump"
-    key = f"{STORE_PREFIX}-dtu/database.dump"
-    try:
-        cpu = s3.cpu_seconds()
-        dump = measure([pg_dump, "-Fc", "--compress=zstd", "-f", str(path), "-d", url], env)
-        up = measure([sys.executable, "-c", UPLOAD_SNIPPET, str(path), BUCKET, key], env)
-        cpu = s3.cpu_seconds() - cpu
-        size = path.stat().st_size
-    finally:
-        path.unlink(missing_ok=True)
-        s3.empty(f"{STORE_PREFIX}-dtu/")
-    return {"wall": dump.wall + up.wall, "dump_wall": dump.wall, "upload_wall": up.wall,
-            "rss_mb": {"pg_dump": dump.rss_tree_kb / 1024, "uploader": up.rss_tree_kb / 1024},
-            "s3_cpu_seconds": cpu, "archive_bytes": size}
+    def run(self, method: str, url: str) -> dict[str, Any]:
+        busy_before = settle(self.settle_seconds) if self.settle_seconds > 0 else None
+        if method == "pg_dump":
+            res = self.pg_dump_devnull(url)
+        elif method == "ours":
+            res = self.ours(url)
+        else:
+            res = self.dump_then_upload(url)
+        res["busy_cpus_before"] = busy_before
+        return res
+
+    def pg_dump_devnull(self, url: str) -> dict[str, Any]:
+        before = self.account.snapshot()
+        with open(os.devnull, "wb") as devnull:
+            s = measure([self.pg_dump, "-Fc", "--compress=zstd", "-d", url], self.env,
+                        stdout=devnull)
+        cpu = {"pg_dump": s.cpu_tree, **self.account.since(before, s.cpu_tree)}
+        return {"wall": s.wall, "rss_mb": {"pg_dump": s.rss_tree_kb / 1024}, "cpu": cpu}
+
+    def ours(self, url: str) -> dict[str, Any]:
+        before = self.account.snapshot()
+        s = measure([str(SUPABACKUP), "backup", "full", "--database-url", url,
+                     "--store", f"s3://{BUCKET}/{STORE_PREFIX}"], self.env, rename=PY_NAMES)
+        cpu = self.account.since(before, s.cpu_tree)
+        stored = self.s3.empty(STORE_PREFIX + "/")
+        dumps = s.cpu.get("pg_dump", 0.0) + s.cpu.get("pg_dumpall", 0.0)
+        cpu = {"pg_dump": dumps, "supabackup": max(0.0, s.cpu_tree - dumps), **cpu}
+        rss = {"python": s.rss_mb("python"), "pg_dump": s.rss_mb("pg_dump"),
+               "tree": s.rss_tree_kb / 1024}
+        return {"wall": s.wall, "rss_mb": rss, "cpu": cpu, "stored_bytes": stored}
+
+    def dump_then_upload(self, url: str) -> dict[str, Any]:
+        path = self.workdir / "database.dump"
+        key = f"{STORE_PREFIX}-dtu/database.dump"
+        try:
+            before = self.account.snapshot()
+            # --no-sync: no fsync of the file at the end, as `pg_dump > FILE` would do; the
+            # comparison is then with the fastest form of this approach.
+            dump = measure([self.pg_dump, "-Fc", "--compress=zstd", "--no-sync", "-f",
+                            str(path), "-d", url], self.env)
+            up = measure([sys.executable, "-c", UPLOAD_SNIPPET, str(path), BUCKET, key],
+                         self.env)
+            cpu = {"pg_dump": dump.cpu_tree, "uploader": up.cpu_tree,
+                   **self.account.since(before, dump.cpu_tree + up.cpu_tree)}
+            size = path.stat().st_size
+        finally:
+            path.unlink(missing_ok=True)
+            self.s3.empty(f"{STORE_PREFIX}-dtu/")
+        return {"wall": dump.wall + up.wall, "dump_wall": dump.wall, "upload_wall": up.wall,
+                "rss_mb": {"pg_dump": dump.rss_tree_kb / 1024,
+                           "uploader": up.rss_tree_kb / 1024},
+                "cpu": cpu, "archive_bytes": size}
 
 
 # --- one size ----------------------------------------------------------------------------
 
-def bench_size(cluster: Cluster, s3: S3Endpoint, pg_dump: str, size_gb: float, repeat: int,
-               warmup: bool, workdir: Path) -> dict[str, Any]:
+def fixed_cost(runner: Runner, cluster: Cluster, repeat: int) -> dict[str, Any]:
+    """Both tools on an empty database: the cost that does not grow with the data."""
+    cluster.create_database("bench_empty")
+    try:
+        url = cluster.url("bench_empty")
+        walls: dict[str, list[float]] = {"pg_dump": [], "ours": []}
+        for _ in range(repeat):
+            for method in walls:
+                walls[method].append(runner.run(method, url)["wall"])
+    finally:
+        cluster.drop_database("bench_empty")
+    return {m: statistics.median(w) for m, w in walls.items()}
+
+
+def bench_size(runner: Runner, cluster: Cluster, size_gb: float, repeat: int,
+               warmup: bool) -> dict[str, Any]:
     dbname = f"bench_{str(size_gb).replace('.', '_')}"
     print(f"\n== {size_gb:g} GB: generating database {dbname} ...", flush=True)
     data = generate(cluster, dbname, size_gb)
@@ -463,25 +613,23 @@ def bench_size(cluster: Cluster, s3: S3Endpoint, pg_dump: str, size_gb: float, r
           f"{data['line_items']:,} line items) in {data['generate_seconds']:.0f}s "
           f"(load {data['load_seconds']:.0f}s)", flush=True)
     url = cluster.url(dbname)
-    env = s3.env()
     try:
         if warmup:
-            print("   warm-up pg_dump > /dev/null ...", flush=True)
-            run_pg_dump(pg_dump, url, env)
+            # Warms the page cache, the S3 endpoint's memory and the Python bytecode cache.
+            print("   warm-up: each method once, not counted ...", flush=True)
+            for method in METHODS:
+                runner.run(method, url)
         runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
         for r in range(repeat):
             order = METHODS[r % 3:] + METHODS[:r % 3]  # rotate: no method always goes first
             for method in order:
-                if method == "pg_dump":
-                    res = run_pg_dump(pg_dump, url, env)
-                elif method == "ours":
-                    res = run_ours(url, s3, env)
-                else:
-                    res = run_dump_then_upload(pg_dump, url, s3, env, workdir)
+                res = runner.run(method, url)
                 runs[method].append(res)
-                print(f"   run {r + 1}/{repeat} {method:<17} {res['wall']:7.2f}s  "
-                      + "  ".join(f"{k} {v:.0f} MB" for k, v in res["rss_mb"].items()
-                                  if v is not None), flush=True)
+                rss = "  ".join(f"{k} {v:.0f}" for k, v in res["rss_mb"].items()
+                                if v is not None and k != "tree")
+                cpu = "  ".join(f"{k} {v:.1f}" for k, v in res["cpu"].items())
+                print(f"   run {r + 1}/{repeat} {method:<17}{res['wall']:7.2f}s   "
+                      f"RSS MB: {rss}   CPU s: {cpu}", flush=True)
     finally:
         cluster.drop_database(dbname)
     return {"size_gb": size_gb, "data": data, "runs": runs, "median": summarize(runs)}
@@ -495,17 +643,19 @@ def _median(values: list[float | None]) -> float | None:
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     med: dict[str, Any] = {}
     for method, results in runs.items():
-        entry: dict[str, Any] = {"wall": _median([r["wall"] for r in results])}
-        entry["rss_mb"] = {k: _median([r["rss_mb"].get(k) for r in results])
-                           for k in results[0]["rss_mb"]}
-        for extra in ("s3_cpu_seconds", "dump_wall", "upload_wall", "stored_bytes",
-                      "archive_bytes"):
+        entry: dict[str, Any] = {"wall": _median([r["wall"] for r in results]),
+                                 "wall_min": min(r["wall"] for r in results)}
+        for group in ("rss_mb", "cpu"):
+            entry[group] = {k: _median([r[group].get(k) for r in results])
+                            for k in results[0][group]}
+        for extra in ("dump_wall", "upload_wall", "stored_bytes", "archive_bytes"):
             if extra in results[0]:
                 entry[extra] = _median([r[extra] for r in results])
         med[method] = entry
     base, ours, dtu = med["pg_dump"]["wall"], med["ours"]["wall"], med["dump-then-upload"]["wall"]
     med["ratios"] = {"ours_vs_pg_dump": ours / base, "ours_vs_dump_then_upload": ours / dtu,
-                     "dump_then_upload_vs_pg_dump": dtu / base}
+                     "dump_then_upload_vs_pg_dump": dtu / base,
+                     "ours_vs_pg_dump_best": med["ours"]["wall_min"] / med["pg_dump"]["wall_min"]}
     return med
 
 
@@ -515,32 +665,48 @@ def verdict(ok: bool | None) -> str:
     return "n/a " if ok is None else ("PASS" if ok else "MISS")
 
 
-def report(results: list[dict[str, Any]]) -> dict[str, Any]:
+def _mb(v: float | None) -> str:
+    return "?" if v is None else f"{v:.0f}"
+
+
+def _cpu(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def report(results: list[dict[str, Any]], fixed: dict[str, float] | None) -> dict[str, Any]:
     print()
+    if fixed:
+        print(f"fixed cost (empty database, median): pg_dump {fixed['pg_dump']:.2f}s, "
+              f"ours {fixed['ours']:.2f}s\n")
     for res in results:
         m, d = res["median"], res["data"]
         archive = m["dump-then-upload"].get("archive_bytes") or 0
         print(f"size {res['size_gb']:g} GB: database {d['database_bytes'] / 2**30:.2f} GiB, "
               f"archive {archive / MIB:.0f} MiB, generated in {d['generate_seconds']:.0f}s; "
               f"median of {len(res['runs']['ours'])} runs")
-        print(f"  {'method':<34}{'wall s':>8}{'x pg_dump':>11}   peak RSS MB")
+        print(f"  {'method':<34}{'wall s':>7}{'(best)':>8}{'x pg_dump':>10}   peak RSS MB")
         rows = [
             ("pg_dump -Fc zstd > /dev/null", m["pg_dump"],
-             f"pg_dump {m['pg_dump']['rss_mb']['pg_dump']:.0f}"),
+             f"pg_dump {_mb(m['pg_dump']['rss_mb']['pg_dump'])}"),
             ("supabackup backup full (ours)", m["ours"],
              f"supabackup {_mb(m['ours']['rss_mb']['python'])}, pg_dump "
              f"{_mb(m['ours']['rss_mb']['pg_dump'])}"),
             ("pg_dump to file, then upload_file", m["dump-then-upload"],
-             f"pg_dump {m['dump-then-upload']['rss_mb']['pg_dump']:.0f}, uploader "
-             f"{m['dump-then-upload']['rss_mb']['uploader']:.0f}"),
+             f"pg_dump {_mb(m['dump-then-upload']['rss_mb']['pg_dump'])}, uploader "
+             f"{_mb(m['dump-then-upload']['rss_mb']['uploader'])}"),
         ]
         for label, entry, rss in rows:
-            print(f"  {label:<34}{entry['wall']:8.2f}{entry['wall'] / m['pg_dump']['wall']:10.2f}x"
-                  f"   {rss}")
+            print(f"  {label:<34}{entry['wall']:7.2f}{entry['wall_min']:8.2f}"
+                  f"{entry['wall'] / m['pg_dump']['wall']:9.2f}x   {rss}")
         dtu = m["dump-then-upload"]
         print(f"  (dump-then-upload = dump {dtu['dump_wall']:.2f}s + upload "
-              f"{dtu['upload_wall']:.2f}s; S3 endpoint CPU: ours "
-              f"{m['ours']['s3_cpu_seconds']:.1f}s, dump-then-upload {dtu['s3_cpu_seconds']:.1f}s)")
+              f"{dtu['upload_wall']:.2f}s)")
+        cols = ("pg_dump", "postgres", "supabackup", "uploader", "s3", "others")
+        print(f"  {'CPU seconds':<34}" + "".join(f"{c:>11}" for c in cols))
+        for label, key in (("pg_dump > /dev/null", "pg_dump"), ("ours", "ours"),
+                           ("dump-then-upload", "dump-then-upload")):
+            cpu = m[key]["cpu"]
+            print(f"  {label:<34}" + "".join(f"{_cpu(cpu.get(c)):>11}" for c in cols))
         r = m["ratios"]
         rss = m["ours"]["rss_mb"]["python"]
         targets = {
@@ -549,12 +715,22 @@ def report(results: list[dict[str, Any]]) -> dict[str, Any]:
             "ours_rss_mb": None if rss is None else rss < TARGET_RSS_MB,
         }
         res["targets"] = targets
-        print(f"  target  ours / pg_dump            {r['ours_vs_pg_dump']:6.2f}x  "
+        print(f"  target  ours / pg_dump             {r['ours_vs_pg_dump']:5.2f}x  "
               f"(<= {TARGET_VS_PG_DUMP}x)  {verdict(targets['ours_vs_pg_dump'])}")
-        print(f"  target  ours / dump-then-upload   {r['ours_vs_dump_then_upload']:6.2f}x  "
+        print(f"  target  ours / dump-then-upload    {r['ours_vs_dump_then_upload']:5.2f}x  "
               f"(< {TARGET_VS_DUMP_UPLOAD}x)   {verdict(targets['ours_vs_dump_then_upload'])}")
-        print(f"  target  ours peak RSS           {_mb(rss):>6} MB  "
+        print(f"  target  ours peak RSS             {_mb(rss):>4} MB  "
               f"(< {TARGET_RSS_MB:.0f} MB)  {verdict(targets['ours_rss_mb'])}")
+        if fixed:
+            net = (m["ours"]["wall"] - fixed["ours"]) / (m["pg_dump"]["wall"] - fixed["pg_dump"])
+            r["ours_vs_pg_dump_without_fixed_cost"] = net
+            print(f"  (ours / pg_dump without each one's fixed cost: {net:.2f}x; "
+                  f"best run against best run: {r['ours_vs_pg_dump_best']:.2f}x)")
+        others = max(sum(run["cpu"]["others"] for run in runs) / sum(run["wall"] for run in runs)
+                     for runs in res["runs"].values())
+        if others > 0.2:
+            print(f"  note: other programs kept {others:.1f} CPUs busy during some runs; "
+                  "the figures are noisy")
         print()
     per_size = {f"{r['size_gb']:g}": r["median"]["ours"]["rss_mb"]["python"] for r in results}
     flat: bool | None = None
@@ -565,11 +741,17 @@ def report(results: list[dict[str, Any]]) -> dict[str, Any]:
     print("ours peak RSS by size: " + ", ".join(f"{k} GB {_mb(v)} MB" for k, v in per_size.items())
           + f"   flat (largest <= {TARGET_RSS_FLAT}x smallest): {verdict(flat)}"
           + ("" if flat is not None else " (run with --sizes A,B)"))
-    return {"rss_by_size_mb": per_size, "rss_flat": flat}
-
-
-def _mb(v: float | None) -> str:
-    return "?" if v is None else f"{v:.0f}"
+    growth = None
+    if len(results) > 1:
+        lo = min(results, key=lambda r: r["size_gb"])["median"]
+        hi = max(results, key=lambda r: r["size_gb"])["median"]
+        d_ours = hi["ours"]["wall"] - lo["ours"]["wall"]
+        d_base = hi["pg_dump"]["wall"] - lo["pg_dump"]["wall"]
+        if d_base > 0:
+            growth = d_ours / d_base
+            print(f"time per extra GB, smallest to largest size: ours +{d_ours:.2f}s, "
+                  f"pg_dump +{d_base:.2f}s: {growth:.2f}x")
+    return {"rss_by_size_mb": per_size, "rss_flat": flat, "ours_vs_pg_dump_marginal": growth}
 
 
 def _pg_dump_for(major: int) -> tuple[str, str]:
@@ -602,11 +784,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3,
                         help="measured runs of each method per size; medians are reported "
                              "(default: 3)")
-    parser.add_argument("--s3", choices=("process", "thread"), default="process",
-                        help="run moto's S3 server as a separate process (default) or in a "
-                             "thread of this process")
+    parser.add_argument("--s3", choices=("process", "thread", "sink"), default="process",
+                        help="the loopback S3 endpoint: moto's server as a separate process "
+                             "(default) or in a thread of this process; or `sink`, a null "
+                             "endpoint that stores nothing and costs almost no CPU "
+                             "(bench/s3sink.py), to see the backup's own cost")
+    parser.add_argument("--settle", type=float, default=10.0, metavar="SECONDS",
+                        help="before each run, wait up to this long for the machine to be "
+                             "idle (default: 10; 0 disables)")
     parser.add_argument("--no-warmup", action="store_true",
-                        help="skip the unmeasured pg_dump that warms the page cache")
+                        help="skip the uncounted first run of each method (which warms the "
+                             "page cache and the S3 endpoint)")
+    parser.add_argument("--no-fixed-cost", action="store_true",
+                        help="skip timing both tools on an empty database")
     parser.add_argument("--json", type=Path, default=RESULTS,
                         help=f"where to write the figures (default: {RESULTS.relative_to(REPO)})")
     args = parser.parse_args(argv)
@@ -627,22 +817,22 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
+    if not os.access(GNU_TIME, os.X_OK):
+        print(f"bench: {GNU_TIME} not found; install it: apt-get install time", file=sys.stderr)
+        return 2
     if not SUPABACKUP.exists():
         print(f"bench: {SUPABACKUP} not found; run `make setup`", file=sys.stderr)
         return 2
     started = time.monotonic()
     results: list[dict[str, Any]] = []
+    fixed: dict[str, float] | None = None
     try:
         with ExitStack() as stack:
             workdir = Path(tempfile.mkdtemp(prefix="sbbench-"))
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
             print("bench: starting PostgreSQL 17 and the S3 endpoint "
                   f"(moto in a {args.s3}) ...", flush=True)
-            cluster = Cluster(bindir_for(17), settings={
-                "wal_level": "minimal", "max_wal_senders": "0", "max_wal_size": "8GB",
-                "checkpoint_timeout": "30min", "maintenance_work_mem": "256MB",
-                "shared_buffers": "256MB", "autovacuum": "off",
-            })
+            cluster = Cluster(bindir_for(17), settings=CLUSTER_SETTINGS)
             stack.callback(cluster.stop)
             cluster.start()
             s3 = S3Endpoint(args.s3)
@@ -651,10 +841,15 @@ def main(argv: list[str] | None = None) -> int:
             pg_dump, pg_dump_version = _pg_dump_for(cluster.major)
             print(f"bench: pg_dump {pg_dump_version} at {pg_dump}; {os.cpu_count()} CPUs",
                   flush=True)
+            runner = Runner(cluster, s3, pg_dump, workdir, args.settle)
+            if not args.no_fixed_cost:
+                fixed = fixed_cost(runner, cluster, args.repeat)
+                print(f"bench: fixed cost on an empty database: pg_dump {fixed['pg_dump']:.2f}s,"
+                      f" ours {fixed['ours']:.2f}s", flush=True)
             for size in args.size_list:
-                results.append(bench_size(cluster, s3, pg_dump, size, args.repeat,
-                                          not args.no_warmup, workdir))
-            summary = report(results)
+                results.append(bench_size(runner, cluster, size, args.repeat,
+                                          not args.no_warmup))
+            summary = report(results, fixed)
     except KeyboardInterrupt:
         print("\nbench: interrupted; cluster, S3 server and temporary files removed",
               file=sys.stderr)
@@ -668,18 +863,12 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"ours_vs_pg_dump_max": TARGET_VS_PG_DUMP,
                     "ours_vs_dump_then_upload_below": TARGET_VS_DUMP_UPLOAD,
                     "ours_rss_mb_below": TARGET_RSS_MB, "rss_flat_max_ratio": TARGET_RSS_FLAT},
-        "sizes": results, **summary,
+        "fixed_cost_seconds": fixed, "sizes": results, **summary,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2, default=_jsonable) + "\n")
+    args.json.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nbench: figures written to {args.json} ({out['seconds']:.0f}s in all)")
     return 0
-
-
-def _jsonable(obj: Any) -> Any:
-    if hasattr(obj, "__dataclass_fields__"):
-        return asdict(obj)
-    return str(obj)
 
 
 if __name__ == "__main__":

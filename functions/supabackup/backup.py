@@ -55,6 +55,10 @@ class BackupRequest:
         if self.label is not None and (len(self.label) > 200 or not self.label.isprintable()):
             raise ConfigError("the label must be printable text of at most 200 characters")
 
+    def database_of(self, conn: ConnectionInfo) -> str:
+        """The database's id in the store: as asked, or derived from the connection."""
+        return self.database_id or conn.database_id
+
     def with_profile(self, profile: str) -> BackupRequest:
         return replace(self, profile=profile)
 
@@ -69,7 +73,7 @@ def run_full_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) 
     store.check_access()
     with SnapshotSession(conn) as session:
         tools = find_tools(session.server.major)
-        database_id = request.database_id or conn.database_id
+        database_id = request.database_of(conn)
         backup_id = request.backup_id or new_backup_id(session.server.snapshot_at, "full")
         log.info("backup %s of %s: server %s, pg_dump %s, snapshot %s", backup_id,
                  conn.display(), session.server.version, tools.version, session.snapshot_id)

@@ -18,7 +18,7 @@ from .store import Store
 
 def backup_and_report(conn: ConnectionInfo, store: Store, request: BackupRequest,
                       notifier: Notifier) -> tuple[Manifest, Outcome]:
-    database = request.database_id or conn.database_id
+    database = request.database_of(conn)
     started = time.monotonic()
     try:
         manifest = run_full_backup(conn, store, request)
