@@ -1,21 +1,27 @@
 """Benchmark of full backups: `supabackup backup full` against pg_dump alone.
 
-For each database size it starts nothing new but a database in one throwaway
-PostgreSQL 17 cluster, fills it inside the server (INSERT ... SELECT generate_series,
-deterministic), and measures, REPEAT times each, in a rotating order:
+It starts one throwaway PostgreSQL 17 cluster and a loopback S3 endpoint. For each
+size it creates a database, fills it inside the server (INSERT ... SELECT
+generate_series; deterministic), runs each method once uncounted (warm-up), then
+REPEAT times each, in a rotating order:
 
   pg_dump             pg_dump -Fc --compress=zstd > /dev/null  (the baseline)
-  ours                supabackup backup full --store s3://... (loopback S3)
+  ours                supabackup backup full --store s3://... (the loopback endpoint)
   dump-then-upload    pg_dump -Fc --compress=zstd -f FILE, then boto3 upload_file(FILE)
 
-It prints medians, the ratios against the baseline of the same run, the project's
-targets as PASS/MISS (it never fails on a MISS), and writes every figure to
-bench/results/latest.json. See bench/README.md for the method and its caveats.
+It prints medians, the ratios against the baseline of the same run, where the CPU time
+went, the project's targets as PASS/MISS (it never fails on a MISS), and writes every
+figure to bench/results/latest.json. Everything it starts or writes is removed at the
+end, also on Ctrl-C. Method and caveats: bench/README.md.
+
+  python bench/bench_full.py                      # 1 GiB, 3 runs each (make bench)
+  python bench/bench_full.py --sizes 0.25,1.0     # two sizes, and is our RSS flat?
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -362,9 +368,10 @@ def measure(argv: list[str], env: dict[str, str], stdout: Any = subprocess.DEVNU
     os.close(fd)
     timefile = Path(name)
     started = time.perf_counter()
+    # A process group of its own, so that an interrupted run can be stopped whole.
     proc = subprocess.Popen([GNU_TIME, "-f", "%M %U %S", "-o", str(timefile), "--", *argv],
                             env=env, stdin=subprocess.DEVNULL, stdout=stdout,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, start_new_session=True)
     poller = Poller(proc.pid, rename or {})
     poller.start()
     try:
@@ -374,7 +381,8 @@ def measure(argv: list[str], env: dict[str, str], stdout: Any = subprocess.DEVNU
         wall = time.perf_counter() - started
         last = (timefile.read_text().strip().splitlines() or ["0 0 0"])[-1].split()
     except BaseException:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
     finally:
@@ -495,6 +503,19 @@ class S3Endpoint:
         """CPU time the endpoint has used so far (this whole process in thread mode)."""
         return process_cpu(self.proc.pid if self.proc else os.getpid())
 
+    def rss_mb(self) -> float | None:
+        """The endpoint's resident memory now (None in thread mode: it is this process)."""
+        if self.proc is None:
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return None
+
     def empty(self, prefix: str = "") -> int:
         """Delete every object and abort every upload under prefix; return bytes deleted."""
         s3, total = self.client(), 0
@@ -543,6 +564,7 @@ class Runner:
         else:
             res = self.dump_then_upload(url)
         res["busy_cpus_before"] = busy_before
+        res["s3_rss_mb"] = self.s3.rss_mb()  # objects are deleted: this must not pile up
         return res
 
     def pg_dump_devnull(self, url: str) -> dict[str, Any]:
@@ -810,13 +832,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+INTERRUPTED = threading.Event()
+
+
 def _interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C or SIGTERM: stop at once; the ExitStack in main() removes everything."""
+    INTERRUPTED.set()
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     if not os.access(GNU_TIME, os.X_OK):
         print(f"bench: {GNU_TIME} not found; install it: apt-get install time", file=sys.stderr)
         return 2
@@ -830,8 +858,11 @@ def main(argv: list[str] | None = None) -> int:
         with ExitStack() as stack:
             workdir = Path(tempfile.mkdtemp(prefix="sbbench-"))
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-            print("bench: starting PostgreSQL 17 and the S3 endpoint "
-                  f"(moto in a {args.s3}) ...", flush=True)
+            endpoint = {"process": "moto server in its own process",
+                        "thread": "moto server in a thread of this process",
+                        "sink": "the null sink, bench/s3sink.py"}[args.s3]
+            print(f"bench: starting PostgreSQL 17 and the S3 endpoint ({endpoint}) ...",
+                  flush=True)
             cluster = Cluster(bindir_for(17), settings=CLUSTER_SETTINGS)
             stack.callback(cluster.stop)
             cluster.start()
@@ -850,10 +881,18 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(bench_size(runner, cluster, size, args.repeat,
                                           not args.no_warmup))
             summary = report(results, fixed)
-    except KeyboardInterrupt:
-        print("\nbench: interrupted; cluster, S3 server and temporary files removed",
+            left = s3.empty()
+            if left:
+                print(f"bench: warning: {left} bytes were left in the bucket after the runs")
+    except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - report, clean up, exit
+        # A Ctrl-C also reaches the measured command, which may fail before we see it.
+        if isinstance(exc, KeyboardInterrupt) or INTERRUPTED.is_set():
+            print("\nbench: interrupted; cluster, S3 server and temporary files removed",
+                  file=sys.stderr)
+            return 130
+        print(f"\nbench: error: {exc}\n(cluster, S3 server and temporary files removed)",
               file=sys.stderr)
-        return 130
+        return 1
     out = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "git": _git_rev(), "host": {"cpus": os.cpu_count(), "python": platform.python_version(),

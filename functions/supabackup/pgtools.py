@@ -71,9 +71,16 @@ def available() -> list[PgTools]:
         pg_dump = directory / "pg_dump"
         if not all((directory / t).is_file() and os.access(directory / t, os.X_OK) for t in TOOLS):
             continue
-        real = pg_dump.resolve().parent
+        target = pg_dump.resolve()
+        # Debian's pg_wrapper (a Perl script, ~30 ms a run) only dispatches to the
+        # /usr/lib/postgresql/*/bin directories, which are probed anyway.
+        if target.name == "pg_wrapper":
+            continue
+        real = target.parent
+        if real in found:
+            continue
         version = _version_of(pg_dump)
-        if version and real not in found:
+        if version:
             found[real] = PgTools(bindir=directory, version=version)
     return sorted(found.values(), key=lambda t: tuple(int(x) for x in t.version.split(".")),
                   reverse=True)

@@ -39,6 +39,10 @@ MAX_PARTS = 10_000
 # database size leaves room for the rare archive that is not.
 SIZE_SAFETY = 2
 CONCURRENCY = 4
+# Part buffers held at once (about 2 x slots + 1: in flight, read ahead, being read) stay
+# near this whatever the part size, so memory does not grow with the database: 8 MiB parts
+# keep 4 upload slots, 16 MiB parts 2, larger parts 1 (bench/README.md has the figures).
+PART_MEMORY = 80 * MIB
 MANIFEST = "manifest.json"
 BOTO_CONFIG = Config(retries={"mode": "standard", "max_attempts": 5},
                      connect_timeout=10, read_timeout=60)
@@ -212,10 +216,11 @@ class BackupWriter:
         """Stream `stream` to S3 until EOF; the stream itself decides if EOF is good."""
         key = self.store.backup_key(self.database_id, self.backup_id, name)
         part = part_size_for(expected_bytes, self.store.min_part_size)
+        slots = max(1, min(self.store.concurrency, (PART_MEMORY // part - 1) // 2))
         config = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
-                                max_concurrency=self.store.concurrency)
+                                max_concurrency=slots)
         # Parts read ahead of the uploaders; boto3's constructor does not expose it.
-        config.max_in_memory_upload_chunks = self.store.concurrency
+        config.max_in_memory_upload_chunks = slots
         self.written.append(key)
         try:
             self.store.s3.upload_fileobj(
