@@ -105,7 +105,3 @@ def new_backup_id(ts: datetime, kind: str) -> str:
     """Sorts by time: 20261124T030000Z-full."""
     suffix = {"full": "full", "incremental": "incr"}[kind]
     return ts.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ") + f"-{suffix}"
-
-
-def backup_time(backup_id: str) -> datetime:
-    return datetime.strptime(backup_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)

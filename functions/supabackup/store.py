@@ -24,7 +24,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .errors import BackupNotFound, ConfigError, StoreError
+from .errors import ConfigError, StoreError
 from .manifest import Manifest
 
 if TYPE_CHECKING:
@@ -178,17 +178,6 @@ class Store:
         try:
             raw = self.s3.get_object(Bucket=self.url.bucket, Key=key)["Body"].read()
         except (ClientError, BotoCoreError) as exc:
-            raise store_error(exc, key) from None
-        return Manifest.from_json(raw, key)
-
-    def read_manifest(self, database_id: str, backup_id: str) -> Manifest:
-        key = self.backup_key(database_id, backup_id, MANIFEST)
-        try:
-            raw = self.s3.get_object(Bucket=self.url.bucket, Key=key)["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise BackupNotFound(f"no backup {backup_id} of {database_id} in {self.url}",
-                                     "run `supabackup list` to see the backups") from None
             raise store_error(exc, key) from None
         return Manifest.from_json(raw, key)
 
