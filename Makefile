@@ -38,7 +38,7 @@ lint: setup
 	$(BIN)/mypy functions/supabackup
 
 layer: setup
-	$(MAKE) -C layers layer
+	$(MAKE) -C layers layer PYTHON="$(abspath $(BIN)/python)"
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -13,9 +13,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
 import tomllib
 import warnings
 from collections.abc import Iterator
@@ -564,80 +561,6 @@ def empty_zip() -> bytes:
 
 
 # ------------------------------------------------------------------ layer and samconfig
-
-FAKE_FETCH = """\
-import sys
-from pathlib import Path
-# Stands in for `python3 fetch_postgres.py DEST --arch ARCH`: the upstream tree, offline.
-_, script, dest, flag, arch = sys.argv
-assert script == "fetch_postgres.py" and flag == "--arch", sys.argv
-dest = Path(dest)
-for sub in ("bin", "lib", "share"):
-    (dest / sub).mkdir(parents=True, exist_ok=True)
-for name in ("pg_dump", "pg_dumpall", "pg_restore", "psql", "postgres", "initdb", "pg_ctl"):
-    (dest / "bin" / name).write_text(arch)
-(dest / "lib" / "libpq.so.5.17").write_text(arch)
-(dest / "lib" / "libpq.so.5").symlink_to("libpq.so.5.17")
-(dest / "lib" / "libpq.so").symlink_to("libpq.so.5.17")
-(dest / "lib" / "libpqwalreceiver.so").write_text(arch)
-(dest / "lib" / "libpq.a").write_text(arch)
-"""
-
-
-@pytest.fixture
-def fake_python(tmp_path: Path) -> Path:
-    if shutil.which("make") is None:
-        pytest.skip("make is not installed")
-    script = tmp_path / "fake-python"
-    script.write_text(f"#!{sys.executable}\n{FAKE_FETCH}")
-    script.chmod(0o755)
-    return script
-
-
-def make(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("ARCH", "ARTIFACTS_DIR", "PG_TREE",
-                                                           "MAKEFLAGS", "MFLAGS")}
-    return subprocess.run(["make", "--no-print-directory", "-C", str(LAYERS), *args],
-                          capture_output=True, text=True, env=env, timeout=60)
-
-
-@pytest.mark.parametrize(("arch", "fetched"), [(None, "aarch64"), ("arm64", "aarch64"),
-                                               ("x86_64", "x86_64"), ("amd64", "x86_64")])
-def test_the_layer_holds_the_client_programs_and_libpq(
-        tmp_path: Path, fake_python: Path, arch: str | None, fetched: str) -> None:
-    out = tmp_path / "artifacts"
-    args = [f"ARTIFACTS_DIR={out}", f"PYTHON={fake_python}"] + ([f"ARCH={arch}"] if arch else [])
-    result = make("build-PostgresClientLayer", *args)
-    assert result.returncode == 0, result.stderr
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-    assert files == ["bin", "bin/pg_dump", "bin/pg_dumpall", "bin/pg_restore", "bin/psql",
-                     "lib", "lib/libpq.so", "lib/libpq.so.5", "lib/libpq.so.5.17"]
-    assert (out / "bin" / "pg_dump").read_text() == fetched
-    assert (out / "lib" / "libpq.so.5").resolve() == (out / "lib" / "libpq.so.5.17")
-
-
-def test_the_layer_makefile_refuses_bad_input(tmp_path: Path, fake_python: Path) -> None:
-    result = make("build-PostgresClientLayer", f"PYTHON={fake_python}")
-    assert result.returncode != 0 and "ARTIFACTS_DIR" in result.stderr
-    result = make("build-PostgresClientLayer", f"ARTIFACTS_DIR={tmp_path}", "ARCH=sparc")
-    assert result.returncode != 0 and "ARCH" in result.stderr
-
-
-def test_the_local_layer_target_builds_into_build_layer() -> None:
-    if shutil.which("make") is None:
-        pytest.skip("make is not installed")
-    result = make("-n", "layer")
-    assert result.returncode == 0, result.stderr
-    assert f"ARTIFACTS_DIR=\"{REPO / 'build' / 'layer'}\"" in result.stdout
-
-
-def test_the_makefile_architectures_are_the_fetch_scripts() -> None:
-    spec = importlib.util.spec_from_file_location("fetch_postgres", LAYERS / "fetch_postgres.py")
-    assert spec is not None and spec.loader is not None
-    fetch = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fetch)
-    assert set(fetch.PLATFORMS) == {"x86_64", "aarch64"}
-
 
 def test_samconfig() -> None:
     config = tomllib.loads((REPO / "samconfig.toml").read_text())

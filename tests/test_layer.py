@@ -1,0 +1,145 @@
+"""The PostgreSQL client layer: built by `make layer`, then used as Lambda uses it.
+
+The layer's programs run under `env -i` with only the layer's own directories set (PATH
+and LD_LIBRARY_PATH, as Lambda sets them for /opt), against live PostgreSQL 15 and 17.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devkit.pg import Cluster
+from supabackup.backup import BackupRequest, run_full_backup
+from supabackup.dburl import ConnectionInfo
+from supabackup.store import Store
+
+from .conftest import REPO
+
+sys.path.insert(0, str(REPO / "layers"))
+from build_layer import GLIBC, PROGRAMS, build, needed  # noqa: E402
+
+LDD = shutil.which("ldd") or "/usr/bin/ldd"
+GLIBC_MAX = (2, 34)  # Amazon Linux 2023, the python3.12 runtime
+SIZE_BUDGET = 50 * 1024 * 1024  # unzipped; Lambda allows 250 MB for function and layers
+
+
+@pytest.fixture(scope="module")
+def layer() -> Path:
+    """`make layer`, exactly as a user runs it: this machine's architecture."""
+    subprocess.run(["make", "--no-print-directory", "-C", str(REPO / "layers"), "layer",
+                    f"PYTHON={sys.executable}"], check=True, capture_output=True)
+    return REPO / "build" / "layer"
+
+
+@pytest.fixture(scope="module")
+def arm64_layer() -> Path:
+    """The template's default architecture, built on whatever this machine is."""
+    dest = REPO / "build" / "layer-aarch64"
+    build(dest, "aarch64", REPO / "build" / ".layer-cache")
+    return dest
+
+
+def _elf_files(root: Path) -> list[Path]:
+    return [p for p in sorted(root.rglob("*")) if p.is_file() and p.read_bytes()[:4] == b"\x7fELF"]
+
+
+def _glibc_versions(path: Path) -> set[tuple[int, ...]]:
+    out = subprocess.run(["readelf", "--dyn-syms", "--version-info", "-W", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return {tuple(int(x) for x in v.split(".")) for v in re.findall(r"GLIBC_([0-9.]+)", out)}
+
+
+@pytest.mark.parametrize("which", ["layer", "arm64_layer"])
+def test_layer_holds_the_programs_and_every_library_they_need(which: str,
+                                                              request: pytest.FixtureRequest) -> None:
+    root: Path = request.getfixturevalue(which)
+    assert sorted(p.name for p in (root / "bin").iterdir()) == sorted(PROGRAMS)
+    libs = {p.name for p in (root / "lib").iterdir()}
+    for path in _elf_files(root):
+        missing = [s for s in needed(path) if s not in GLIBC and s not in libs]
+        assert missing == [], f"{path.name} needs {missing}, which the layer lacks"
+    assert {"libpq.so.5", "libssl.so.3", "libzstd.so.1"} <= libs
+    manifest = (root / "lib" / "MANIFEST").read_text()
+    assert all(f"lib/{name}\t" in manifest for name in libs - {"MANIFEST"})
+
+
+@pytest.mark.parametrize("which", ["layer", "arm64_layer"])
+def test_no_file_in_the_layer_needs_glibc_newer_than_2_34(which: str,
+                                                          request: pytest.FixtureRequest) -> None:
+    root: Path = request.getfixturevalue(which)
+    files = _elf_files(root)
+    assert len(files) >= 10
+    for path in files:
+        newest = max(_glibc_versions(path), default=(0,))
+        assert newest <= GLIBC_MAX, f"{path.relative_to(root)} needs GLIBC_{newest}"
+
+
+def test_layer_fits_well_under_lambdas_size_limit(layer: Path, arm64_layer: Path) -> None:
+    for root in (layer, arm64_layer):
+        size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        assert size < SIZE_BUDGET, f"{root.name} is {size / 2**20:.1f} MiB unzipped"
+
+
+def _layer_env(layer: Path) -> list[str]:
+    """`env -i` with only what Lambda sets for a layer at /opt."""
+    return ["env", "-i", f"PATH={layer / 'bin'}", f"LD_LIBRARY_PATH={layer / 'lib'}"]
+
+
+def test_every_library_resolves_inside_the_layer(layer: Path) -> None:
+    # libpq's own RUNPATH points elsewhere (/opt/postgresql/lib): LD_LIBRARY_PATH, which
+    # Lambda sets to include /opt/lib, is what must make every library come from the layer.
+    for program in PROGRAMS:
+        out = subprocess.run([*_layer_env(layer), LDD, str(layer / "bin" / program)],
+                             capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            match = re.match(r"\s*(\S+) => (\S+)", line)
+            if match and match.group(1) not in GLIBC:
+                assert match.group(2).startswith(str(layer / "lib")), line
+
+
+def test_layer_programs_dump_restore_and_query_live_servers(
+        cluster: Cluster, new_db: Any, layer: Path, tmp_path: Path) -> None:
+    source, target = new_db(cluster), new_db(cluster)
+    cluster.execute("CREATE TABLE t (id int PRIMARY KEY, doc jsonb);"
+                    "INSERT INTO t SELECT g, jsonb_build_object('g', g)"
+                    " FROM generate_series(1, 1000) g", source)
+    env = _layer_env(layer)
+    archive = tmp_path / "t.dump"
+    subprocess.run([*env, "pg_dump", "--format=custom", "--compress=zstd",
+                    f"--file={archive}", f"--dbname={cluster.url(source)}"], check=True)
+    subprocess.run([*env, "pg_restore", "--exit-on-error", "--no-owner",
+                    f"--dbname={cluster.url(target)}", str(archive)],
+                   check=cluster.major >= 17, capture_output=True)
+    if cluster.major < 17:
+        # pg_restore 17 sets transaction_timeout, which 15 lacks (see supabackup.restore);
+        # the supported path is the script through psql, as the engine restores.
+        script = subprocess.run([*env, "pg_restore", "--file=-", str(archive)],
+                                capture_output=True, check=True).stdout
+        script = script.replace(b"SET transaction_timeout = 0;\n", b"")
+        cluster.drop_database(target)
+        cluster.create_database(target)
+        subprocess.run([*env, "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                        f"--dbname={cluster.url(target)}"], input=script, check=True)
+    out = subprocess.run([*env, "psql", "-X", "-At", f"--dbname={cluster.url(target)}",
+                          "-c", "SELECT count(*), sum((doc->>'g')::int) FROM t"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1000|500500"
+
+
+def test_engine_uses_the_layer_and_records_which_pg_dump(
+        pg17: Cluster, new_db: Any, layer: Path, store: Store,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SUPABACKUP_PG_BINDIR", str(layer / "bin"))
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(layer / "lib"))
+    db = new_db(pg17)
+    pg17.execute("CREATE TABLE t (id int)", db)
+    manifest = run_full_backup(ConnectionInfo.from_url(pg17.url(db)), store, BackupRequest())
+    assert manifest.pg_dump == str(layer / "bin" / "pg_dump")
+    assert manifest.pg_dump_version == "17.11"
