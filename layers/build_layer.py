@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fetch_postgres import PLATFORMS, fetch, read_lock  # noqa: E402
+from fetch_postgres import PLATFORMS, fetch, read_lock
 
 PROGRAMS = ("pg_dump", "pg_dumpall", "pg_restore", "psql")
 # Provided by glibc on every Lambda runtime: never bundled.

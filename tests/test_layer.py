@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from devkit.pg import Cluster
 from supabackup.backup import BackupRequest, run_full_backup
 from supabackup.dburl import ConnectionInfo
 from supabackup.store import Store
 
+from devkit.pg import Cluster
+
 from .conftest import REPO
 
 sys.path.insert(0, str(REPO / "layers"))
-from build_layer import GLIBC, PROGRAMS, build, needed  # noqa: E402
+from build_layer import GLIBC, PROGRAMS, build, needed
 
 LDD = shutil.which("ldd") or "/usr/bin/ldd"
 GLIBC_MAX = (2, 34)  # Amazon Linux 2023, the python3.12 runtime
