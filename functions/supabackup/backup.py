@@ -1,7 +1,8 @@
-"""The full backup, as a list of named steps.
+"""Full and incremental backups, as a list of named steps.
 
-    check the store -> open the snapshot -> choose pg_dump -> dump roles -> dump database
-    -> write the manifest (last, conditionally)
+    check the store -> choose the parent (incremental) -> open the snapshot -> choose
+    pg_dump -> find the changed tables -> dump roles -> dump database (without the data of
+    unchanged tables) -> write the manifest (last, conditionally)
 
 Failure handling sits in one place: any exception after the first upload discards
 everything the run wrote, so a failed run leaves no manifest and no orphaned upload.
@@ -12,7 +13,9 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 
+from .changes import XID_SPACE, TableState, decide, scan_tables, snapshot_xmin
 from .dburl import ConnectionInfo
 from .dump import DumpProcess
 from .errors import ConfigError
@@ -22,6 +25,7 @@ from .manifest import (
     StoredObject,
     iso,
     new_backup_id,
+    parse_time,
     utcnow,
 )
 from .pgtools import PgTools, find_tools
@@ -32,6 +36,7 @@ from .store import BackupWriter, HashingReader, Store
 
 log = logging.getLogger(__name__)
 
+KINDS = ("full", "incremental")
 ROLES = "roles.sql"
 DATABASE = "database.dump"
 
@@ -47,8 +52,8 @@ class BackupRequest:
     backup_id: str | None = None     # None: from the snapshot's time
 
     def __post_init__(self) -> None:
-        if self.kind != "full":
-            raise ConfigError(f"unknown backup kind {self.kind!r}", "use: full")
+        if self.kind not in KINDS:
+            raise ConfigError(f"unknown backup kind {self.kind!r}", f"use: {', '.join(KINDS)}")
         if self.retention not in RETENTION_CLASSES:
             raise ConfigError(f"unknown retention class {self.retention!r}",
                               f"choose one of: {', '.join(RETENTION_CLASSES)}")
@@ -66,25 +71,52 @@ class BackupRequest:
         return replace(self, backup_id=backup_id)
 
 
-def run_full_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Manifest:
-    """Take one full backup and commit it; raise (having stored nothing) on any failure."""
+# A chain whose base full is older than this escalates to a full backup, so that a chain
+# never outlives its base's weekly retention (35 days by default).
+MAX_CHAIN_AGE = timedelta(days=28)
+# xids are compared modulo 2^32 (see changes.py): a parent snapshot further back than this
+# cannot be compared with safely, so the run escalates.
+MAX_XID_DISTANCE = 1 << 30
+
+
+def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Manifest:
+    """Take one backup and commit it; raise (having stored nothing) on any failure.
+
+    An incremental needs a parent to chain from; when there is none it can trust, the run
+    becomes a full backup by itself and its manifest says why (`escalation`).
+    """
     profile = resolve_profile(request.profile, conn)
     started = utcnow()
     store.check_access()
+    database_id = request.database_of(conn)
+    parent, escalation = (None, "")
+    if request.kind == "incremental":
+        parent, escalation = _parent_for(store, database_id, profile, started)
     with SnapshotSession(conn) as session:
         tools = find_tools(session.server.major)
-        database_id = request.database_of(conn)
-        backup_id = request.backup_id or new_backup_id(session.server.snapshot_at, "full")
-        log.info("backup %s of %s: server %s, pg_dump %s, snapshot %s", backup_id,
-                 conn.display(), session.server.version, tools.version, session.snapshot_id)
+        xmin = snapshot_xmin(session.connection)
+        if parent is not None and (xmin - parent.snapshot_xmin) % XID_SPACE > MAX_XID_DISTANCE:
+            escalation = f"more than {MAX_XID_DISTANCE} transactions since {parent.backup_id}"
+            parent = None
+        kind = "incremental" if parent is not None else "full"
+        backup_id = request.backup_id or new_backup_id(session.server.snapshot_at, kind)
+        scanned = scan_tables(session.connection, profile.exclude_schemas,
+                              parent.snapshot_xmin if parent else None)
+        tables = decide(scanned, parent.table_states if parent else None, backup_id)
+        log.info("backup %s of %s: %s, server %s, pg_dump %s, snapshot %s, %d of %d tables "
+                 "to dump%s", backup_id, conn.display(), kind, session.server.version,
+                 tools.version, session.snapshot_id, sum(1 for t in tables if t.reason),
+                 len(tables), f" (escalated: {escalation})" if escalation else "")
         writer = store.begin(database_id, backup_id)
-        tags = {"retention": request.retention, "kind": "full"}
+        tags = {"retention": request.retention, "kind": kind}
+        unchanged = [t for t in tables if not t.reason]
         try:
             roles = _dump_roles(writer, tools, conn, profile, tags)
             database, warnings = _dump_database(writer, tools, conn, profile, tags,
-                                                session.snapshot_id, session.server.database_size)
+                                                session.snapshot_id, session.server.database_size,
+                                                unchanged)
             manifest = Manifest(
-                backup_id=backup_id, database_id=database_id, kind="full",
+                backup_id=backup_id, database_id=database_id, kind=kind,
                 profile=profile.name, retention=request.retention, label=request.label,
                 trigger=request.trigger, started_at=iso(started), finished_at=iso(utcnow()),
                 snapshot_at=iso(session.server.snapshot_at), snapshot_id=session.snapshot_id,
@@ -92,7 +124,10 @@ def run_full_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) 
                 database_size=session.server.database_size,
                 pg_dump=tools.path("pg_dump"), pg_dump_version=tools.version,
                 objects=[roles, database], platform_schemas=list(profile.platform_schemas),
-                warnings=warnings,
+                warnings=warnings, escalation=escalation, snapshot_xmin=xmin,
+                base=(parent.base or parent.backup_id) if parent else "",
+                parent=parent.backup_id if parent else "",
+                tables=[t.to_dict() for t in tables],
             )
             writer.commit(manifest, tags)
         except BaseException:
@@ -101,6 +136,40 @@ def run_full_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) 
             raise
     log.info("backup %s committed: %d bytes", backup_id, manifest.total_bytes)
     return manifest
+
+
+def _parent_for(store: Store, database_id: str, profile: Profile,
+                now: datetime) -> tuple[Manifest | None, str]:
+    """The backup an incremental chains from, or None and the reason to take a full."""
+    manifests = store.manifests(database_id)
+    if not manifests:
+        return None, "no previous backup to chain from"
+    parent = manifests[-1]
+    by_id = {m.backup_id: m for m in manifests}
+    base_id = parent.base or parent.backup_id
+    base = by_id.get(base_id)
+    if base is None:
+        return None, f"the chain's base {base_id} is gone"
+    missing = [m for m in _chain(parent, by_id) if m is None]
+    if missing:
+        return None, f"a backup in the chain of {parent.backup_id} is gone"
+    if now - parse_time(base.snapshot_at) > MAX_CHAIN_AGE:
+        return None, f"the chain's base {base_id} is older than {MAX_CHAIN_AGE.days} days"
+    if parent.profile != profile.name:
+        return None, f"the profile changed from {parent.profile} to {profile.name}"
+    if parent.snapshot_xmin < 0 or not parent.tables:
+        return None, f"{parent.backup_id} recorded no table states to compare with"
+    return parent, ""
+
+
+def _chain(manifest: Manifest, by_id: dict[str, Manifest]) -> list[Manifest | None]:
+    """Every backup that holds data this one relies on."""
+    return [by_id.get(h) for h in {t["held_in"] for t in manifest.tables}]
+
+
+def run_full_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Manifest:
+    """A full backup: `run_backup` with kind full."""
+    return run_backup(conn, store, replace(request, kind="full"))
 
 
 def _discard(writer: BackupWriter) -> None:
@@ -113,6 +182,11 @@ def _discard(writer: BackupWriter) -> None:
         writer.discard()
     except Exception as exc:  # noqa: BLE001 - the run's own error is the one to raise
         log.error("could not remove the failed backup %s's objects: %s", writer.backup_id, exc)
+
+
+def _exact(name: str) -> str:
+    """A pg_dump pattern that matches exactly this name (quoted: no wildcards, any case)."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _dump_roles(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo, profile: Profile,
@@ -135,12 +209,18 @@ def _dump_roles(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo, prof
 
 def _dump_database(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo,
                    profile: Profile, tags: dict[str, str], snapshot_id: str,
-                   expected_bytes: int) -> tuple[StoredObject, list[str]]:
-    """pg_dump -Fc in the run's snapshot, streamed straight into a multipart upload."""
+                   expected_bytes: int, unchanged: list[TableState]
+                   ) -> tuple[StoredObject, list[str]]:
+    """pg_dump -Fc in the run's snapshot, streamed straight into a multipart upload.
+
+    Tables proven unchanged keep their definitions here but not their data, which an
+    earlier backup of the chain holds.
+    """
     compression = "zstd" if tools.supports_zstd else "gzip"
     level = "--compress=zstd" if tools.supports_zstd else "--compress=6"
     argv = [tools.path("pg_dump"), "--format=custom", level,
-            f"--snapshot={snapshot_id}", "--no-sync", *profile.pg_dump_args()]
+            f"--snapshot={snapshot_id}", "--no-sync", *profile.pg_dump_args(),
+            *(f"--exclude-table-data={_exact(t.schema)}.{_exact(t.name)}" for t in unchanged)]
     with DumpProcess(argv, conn, "pg_dump") as proc:
         reader = HashingReader(proc)
         writer.upload(DATABASE, reader, expected_bytes, tags)

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .backup import BackupRequest
+from .backup import KINDS, BackupRequest
 from .catalog import resolve_database_id, select_backup
 from .dburl import ConnectionInfo
 from .errors import ConfigError, SupabackupError
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "from the URL when backing up; the store's only one otherwise)")
 
     backup = sub.add_parser("backup", help="take a backup")
-    backup.add_argument("kind", choices=["full"])
+    backup.add_argument("kind", choices=KINDS)
     backup.add_argument("--database-url", default=os.environ.get("SUPABACKUP_DATABASE_URL"),
                         help="postgresql://USER:PASSWORD@HOST:PORT/DB "
                              "(default: $SUPABACKUP_DATABASE_URL)")
@@ -79,9 +79,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
                             label=args.label, trigger="cli", database_id=args.database_id)
     manifest, outcome = backup_and_report(conn, store, request, Notifier(args.sns_topic_arn))
     print(f"{manifest.backup_id}: {human_bytes(manifest.total_bytes)} in "
-          f"{human_duration(outcome.duration_seconds)} "
-          f"({manifest.profile} profile, server {manifest.server_version}, "
-          f"pg_dump {manifest.pg_dump_version})")
+          f"{human_duration(outcome.duration_seconds)}, {manifest.tables_dumped} of "
+          f"{len(manifest.tables)} tables dumped ({manifest.profile} profile, server "
+          f"{manifest.server_version}, pg_dump {manifest.pg_dump_version})")
+    if manifest.escalation:
+        print(f"an incremental was asked for; took a full backup because {manifest.escalation}")
     return 0
 
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from .changes import TableState
 from .errors import StoreError
 
 FORMAT = 1
@@ -48,6 +49,13 @@ class Manifest:
     trigger: str = "manual"
     platform_schemas: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # The chain: an incremental's base full and parent; empty for a full backup.
+    base: str = ""
+    parent: str = ""
+    # Why a requested incremental became a full backup ("" when it did not).
+    escalation: str = ""
+    snapshot_xmin: int = -1
+    tables: list[dict[str, Any]] = field(default_factory=list)
     format: int = FORMAT
 
     @property
@@ -57,6 +65,14 @@ class Manifest:
     @property
     def duration_seconds(self) -> float:
         return (parse_time(self.finished_at) - parse_time(self.started_at)).total_seconds()
+
+    @property
+    def table_states(self) -> dict[int, TableState]:
+        return {int(t["oid"]): TableState(**t) for t in self.tables}
+
+    @property
+    def tables_dumped(self) -> int:
+        return sum(1 for t in self.tables if t.get("reason"))
 
     def object(self, kind: str) -> StoredObject:
         return next(o for o in self.objects if o.kind == kind)
@@ -85,6 +101,8 @@ class Manifest:
             "server_version": self.server_version, "bytes": self.total_bytes,
             "duration_seconds": round(self.duration_seconds, 1),
             "pg_dump_version": self.pg_dump_version, "warnings": self.warnings,
+            "base": self.base, "parent": self.parent, "escalation": self.escalation,
+            "tables_dumped": self.tables_dumped, "tables_total": len(self.tables),
         }
 
 

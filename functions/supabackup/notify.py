@@ -65,17 +65,23 @@ class Outcome:
         return "succeeded" if self.error is None else "failed"
 
     def subject(self) -> str:
-        head = f"supabackup: {self.kind} backup of {self.database} {self.status}"
+        kind = self.manifest.kind if self.manifest is not None else self.kind
+        head = f"supabackup: {kind} backup of {self.database} {self.status}"
         if self.manifest is not None:
             text = (f"{head}: {human_bytes(self.manifest.total_bytes)} in "
                     f"{human_duration(self.duration_seconds)}")
+            if self.manifest.kind == "incremental":
+                text += f", {self.manifest.tables_dumped} of {len(self.manifest.tables)} tables"
+            elif self.manifest.escalation:
+                text += " (escalated from incremental)"
         else:
             text = f"{head}: {self.scrub(error_message(self.error))}"
         text = " ".join(text.split()).encode("ascii", "replace").decode()
         return text if len(text) <= SUBJECT_MAX else text[: SUBJECT_MAX - 3] + "..."
 
     def body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"status": self.status, "kind": self.kind,
+        kind = self.manifest.kind if self.manifest is not None else self.kind
+        body: dict[str, Any] = {"status": self.status, "kind": kind,
                                 "database": self.database,
                                 "duration_seconds": round(self.duration_seconds, 1)}
         if self.manifest is not None:
@@ -118,13 +124,14 @@ class Notifier:
         if not self.topic_arn:
             return False
         try:
+            body = outcome.body()
             self.client.publish(
                 TopicArn=self.topic_arn,
                 Subject=outcome.subject(),
-                Message=json.dumps(outcome.body(), indent=2, default=str),
+                Message=json.dumps(body, indent=2, default=str),
                 MessageAttributes={
                     "status": {"DataType": "String", "StringValue": outcome.status},
-                    "kind": {"DataType": "String", "StringValue": outcome.kind},
+                    "kind": {"DataType": "String", "StringValue": body["kind"]},
                     "database": {"DataType": "String", "StringValue": outcome.database},
                 },
             )

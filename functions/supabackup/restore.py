@@ -1,4 +1,4 @@
-"""Restore a full backup into an empty database.
+"""Restore a backup (full, or any incremental of a chain) into an empty database.
 
     choose the backup -> check the target is empty -> choose pg_restore -> roles
     -> pg_restore (pre-data, data, post-data) fed from S3
@@ -17,16 +17,18 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from hashlib import sha256
+from pathlib import Path
 from typing import IO
 
 import psycopg2
 
 from .dburl import ConnectionInfo
 from .dump import child_env
-from .errors import RestoreFailed, StoreError
+from .errors import BackupNotFound, RestoreFailed, StoreError
 from .manifest import Manifest, StoredObject
 from .pgtools import PgTools, find_tools
 from .roles import plan_roles, quote_ident
@@ -43,9 +45,12 @@ class RestoreReport:
     bytes: int = 0
     roles_created: list[str] = field(default_factory=list)
     roles_existing: list[str] = field(default_factory=list)
+    backups: list[str] = field(default_factory=list)  # whose archives were read
 
     def lines(self) -> list[str]:
-        out = [f"restored {self.backup_id} into {self.target} ({self.bytes} bytes)"]
+        out = [f"restored {self.backup_id} into {self.target} ({self.bytes} bytes read)"]
+        if len(self.backups) > 1:
+            out.append(f"table data from: {', '.join(self.backups)}")
         if self.roles_created:
             out.append(f"created roles: {', '.join(self.roles_created)} (without passwords)")
         if self.roles_existing:
@@ -69,7 +74,10 @@ def run_restore(store: Store, manifest: Manifest, target: ConnectionInfo) -> Res
     finally:
         conn.close()
     try:
-        report.bytes = _pg_restore(store, manifest, target, tools, server_version_num)
+        with tempfile.TemporaryDirectory(prefix="supabackup-") as workdir:
+            parts = restore_plan(store, manifest, Path(workdir))
+            report.backups = sorted({p.manifest.backup_id for p in parts})
+            report.bytes = _pg_restore(store, parts, target, tools, server_version_num)
     except BaseException:
         _drop_roles(target, report.roles_created)
         raise
@@ -157,20 +165,99 @@ SERVER_MANAGED_COLUMN_OPTIONS = (b"pg_attver",)
 _COLUMN_OPTIONS = re.compile(rb"^(ALTER TABLE (?:ONLY )?.+ ALTER COLUMN .+ SET \()(.*)(\);\n)$")
 
 
-def _pg_restore(store: Store, manifest: Manifest, target: ConnectionInfo,
+@dataclass(frozen=True)
+class Part:
+    """One pg_restore run of a restore: an archive and which of its entries to take."""
+
+    manifest: Manifest
+    args: tuple[str, ...] = ()
+
+
+def restore_plan(store: Store, manifest: Manifest, workdir: Path) -> list[Part]:
+    """The pg_restore runs that rebuild `manifest`'s database, in order.
+
+    A full backup is one run. An incremental: its pre-data; then the data of each table
+    it did not dump, from the backup of the chain that holds it (matched by the table's
+    oid, whose definition that backup recorded as the same); then its own data and
+    sequences; then its post-data (indexes, constraints, triggers, matview contents).
+    """
+    if manifest.kind == "full":
+        return [Part(manifest)]
+    holders: dict[str, set[int]] = {}
+    for oid, table in manifest.table_states.items():
+        if table.held_in != manifest.backup_id:
+            holders.setdefault(table.held_in, set()).add(oid)
+    by_id = {m.backup_id: m for m in store.manifests(manifest.database_id)}
+    parts = [Part(manifest, ("--section=pre-data",))]
+    for holder_id in sorted(holders):
+        holder = by_id.get(holder_id)
+        if holder is None:
+            raise BackupNotFound(
+                f"{manifest.backup_id} needs table data from {holder_id}, which is gone",
+                "restore an earlier or a full backup (`supabackup list`)")
+        entries = [line for line in _toc(store, holder)
+                   if " TABLE DATA " in line and int(line.split()[2]) in holders[holder_id]]
+        if len(entries) != len(holders[holder_id]):
+            raise RestoreFailed(f"{holder_id} lacks table data that {manifest.backup_id} "
+                                "relies on", "run `supabackup verify`; restore another backup")
+        listing = workdir / f"{holder_id}.list"
+        listing.write_text("\n".join(entries) + "\n")
+        parts.append(Part(holder, ("--data-only", f"--use-list={listing}")))
+    parts += [Part(manifest, ("--section=data",)), Part(manifest, ("--section=post-data",))]
+    return parts
+
+
+def _toc(store: Store, manifest: Manifest) -> list[str]:
+    """pg_restore --list of an archive, read from S3 (only its head is needed)."""
+    tools = find_tools(int(manifest.pg_dump_version.split(".")[0]), purpose="restore")
+    proc = subprocess.Popen([tools.path("pg_restore"), "--list"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()),  # type: ignore[union-attr]
+                              daemon=True)
+    reader.start()
+    assert proc.stdin is not None
+    try:
+        for chunk in store.open_object(manifest, manifest.object("database").name):
+            proc.stdin.write(chunk)
+    except BrokenPipeError:
+        pass  # it has read the table of contents and stopped
+    _close(proc.stdin)
+    proc.wait()
+    reader.join()
+    return [line for line in b"".join(out).decode().splitlines()
+            if line and not line.startswith(";")]
+
+
+def _pg_restore(store: Store, parts: list[Part], target: ConnectionInfo,
                 tools: PgTools, server_version_num: int) -> int:
     """S3 -> pg_restore (script mode) -> psql --single-transaction, with no local copy.
 
-    psql commits when its input ends, so its input is ended only after the archive's
-    size and sha256 have matched the manifest and pg_restore has exited cleanly; on any
-    failure psql is killed first, and the transaction never commits.
+    Every part's script goes to one psql. psql commits when its input ends, so its input
+    is ended only after every archive's size and sha256 have matched its manifest and every
+    pg_restore has exited cleanly; on any failure psql is killed first, and the
+    transaction never commits.
     """
-    obj = manifest.object("database")
     env = child_env(target, application="supabackup restore")
     script_filter = ScriptFilter(server_version_num)
     psql = _Process([tools.path("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
                      "--single-transaction", "-o", "/dev/null"], env, stdin=True)
-    restore = _Process([tools.path("pg_restore"), "--file=-"], env, stdin=True,
+    total = 0
+    try:
+        for part in parts:
+            total += _restore_part(store, part, tools, env, script_filter, psql, target)
+        _close(psql.stdin)  # only now may psql reach its COMMIT
+        psql.finish("restoring with psql", target)
+    except BaseException:
+        psql.kill()  # first: the single transaction must never commit
+        raise
+    return total
+
+
+def _restore_part(store: Store, part: Part, tools: PgTools, env: dict[str, str],
+                  script_filter: ScriptFilter, psql: _Process, target: ConnectionInfo) -> int:
+    obj = part.manifest.object("database")
+    restore = _Process([tools.path("pg_restore"), "--file=-", *part.args], env, stdin=True,
                        stdout=True)
     pump = threading.Thread(target=script_filter.pump, args=(restore.stdout, psql.stdin),
                             daemon=True)
@@ -178,7 +265,7 @@ def _pg_restore(store: Store, manifest: Manifest, target: ConnectionInfo,
     digest, size = sha256(), 0
     try:
         try:
-            for chunk in store.open_object(manifest, obj.name):
+            for chunk in store.open_object(part.manifest, obj.name):
                 digest.update(chunk)
                 size += len(chunk)
                 restore.stdin.write(chunk)
@@ -186,12 +273,9 @@ def _pg_restore(store: Store, manifest: Manifest, target: ConnectionInfo,
             pass  # pg_restore stopped reading; its exit status says why
         _check_digest(obj, size, digest.hexdigest())
         _close(restore.stdin)
-        restore.finish(f"pg_restore of {manifest.backup_id}", target)
+        restore.finish(f"pg_restore of {part.manifest.backup_id}", target)
         pump.join()
-        _close(psql.stdin)  # only now may psql reach its COMMIT
-        psql.finish(f"restoring {manifest.backup_id} with psql", target)
     except BaseException:
-        psql.kill()  # first: the single transaction must never commit
         restore.kill()
         raise
     return size

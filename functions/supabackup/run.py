@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from .backup import BackupRequest, run_full_backup
+from .backup import BackupRequest, run_backup
 from .dburl import ConnectionInfo
 from .manifest import Manifest
 from .notify import Notifier, Outcome
@@ -21,7 +21,7 @@ def backup_and_report(conn: ConnectionInfo, store: Store, request: BackupRequest
     database = request.database_of(conn)
     started = time.monotonic()
     try:
-        manifest = run_full_backup(conn, store, request)
+        manifest = run_backup(conn, store, request)
     except BaseException as exc:
         notifier.publish(Outcome(kind=request.kind, database=database,
                                  duration_seconds=time.monotonic() - started, error=exc,
