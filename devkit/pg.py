@@ -98,6 +98,14 @@ class Cluster:
             )
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def restart(self) -> None:
+        """Stop and start the server (as a crash would not: a clean restart)."""
+        subprocess.run(
+            [*_as_server_user(), str(self.bindir / "pg_ctl"), "-D", str(self.datadir),
+             "-l", str(self.root / "log"), "-w", "-t", "60", "-m", "fast", "restart"],
+            check=True, capture_output=True,
+        )
+
     def __enter__(self) -> Cluster:
         return self.start()
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,21 @@ def test_restore_without_backups_says_so(local_s3: LocalS3, bucket: str, pg15: C
                  "--target-url", pg15.url("postgres"))
     assert result.returncode == 1
     assert "no backups in s3://" in result.stderr
+
+
+def test_incremental_from_the_command_line_chains_to_the_full(
+        pg17: Cluster, new_db: Any, local_s3: LocalS3, bucket: str) -> None:
+    db = new_db(pg17)
+    pg17.execute("CREATE TABLE a (id int); CREATE TABLE b (id int); INSERT INTO a VALUES (1)", db)
+    store = f"s3://{bucket}/incr"
+    assert run(local_s3, "backup", "full", "--database-url", pg17.url(db), "--store",
+               store).returncode == 0
+    time.sleep(1.1)  # backup ids have one-second resolution
+    pg17.execute("INSERT INTO b VALUES (1)", db)
+    result = run(local_s3, "backup", "incremental", "--database-url", pg17.url(db),
+                 "--store", store)
+    assert result.returncode == 0, result.stderr
+    assert "-incr: " in result.stdout and "1 of 2 tables dumped" in result.stdout
+    listed = json.loads(run(local_s3, "list", "--store", store, "--json").stdout)
+    assert [b["kind"] for b in listed] == ["full", "incremental"]
+    assert listed[1]["parent"] == listed[0]["backup_id"]

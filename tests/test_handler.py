@@ -142,3 +142,27 @@ def test_failed_backup_fails_the_invocation_and_never_leaks_the_password(
     assert PASSWORD not in out
     assert PASSWORD not in repr(inbox.messages())
     assert _emf(out)["BackupFailed"] in ([1.0], 1.0)
+
+
+def test_scheduled_incremental_reports_tables_changed_out_of_total(
+        deployed: dict[str, Any], pg15: Cluster, inbox: Inbox) -> None:
+    full = handler_module.handler(load_event("backup-full-scheduled.json"), FakeContext())
+    pg15.execute("CREATE TABLE later (id int); INSERT INTO later VALUES (1);"
+                 "INSERT INTO orders VALUES (101)", deployed["db"])
+    result = handler_module.handler(load_event("backup-incremental-scheduled.json"),
+                                    FakeContext())
+    assert result["kind"] == "incremental" and result["parent"] == full["backup_id"]
+    assert (result["tables_dumped"], result["tables_total"]) == (2, 2)
+    _, msg = inbox.messages()
+    assert msg["Subject"].endswith(", 2 of 2 tables")
+    assert msg["MessageAttributes"]["kind"]["Value"] == "incremental"
+
+
+def test_incremental_without_a_base_escalates_and_says_why(deployed: dict[str, Any],
+                                                           inbox: Inbox) -> None:
+    result = handler_module.handler(load_event("backup-incremental-manual.json"), FakeContext())
+    assert result["kind"] == "full" and result["backup_id"].endswith("-full")
+    assert result["escalation"] == "no previous backup to chain from"
+    (msg,) = inbox.messages()
+    assert " succeeded (escalated): " in msg["Subject"]
+    assert msg["Message"]["backup"]["escalation"] == "no previous backup to chain from"

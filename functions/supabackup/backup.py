@@ -27,6 +27,7 @@ from .manifest import (
     new_backup_id,
     parse_time,
     utcnow,
+    with_kind,
 )
 from .pgtools import PgTools, find_tools
 from .profiles import Profile, resolve_profile
@@ -99,7 +100,8 @@ def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Ma
             escalation = f"more than {MAX_XID_DISTANCE} transactions since {parent.backup_id}"
             parent = None
         kind = "incremental" if parent is not None else "full"
-        backup_id = request.backup_id or new_backup_id(session.server.snapshot_at, kind)
+        backup_id = (with_kind(request.backup_id, kind) if request.backup_id
+                     else new_backup_id(session.server.snapshot_at, kind))
         scanned = scan_tables(session.connection, profile.exclude_schemas,
                               parent.snapshot_xmin if parent else None)
         tables = decide(scanned, parent.table_states if parent else None, backup_id)

@@ -119,7 +119,14 @@ def parse_time(text: str) -> datetime:
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
+SUFFIXES = {"full": "full", "incremental": "incr"}
+
+
 def new_backup_id(ts: datetime, kind: str) -> str:
     """Sorts by time: 20261124T030000Z-full."""
-    suffix = {"full": "full", "incremental": "incr"}[kind]
-    return ts.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ") + f"-{suffix}"
+    return ts.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ") + f"-{SUFFIXES[kind]}"
+
+
+def with_kind(backup_id: str, kind: str) -> str:
+    """The same id with the suffix of the kind the run turned out to be (escalation)."""
+    return backup_id.rsplit("-", 1)[0] + f"-{SUFFIXES[kind]}"

@@ -67,13 +67,13 @@ class Outcome:
     def subject(self) -> str:
         kind = self.manifest.kind if self.manifest is not None else self.kind
         head = f"supabackup: {kind} backup of {self.database} {self.status}"
+        if self.manifest is not None and self.manifest.escalation:
+            head += " (escalated)"  # the body says why
         if self.manifest is not None:
             text = (f"{head}: {human_bytes(self.manifest.total_bytes)} in "
                     f"{human_duration(self.duration_seconds)}")
             if self.manifest.kind == "incremental":
                 text += f", {self.manifest.tables_dumped} of {len(self.manifest.tables)} tables"
-            elif self.manifest.escalation:
-                text += " (escalated from incremental)"
         else:
             text = f"{head}: {self.scrub(error_message(self.error))}"
         text = " ".join(text.split()).encode("ascii", "replace").decode()
