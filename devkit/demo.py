@@ -1,8 +1,9 @@
 """`make demo`: the whole job on an embedded default, then a short report.
 
 A local PostgreSQL 17 with a small Supabase-shaped database, moto's S3 server on
-loopback, and the real `supabackup` command line: full backup, list, restore into a new
-database, and a comparison of the two. Nothing is left running when it ends.
+loopback, and the real `supabackup` command line: full backup, changes, incremental
+backup, list, restore of the incremental into a new database, and a comparison of the
+two. Nothing is left running when it ends.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ from .s3 import LocalS3
 
 SQL = Path(__file__).resolve().parent / "sql"
 STORE = "s3://supabackup-demo/backups"
+CHANGES = """
+    INSERT INTO public.todos (user_id, title)
+      SELECT id, 'written after the full backup' FROM auth.users ORDER BY id LIMIT 2;
+    UPDATE public.todos SET status = 'done' WHERE id = 1;
+    DELETE FROM public.posts WHERE id = (SELECT max(id) FROM public.posts);
+    REFRESH MATERIALIZED VIEW public.todo_stats;
+"""
 
 
 def supabackup(*args: str, env: dict[str, str]) -> str:
@@ -59,6 +67,14 @@ def main() -> int:
         supabackup("backup", "full", "--database-url", cluster.url("app"), "--store", STORE,
                    "--label", "demo", env=env)
         backup_s = time.monotonic() - t0
+
+        time.sleep(1)  # backup ids have one-second resolution
+        print("\nchanges: 2 todos added, 1 todo updated, 1 post deleted, a view refreshed\n")
+        cluster.execute(CHANGES, "app")
+        t0 = time.monotonic()
+        supabackup("backup", "incremental", "--database-url", cluster.url("app"),
+                   "--store", STORE, env=env)
+        incremental_s = time.monotonic() - t0
         supabackup("list", "--store", STORE, env=env)
 
         cluster.create_database("app_restored")
@@ -73,7 +89,8 @@ def main() -> int:
         mismatched = [t for t in source if restored.get(t) != source[t]]
 
     print("\nreport")
-    print(f"  backup:   {backup_s:.1f}s    restore: {restore_s:.1f}s    "
+    print(f"  full backup: {backup_s:.1f}s    incremental: {incremental_s:.1f}s    "
+          f"restore of the incremental: {restore_s:.1f}s    "
           f"total demo: {time.monotonic() - started:.1f}s")
     rows = sum(count for count, _ in source.values() if count > 0)
     print(f"  tables compared by row count and content fingerprint: {len(source)} "
