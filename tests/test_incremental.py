@@ -178,6 +178,8 @@ def test_concurrent_writers_restore_whole_transactions_and_no_orphans(
     for w in writers:
         w.start()
     try:
+        while not pg17.execute("SELECT count(*) FROM orders", chain.db)[0][0]:
+            time.sleep(0.05)  # the writers are under way before the first backup
         manifests = [run_backup(_conn(pg17, chain.db), store, _request(kind))
                      for kind in ("full", "incremental", "incremental", "incremental")]
     finally:

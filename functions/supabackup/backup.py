@@ -15,7 +15,14 @@ import logging
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from .changes import XID_SPACE, TableState, decide, scan_tables, snapshot_xmin
+from .changes import (
+    XID_SPACE,
+    BackgroundScan,
+    TableState,
+    decide,
+    scan_tables,
+    snapshot_xmin,
+)
 from .dburl import ConnectionInfo
 from .dump import DumpProcess
 from .errors import ConfigError
@@ -32,7 +39,7 @@ from .manifest import (
 from .pgtools import PgTools, find_tools
 from .profiles import Profile, resolve_profile
 from .roles import drop_reserved
-from .snapshot import SnapshotSession
+from .snapshot import SnapshotSession, connect
 from .store import BackupWriter, HashingReader, Store
 
 log = logging.getLogger(__name__)
@@ -102,21 +109,28 @@ def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Ma
         kind = "incremental" if parent is not None else "full"
         backup_id = (with_kind(request.backup_id, kind) if request.backup_id
                      else new_backup_id(session.server.snapshot_at, kind))
-        scanned = scan_tables(session.connection, profile.exclude_schemas,
-                              parent.snapshot_xmin if parent else None)
-        tables = decide(scanned, parent.table_states if parent else None, backup_id)
-        log.info("backup %s of %s: %s, server %s, pg_dump %s, snapshot %s, %d of %d tables "
-                 "to dump%s", backup_id, conn.display(), kind, session.server.version,
-                 tools.version, session.snapshot_id, sum(1 for t in tables if t.reason),
-                 len(tables), f" (escalated: {escalation})" if escalation else "")
+        if parent is not None:  # which tables to leave out must be known before pg_dump
+            scan = None
+            tables = decide(scan_tables(session.connection, profile.exclude_schemas,
+                                        parent.snapshot_xmin), parent.table_states, backup_id)
+        else:  # a full backup dumps everything: count the tables alongside pg_dump
+            scan = BackgroundScan(lambda: connect(conn), session.snapshot_id,
+                                  profile.exclude_schemas)
+            tables = []
+        unchanged = [t for t in tables if not t.reason]
+        log.info("backup %s of %s: %s, server %s, pg_dump %s, snapshot %s, %d tables "
+                 "unchanged%s", backup_id, conn.display(), kind, session.server.version,
+                 tools.version, session.snapshot_id, len(unchanged),
+                 f" (escalated: {escalation})" if escalation else "")
         writer = store.begin(database_id, backup_id)
         tags = {"retention": request.retention, "kind": kind}
-        unchanged = [t for t in tables if not t.reason]
         try:
             roles = _dump_roles(writer, tools, conn, profile, tags)
             database, warnings = _dump_database(writer, tools, conn, profile, tags,
                                                 session.snapshot_id, session.server.database_size,
                                                 unchanged)
+            if scan is not None:
+                tables = decide(scan.result(), None, backup_id)
             manifest = Manifest(
                 backup_id=backup_id, database_id=database_id, kind=kind,
                 profile=profile.name, retention=request.retention, label=request.label,

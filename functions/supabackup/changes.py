@@ -28,7 +28,8 @@ work, reset on crashes and pg_stat_reset, and miss TRUNCATE.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import psycopg2.extensions
@@ -120,6 +121,43 @@ def scan_tables(conn: psycopg2.extensions.connection, excluded_schemas: Iterable
             result.append((oid, schema, name, relfilenode, definition, counters,
                            int(rows), int(new_rows)))
         return result
+
+
+class BackgroundScan:
+    """`scan_tables` on a second connection that imports the run's snapshot.
+
+    A full backup dumps every table whatever the scan finds, so its scan (which records
+    the counts the next incremental compares with) runs alongside pg_dump rather than
+    before it. Both see the same snapshot, so the counts are those of the archive.
+    """
+
+    def __init__(self, connect: Callable[[], psycopg2.extensions.connection],
+                 snapshot_id: str, excluded_schemas: Iterable[str]) -> None:
+        self._result: list[tuple[int, str, str, int, str, int, int, int]] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        args=(connect, snapshot_id, list(excluded_schemas)))
+        self._thread.start()
+
+    def _run(self, connect: Callable[[], psycopg2.extensions.connection], snapshot_id: str,
+             excluded: list[str]) -> None:
+        try:
+            conn = connect()
+            try:
+                conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+                with conn.cursor() as cur:
+                    cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot_id,))
+                self._result = scan_tables(conn, excluded, None)
+            finally:
+                conn.close()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
+            self._error = exc
+
+    def result(self) -> list[tuple[int, str, str, int, str, int, int, int]]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def decide(scanned: list[tuple[int, str, str, int, str, int, int, int]],
