@@ -256,3 +256,18 @@ def test_decide_dumps_whatever_the_scan_cannot_vouch_for(now: tuple, reason: str
     (state,) = decide([now], {1: _state(1)}, "B1")
     assert state.reason == reason
     assert state.held_in == ("B1" if reason else "B0")
+
+
+def test_vacuum_freeze_is_no_change_and_a_rewrite_is_dumped(pg17: Cluster, new_db: Any,
+                                                            store: Store) -> None:
+    chain = Chain(pg17, new_db, store)
+    chain.sql("CREATE TABLE frozen (id int); CREATE TABLE rewritten (id int);"
+              "INSERT INTO frozen SELECT generate_series(1, 1000);"
+              "INSERT INTO rewritten SELECT generate_series(1, 1000)")
+    chain.backup("full")
+    chain.sql("VACUUM (FREEZE) frozen")
+    chain.sql("VACUUM (FULL) rewritten")
+    incremental = chain.backup()
+    assert chain.dumped(incremental) == {
+        "public.rewritten": "relfilenode changed (truncated or rewritten)"}
+    chain.assert_every_backup_restores_exactly()

@@ -85,6 +85,9 @@ MAX_CHAIN_AGE = timedelta(days=28)
 # xids are compared modulo 2^32 (see changes.py): a parent snapshot further back than this
 # cannot be compared with safely, so the run escalates.
 MAX_XID_DISTANCE = 1 << 30
+# Connections an incremental's change detection counts on, all in the run's snapshot: the
+# scan must end before pg_dump starts, and meanwhile nothing else uses the server.
+SCAN_LANES = 2
 
 
 def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Manifest:
@@ -111,8 +114,10 @@ def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Ma
                      else new_backup_id(session.server.snapshot_at, kind))
         if parent is not None:  # which tables to leave out must be known before pg_dump
             scan = None
-            tables = decide(scan_tables(session.connection, profile.exclude_schemas,
-                                        parent.snapshot_xmin), parent.table_states, backup_id)
+            scanned = scan_tables(session.connection, profile.exclude_schemas,
+                                  parent.snapshot_xmin, connect=lambda: connect(conn),
+                                  snapshot_id=session.snapshot_id, lanes=SCAN_LANES)
+            tables = decide(scanned, parent.table_states, backup_id)
         else:  # a full backup dumps everything: count the tables alongside pg_dump
             scan = BackgroundScan(lambda: connect(conn), session.snapshot_id,
                                   profile.exclude_schemas)

@@ -17,8 +17,10 @@ Why a table reported unchanged really is unchanged (the soundness argument):
     Inserts and updates write rows with new xmins; deletes lower the count; TRUNCATE and
     rewrites change the relfilenode; ALTER TABLE changes the definition: each is caught.
     Comparing with S1's xmin (not its xmax) also covers subtransactions of transactions
-    that were in progress at S1. xids are 32-bit and compared modulo 2^32: an old frozen
-    row may then look new, which only causes an unneeded dump, never a skipped one.
+    that were in progress at S1. "Newer than S1's xmin" is tested as 0 <= age(xmin) <=
+    age(S1's xmin) (see _threshold): every row written since S1 passes it; the only rows
+    that pass wrongly are old frozen rows whose raw 32-bit xmin happens to fall in that
+    window, which costs an unneeded dump, never a skipped one.
 
 Statistics counters (pg_stat_user_tables) are recorded and serve as a fast path (a table
 whose counters moved is certainly changed), but never as proof: they lag, include aborted
@@ -69,7 +71,7 @@ SELECT c.oid, n.nspname, c.relname, c.relfilenode,
            a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
            || CASE WHEN a.attgenerated <> '' THEN ' generated' ELSE '' END,
            ',' ORDER BY a.attnum), ''), 'UTF8')), 'hex'),
-       coalesce(s.n_tup_ins + s.n_tup_upd + s.n_tup_del, -1)
+       coalesce(s.n_tup_ins + s.n_tup_upd + s.n_tup_del, -1), c.relpages
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -78,7 +80,8 @@ WHERE c.relkind = 'r' AND c.relpersistence <> 't'
   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND n.nspname NOT LIKE 'pg\\_%%'
   AND NOT n.nspname LIKE ANY (%(excluded)s)
-GROUP BY c.oid, n.nspname, c.relname, c.relfilenode, s.n_tup_ins, s.n_tup_upd, s.n_tup_del
+GROUP BY c.oid, n.nspname, c.relname, c.relfilenode, c.relpages, s.n_tup_ins, s.n_tup_upd,
+         s.n_tup_del
 ORDER BY n.nspname, c.relname
 """
 
@@ -95,32 +98,119 @@ def snapshot_xmin(conn: psycopg2.extensions.connection) -> int:
         return int(cur.fetchone()[0]) % XID_SPACE
 
 
+Scanned = tuple[int, str, str, int, str, int, int, int]
+
+
 def scan_tables(conn: psycopg2.extensions.connection, excluded_schemas: Iterable[str],
-                since_xmin: int | None) -> list[tuple[int, str, str, int, str, int, int, int]]:
+                since_xmin: int | None,
+                connect: Callable[[], psycopg2.extensions.connection] | None = None,
+                snapshot_id: str | None = None, lanes: int = 1) -> list[Scanned]:
     """Inventory every table in the current snapshot, with its exact count and new rows.
 
     Returns (oid, schema, name, relfilenode, definition, counters, rows, new_rows);
-    new_rows is -1 when there is no previous snapshot to compare with.
+    new_rows is -1 when there is no previous snapshot to compare with. With lanes > 1
+    (and connect, snapshot_id), the counting is shared with lanes - 1 more connections
+    that import the same snapshot, the largest tables first.
     """
     with conn.cursor() as cur:
         cur.execute(INVENTORY, {"excluded": [_like(p) for p in excluded_schemas] or [""]})
         tables = cur.fetchall()
-        result = []
-        for oid, schema, name, relfilenode, definition, counters in tables:
-            table = sql.Identifier(schema, name)
-            if since_xmin is None:
-                cur.execute(sql.SQL("SELECT count(*), -1 FROM {}").format(table))
-            else:
-                # xmin at or after S1's xmin, modulo 2^32 (see the module's docstring).
-                cur.execute(sql.SQL(
-                    "SELECT count(*), count(*) FILTER (WHERE "
-                    "(xmin::text::bigint - %(since)s + %(space)s) %% %(space)s < %(half)s)"
-                    " FROM {}").format(table),
-                    {"since": since_xmin, "space": XID_SPACE, "half": XID_HALF})
-            rows, new_rows = cur.fetchone()
-            result.append((oid, schema, name, relfilenode, definition, counters,
-                           int(rows), int(new_rows)))
-        return result
+    if connect is None or snapshot_id is None:
+        lanes = 1
+    shares: list[list[tuple]] = [[] for _ in range(max(1, lanes))]
+    pages = [0] * len(shares)
+    for t in sorted(tables, key=lambda t: -t[6]):  # relpages: biggest first, to the emptiest
+        lane = pages.index(min(pages))
+        shares[lane].append(t)
+        pages[lane] += max(1, t[6])
+    counted: dict[int, Scanned] = {}
+    errors: list[BaseException] = []
+    threads = [threading.Thread(target=_lane, daemon=True,
+                                args=(connect, snapshot_id, share, since_xmin, counted, errors))
+               for share in shares[1:]]
+    for thread in threads:
+        thread.start()
+    try:
+        with conn.cursor() as cur:
+            counted.update(_count(cur, shares[0], since_xmin))
+    finally:
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+    return [counted[t[0]] for t in tables]
+
+
+def in_snapshot(connect: Callable[[], psycopg2.extensions.connection], snapshot_id: str,
+                work: Callable[[psycopg2.extensions.cursor], None]) -> None:
+    """Run `work` on a new connection whose transaction imports the run's snapshot."""
+    conn = connect()
+    try:
+        conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        with conn.cursor() as cur:
+            cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot_id,))
+            work(cur)
+    finally:
+        conn.close()
+
+
+def _lane(connect: Callable[[], psycopg2.extensions.connection] | None, snapshot_id: str | None,
+          tables: list[tuple], since_xmin: int | None, counted: dict[int, Scanned],
+          errors: list[BaseException]) -> None:
+    try:
+        assert connect is not None and snapshot_id is not None
+        in_snapshot(connect, snapshot_id,
+                    lambda cur: counted.update(_count(cur, tables, since_xmin)))
+    except BaseException as exc:  # noqa: BLE001 - raised by scan_tables in the caller
+        errors.append(exc)
+
+
+def _count(cur: psycopg2.extensions.cursor, tables: list[tuple],
+           since_xmin: int | None) -> dict[int, Scanned]:
+    """Exact count and new rows of each table, in the cursor's transaction."""
+    threshold = None if since_xmin is None else _threshold(cur, since_xmin)
+    result = {}
+    for oid, schema, name, relfilenode, definition, counters, _pages in tables:
+        table = sql.Identifier(schema, name)
+        if since_xmin is None:
+            cur.execute(sql.SQL("SELECT count(*), -1 FROM {}").format(table))
+        elif threshold is not None:
+            # 0 <= age(xmin) <= age(S1's xmin): written at or after S1's xmin (_threshold).
+            cur.execute(sql.SQL("SELECT count(*), count(*) FILTER (WHERE age(xmin) BETWEEN 0 "
+                                "AND %(threshold)s) FROM {}").format(table),
+                        {"threshold": threshold})
+        else:
+            # xmin at or after S1's xmin, modulo 2^32 (see the module's docstring).
+            cur.execute(sql.SQL(
+                "SELECT count(*), count(*) FILTER (WHERE "
+                "(xmin::text::bigint - %(since)s + %(space)s) %% %(space)s < %(half)s)"
+                " FROM {}").format(table),
+                {"since": since_xmin, "space": XID_SPACE, "half": XID_HALF})
+        rows, new_rows = cur.fetchone()
+        result[oid] = (oid, schema, name, relfilenode, definition, counters,
+                       int(rows), int(new_rows))
+    return result
+
+
+def _threshold(cur: psycopg2.extensions.cursor, since_xmin: int) -> int | None:
+    """age() of S1's xmin in this transaction, or None if it cannot be compared with.
+
+    age(x) is (int32)(R - x), with R an xid fixed for the whole transaction (its own, or
+    the next xid when it first asks) and INT_MAX for permanent xids. R is newer than every
+    xid visible in the snapshot, and K = R - S1's xmin is in [0, 2^31). A visible row
+    written at or after S1's xmin therefore has 1 <= R - xmin <= K: its age is in [0, K]
+    and it is counted. A row whose age falls outside is older than S1's xmin, or is a
+    frozen row whose raw xmin lies 2^31 or more behind R, which an unfrozen row cannot.
+    So no new row is missed, and an old frozen row is counted as new only when its raw
+    xmin falls, modulo 2^32, within the K xids since S1. (The modular test "(xmin - S1)
+    mod 2^32 < 2^31" counts every row 2^31 to 2^32 xids old as new. A busy database
+    passes 2^31 xids within months, and then every table with rows that old is dumped in
+    every incremental.) It is also one conversion per transaction instead of
+    xid -> text -> bigint on every row.
+    """
+    cur.execute("SELECT age(%s::text::xid)", (str(since_xmin),))
+    k = int(cur.fetchone()[0])
+    return k if 0 <= k < XID_HALF else None
 
 
 class BackgroundScan:
@@ -142,14 +232,9 @@ class BackgroundScan:
     def _run(self, connect: Callable[[], psycopg2.extensions.connection], snapshot_id: str,
              excluded: list[str]) -> None:
         try:
-            conn = connect()
-            try:
-                conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
-                with conn.cursor() as cur:
-                    cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot_id,))
-                self._result = scan_tables(conn, excluded, None)
-            finally:
-                conn.close()
+            def work(cur: psycopg2.extensions.cursor) -> None:
+                self._result = scan_tables(cur.connection, excluded, None)
+            in_snapshot(connect, snapshot_id, work)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
             self._error = exc
 
