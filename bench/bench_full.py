@@ -841,8 +841,8 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def prepare() -> int | None:
+    """Stop cleanly on Ctrl-C and SIGTERM; check what every bench needs (exit code if not)."""
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     if not os.access(GNU_TIME, os.X_OK):
@@ -851,6 +851,14 @@ def main(argv: list[str] | None = None) -> int:
     if not SUPABACKUP.exists():
         print(f"bench: {SUPABACKUP} not found; run `make setup`", file=sys.stderr)
         return 2
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    failed = prepare()
+    if failed is not None:
+        return failed
     started = time.monotonic()
     results: list[dict[str, Any]] = []
     fixed: dict[str, float] | None = None

@@ -53,6 +53,7 @@ from bench_full import (  # noqa: E402 - the full benchmark's helpers, unchanged
     BUCKET,
     CLUSTER_SETTINGS,
     GNU_TIME,
+    INTERRUPTED,
     MIB,
     POLL_SECONDS,
     PY_NAMES,
@@ -65,6 +66,7 @@ from bench_full import (  # noqa: E402 - the full benchmark's helpers, unchanged
     _parallel,
     _pg_dump_for,
     _proc_status,
+    prepare,
     process_cpu,
     settle,
     verdict,
@@ -698,25 +700,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-INTERRUPTED = threading.Event()
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    """Ctrl-C or SIGTERM: stop at once; the ExitStack in main() removes everything."""
-    INTERRUPTED.set()
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
-    if not os.access(GNU_TIME, os.X_OK):
-        print(f"bench: {GNU_TIME} not found; install it: apt-get install time", file=sys.stderr)
-        return 2
-    if not SUPABACKUP.exists():
-        print(f"bench: {SUPABACKUP} not found; run `make setup`", file=sys.stderr)
-        return 2
+    failed = prepare()
+    if failed is not None:
+        return failed
     started = time.monotonic()
     layout = Layout.plan(args.size_gb, args.tables, args.changed_pct, args.changed_share)
     dbname = "bench_incr"
