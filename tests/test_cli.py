@@ -115,3 +115,22 @@ def test_incremental_from_the_command_line_chains_to_the_full(
     listed = json.loads(run(local_s3, "list", "--store", store, "--json").stdout)
     assert [b["kind"] for b in listed] == ["full", "incremental"]
     assert listed[1]["parent"] == listed[0]["backup_id"]
+
+
+def test_verify_exits_0_when_whole_and_1_naming_the_damaged_object(
+        pg15: Cluster, new_db: Any, local_s3: LocalS3, bucket: str) -> None:
+    db = new_db(pg15)
+    pg15.execute("CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 100)", db)
+    store = f"s3://{bucket}/verify"
+    backup = run(local_s3, "backup", "full", "--database-url", pg15.url(db), "--store", store)
+    backup_id = backup.stdout.split(":")[0]
+    good = run(local_s3, "verify", "--store", store)
+    assert good.returncode == 0, good.stderr
+    assert "verified 1 backup(s)" in good.stdout and "0 problem(s)" in good.stdout
+    key = next(k["Key"] for k in local_s3.client().list_objects_v2(Bucket=bucket)["Contents"]
+               if k["Key"].endswith("roles.sql"))
+    local_s3.client().put_object(Bucket=bucket, Key=key, Body=b"-- tampered\n")
+    bad = run(local_s3, "verify", "--store", store, "--backup", backup_id)
+    assert bad.returncode == 1
+    assert f"PROBLEM {backup_id}/roles.sql: size 12 bytes" in bad.stdout
+    assert bad.stderr.startswith("supabackup: error: 1 problem(s) in the backups of ")

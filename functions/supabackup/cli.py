@@ -18,13 +18,14 @@ from . import __version__
 from .backup import KINDS, BackupRequest
 from .catalog import resolve_database_id, select_backup
 from .dburl import ConnectionInfo
-from .errors import ConfigError, SupabackupError
+from .errors import ConfigError, SupabackupError, VerifyFailed
 from .manifest import RETENTION_CLASSES
 from .notify import Notifier, human_bytes, human_duration
 from .profiles import NAMES as PROFILE_NAMES
 from .restore import run_restore
 from .run import backup_and_report
 from .store import Store, StoreURL
+from .verify import verify_database
 
 EXIT_BUG = 70
 
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     store_flag(restore)
     restore.add_argument("--target-url", required=True, help="the empty database to restore into")
     restore.add_argument("--at", default="latest", help="latest, a BACKUP_ID, or an ISO time")
+    verify = sub.add_parser("verify", help="re-read backups and prove they are whole")
+    store_flag(verify)
+    verify.add_argument("--backup", help="one BACKUP_ID and the chain it relies on "
+                        "(default: every backup)")
     return parser
 
 
@@ -117,7 +122,23 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"backup": cmd_backup, "list": cmd_list, "restore": cmd_restore}
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = Store(StoreURL.parse(require(args.store, "--store", "SUPABACKUP_STORE")))
+    database_id = resolve_database_id(store, args.database_id)
+    report = verify_database(store, database_id, args.backup)
+    for finding in report.findings:
+        print(f"PROBLEM {finding}")
+    print(f"verified {len(report.verified)} backup(s) of {database_id}: "
+          f"{human_bytes(report.bytes_read)} read, {len(report.findings)} problem(s)")
+    if not report.ok:
+        raise VerifyFailed(f"{len(report.findings)} problem(s) in the backups of {database_id}, "
+                           f"first: {report.findings[0]}",
+                           "restore from a backup that verifies; see the PROBLEM lines")
+    return 0
+
+
+COMMANDS = {"backup": cmd_backup, "list": cmd_list, "restore": cmd_restore,
+            "verify": cmd_verify}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

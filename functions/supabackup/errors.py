@@ -50,3 +50,7 @@ class BackupNotFound(StoreError):
 
 class RestoreFailed(SupabackupError):
     """A restore did not complete; the target was left as the error describes."""
+
+
+class VerifyFailed(SupabackupError):
+    """Verify found a backup that would not restore as recorded."""

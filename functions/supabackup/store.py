@@ -163,16 +163,27 @@ class Store:
 
     def manifests(self, database_id: str) -> list[Manifest]:
         """Every committed backup of a database, oldest first. Only manifests count."""
+        return [self.read_manifest_key(k) for k in self.manifest_keys(database_id)]
+
+    def manifest_keys(self, database_id: str) -> list[str]:
+        """The keys of every manifest of a database, oldest first."""
         prefix = self.key(database_id, "backups") + "/"
+        return sorted(k for k in self._list(prefix) if k.endswith("/" + MANIFEST))
+
+    def object_names(self, database_id: str, backup_id: str) -> set[str]:
+        """The names of the objects stored in one backup's folder."""
+        prefix = self.backup_key(database_id, backup_id) + "/"
+        return {k[len(prefix):] for k in self._list(prefix)}
+
+    def _list(self, prefix: str) -> list[str]:
         keys = []
         paginator = self.s3.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.url.bucket, Prefix=prefix):
-                keys += [o["Key"] for o in page.get("Contents", [])
-                         if o["Key"].endswith("/" + MANIFEST)]
+                keys += [o["Key"] for o in page.get("Contents", [])]
         except (ClientError, BotoCoreError) as exc:
             raise store_error(exc, str(self.url)) from None
-        return [self.read_manifest_key(k) for k in sorted(keys)]
+        return keys
 
     def read_manifest_key(self, key: str) -> Manifest:
         try:

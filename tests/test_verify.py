@@ -1,0 +1,105 @@
+"""Verify: each way a backup can be damaged is caught and named, as pg_verifybackup's tests do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from supabackup.backup import BackupRequest, run_backup
+from supabackup.dburl import ConnectionInfo
+from supabackup.manifest import Manifest, new_backup_id
+from supabackup.store import Store
+from supabackup.verify import verify_database
+
+from devkit.pg import Cluster
+
+from .conftest import BUCKET, SQL
+
+
+@pytest.fixture
+def chain(pg17: Cluster, new_db: Any, store: Store) -> tuple[Manifest, Manifest]:
+    """A full backup of all_kinds.sql and an incremental on top of it."""
+    from datetime import UTC, datetime, timedelta
+    db = new_db(pg17)
+    pg17.psql_file(SQL / "all_kinds.sql", db)
+    conn = ConnectionInfo.from_url(pg17.url(db))
+    start = datetime(2026, 11, 22, 3, tzinfo=UTC)
+    full = run_backup(conn, store, BackupRequest(backup_id=new_backup_id(start, "full")))
+    pg17.execute("CREATE TABLE added_later (id int); INSERT INTO added_later VALUES (1)", db)
+    incr = run_backup(conn, store, BackupRequest(
+        kind="incremental", backup_id=new_backup_id(start + timedelta(days=1), "incremental")))
+    assert incr.kind == "incremental"
+    return full, incr
+
+
+def _key(store: Store, manifest: Manifest, name: str) -> str:
+    return store.backup_key(manifest.database_id, manifest.backup_id, name)
+
+
+def _problems(store: Store, manifest: Manifest, backup_id: str | None = None) -> list[str]:
+    return [str(f) for f in verify_database(store, manifest.database_id, backup_id).findings]
+
+
+def test_intact_backups_verify_and_every_byte_is_read(chain: Any, store: Store) -> None:
+    full, incr = chain
+    report = verify_database(store, full.database_id)
+    assert report.ok, report.findings
+    assert report.verified == [full.backup_id, incr.backup_id]
+    assert report.bytes_read == full.total_bytes + incr.total_bytes
+
+
+def _rewrite(s3: Any, key: str, change: Any) -> None:
+    data = bytearray(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    s3.put_object(Bucket=BUCKET, Key=key, Body=bytes(change(data)))
+
+
+def test_a_missing_object_is_named(chain: Any, store: Store, s3: Any) -> None:
+    full, _ = chain
+    s3.delete_object(Bucket=BUCKET, Key=_key(store, full, "roles.sql"))
+    assert _problems(store, full) == [f"{full.backup_id}/roles.sql: missing"]
+
+
+def test_an_extra_object_is_named(chain: Any, store: Store, s3: Any) -> None:
+    _, incr = chain
+    s3.put_object(Bucket=BUCKET, Key=_key(store, incr, "stray.bin"), Body=b"x")
+    assert _problems(store, incr) == [
+        f"{incr.backup_id}/stray.bin: extra object, not in the manifest"]
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda d: d[:-4096], "size"),
+    (lambda d: d + b"appended", "size"),
+    (lambda d: d[:len(d) // 2] + bytes([d[len(d) // 2] ^ 0x01]) + d[len(d) // 2 + 1:],
+     "sha256 does not match the manifest (same size: the content was altered)"),
+])
+def test_a_damaged_archive_is_named(chain: Any, store: Store, s3: Any, damage: Any,
+                                    expected: str) -> None:
+    full, _ = chain
+    _rewrite(s3, _key(store, full, "database.dump"), damage)
+    problems = _problems(store, full)
+    assert problems and all(p.startswith(f"{full.backup_id}/database.dump: ") for p in problems)
+    assert expected in problems[0]
+
+
+def test_a_truncated_archive_fails_the_read_through_too(chain: Any, store: Store,
+                                                       s3: Any) -> None:
+    full, _ = chain
+    _rewrite(s3, _key(store, full, "database.dump"), lambda d: d[: len(d) * 3 // 4])
+    problems = _problems(store, full)
+    assert any("pg_restore cannot read it through" in p for p in problems), problems
+
+
+def test_a_damaged_manifest_is_named(chain: Any, store: Store, s3: Any) -> None:
+    full, incr = chain
+    _rewrite(s3, _key(store, full, "manifest.json"), lambda d: d[: len(d) // 2])
+    problems = _problems(store, full)
+    assert problems[0].startswith(f"{full.backup_id}/manifest.json: ")
+    assert "damaged" in problems[0]
+    assert f"{incr.backup_id}/chain: its base {full.backup_id} is missing" in problems
+
+
+def test_the_missing_base_of_a_chain_is_named(chain: Any, store: Store, s3: Any) -> None:
+    full, incr = chain
+    s3.delete_object(Bucket=BUCKET, Key=_key(store, full, "manifest.json"))
+    assert _problems(store, incr, incr.backup_id) == [
+        f"{incr.backup_id}/chain: its base {full.backup_id} is missing"]
