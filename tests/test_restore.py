@@ -157,3 +157,27 @@ def test_script_filter_adapts_statements_and_never_touches_copy_data() -> None:
         b"SELECT 1;\n",
     ])
     assert out_17.getvalue() == b"SET transaction_timeout = 0;\n" + out_15.getvalue()
+
+
+def test_dry_run_names_every_archive_a_chain_restore_reads_and_touches_nothing(
+        pg15: Cluster, new_db: Any, store: Store) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from supabackup.backup import run_backup
+    from supabackup.manifest import new_backup_id
+    from supabackup.restore import describe_plan
+    db = new_db(pg15)
+    pg15.execute("CREATE TABLE kept (id int); CREATE TABLE moved (id int);"
+                 "INSERT INTO kept VALUES (1); INSERT INTO moved VALUES (1)", db)
+    start = datetime(2026, 11, 22, 3, tzinfo=UTC)
+    full = run_backup(_conn(pg15, db), store,
+                      BackupRequest(backup_id=new_backup_id(start, "full")))
+    pg15.execute("INSERT INTO moved VALUES (2)", db)
+    incr = run_backup(_conn(pg15, db), store, BackupRequest(
+        kind="incremental", backup_id=new_backup_id(start + timedelta(days=1), "incremental")))
+    lines = describe_plan(store, incr)
+    assert lines[0].startswith(f"restore of {incr.backup_id} (incremental")
+    assert any(line.startswith(f"  {full.backup_id}/database.dump ") and
+               line.endswith("data of 1 table(s): public.kept") for line in lines)
+    assert [line.split()[-1] for line in lines if line.startswith(f"  {incr.backup_id}/database")] \
+        == ["pre-data", "data", "post-data"]

@@ -22,7 +22,7 @@ from .errors import ConfigError, SupabackupError, VerifyFailed
 from .manifest import RETENTION_CLASSES
 from .notify import Notifier, human_bytes, human_duration
 from .profiles import NAMES as PROFILE_NAMES
-from .restore import run_restore
+from .restore import describe_plan, run_restore
 from .run import backup_and_report
 from .store import Store, StoreURL
 from .verify import verify_database
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     store_flag(restore)
     restore.add_argument("--target-url", required=True, help="the empty database to restore into")
     restore.add_argument("--at", default="latest", help="latest, a BACKUP_ID, or an ISO time")
+    restore.add_argument("--dry-run", action="store_true",
+                         help="print which archives would be read, and how much, then stop")
     verify = sub.add_parser("verify", help="re-read backups and prove they are whole")
     store_flag(verify)
     verify.add_argument("--backup", help="one BACKUP_ID and the chain it relies on "
@@ -116,6 +118,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
     store = Store(StoreURL.parse(require(args.store, "--store", "SUPABACKUP_STORE")))
     target = ConnectionInfo.from_url(args.target_url)
     manifest = select_backup(store, resolve_database_id(store, args.database_id), args.at)
+    if args.dry_run:
+        for line in describe_plan(store, manifest):
+            print(line)
+        return 0
     report = run_restore(store, manifest, target)
     for line in report.lines():
         print(line)

@@ -207,6 +207,26 @@ def restore_plan(store: Store, manifest: Manifest, workdir: Path) -> list[Part]:
     return parts
 
 
+def describe_plan(store: Store, manifest: Manifest) -> list[str]:
+    """What a restore of `manifest` would read, in order, without touching any database."""
+    lines = [f"restore of {manifest.backup_id} ({manifest.kind}, snapshot at "
+             f"{manifest.snapshot_at}):"]
+    roles = manifest.object("roles")
+    lines.append(f"  roles      {manifest.backup_id}/{roles.name}  {roles.size} bytes")
+    with tempfile.TemporaryDirectory(prefix="supabackup-") as workdir:
+        for part in restore_plan(store, manifest, Path(workdir)):
+            obj = part.manifest.object("database")
+            sections = [a.split("=", 1)[1] for a in part.args if a.startswith("--section=")]
+            what = " ".join(sections) or "everything"
+            if part.manifest.backup_id != manifest.backup_id:
+                tables = sorted(f"{t['schema']}.{t['name']}" for t in manifest.tables
+                                if t["held_in"] == part.manifest.backup_id)
+                what = f"data of {len(tables)} table(s): {', '.join(tables[:8])}" + (
+                    ", ..." if len(tables) > 8 else "")
+            lines.append(f"  {part.manifest.backup_id}/{obj.name}  {obj.size} bytes  {what}")
+    return lines
+
+
 def _toc(store: Store, manifest: Manifest) -> list[str]:
     """pg_restore --list of an archive, read from S3 (only its head is needed)."""
     tools = find_tools(int(manifest.pg_dump_version.split(".")[0]), purpose="restore")
