@@ -79,9 +79,12 @@ def test_scheduled_event_takes_a_weekly_full_backup(deployed: dict[str, Any], s3
     keys = stored_keys(s3)
     assert any(k.endswith(f"{result['backup_id']}/manifest.json") for k in keys)
     tags = s3.get_object_tagging(Bucket=BUCKET, Key=next(k for k in keys if k.endswith(".dump")))
-    assert {"Key": "retention", "Value": "weekly"} in tags["TagSet"]
+    # taken as weekly; the retention pass promoted it, the month's first full, to monthly
+    assert {"Key": "retention", "Value": "monthly"} in tags["TagSet"]
     (msg,) = inbox.messages()
     assert msg["MessageAttributes"]["status"]["Value"] == "succeeded"
+    # the first full of the month is promoted by the retention pass that follows it
+    assert msg["Message"]["retention_changes"] == [f"{result['backup_id']}: weekly -> monthly"]
     out = capfd.readouterr().out
     metrics = _emf(out)
     out += log_buffer.getvalue()
@@ -98,6 +101,7 @@ def test_manual_event_carries_its_label_and_retention(deployed: dict[str, Any],
     assert (result["label"], result["retention"]) == ("before migration 42", "pinned")
     (msg,) = inbox.messages()
     assert msg["Message"]["backup"]["label"] == "before migration 42"
+    assert msg["Message"]["retention_changes"] == []  # pinned stays pinned
 
 
 @pytest.mark.parametrize("event, match", [

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -58,6 +58,7 @@ class Outcome:
     manifest: Manifest | None = None
     error: BaseException | None = None
     scrub: Callable[[str], str] = str  # removes secrets from error text
+    retention: list[str] = field(default_factory=list)  # what the retention pass re-tagged
 
 
     @property
@@ -86,6 +87,7 @@ class Outcome:
                                 "duration_seconds": round(self.duration_seconds, 1)}
         if self.manifest is not None:
             body["backup"] = self.manifest.summary()
+            body["retention_changes"] = self.retention
         else:
             body["error"] = self.scrub(error_message(self.error))
             body["error_type"] = type(self.error).__name__

@@ -1,0 +1,111 @@
+"""Retention as a pure function, simulated over months of schedules and lifecycle runs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from supabackup.retention import DEFAULT_DAYS, Entry, apply_retention, plan_retention
+
+START = datetime(2026, 1, 4, 3, tzinfo=UTC)  # a Sunday
+
+
+def _simulate(days: int, skip: set[int] = frozenset()) -> tuple[list[dict[str, Any]], dict]:  # type: ignore[assignment]
+    """Run the schedule (full on Sundays, incrementals otherwise) with lifecycle each day.
+
+    Returns, for each day, the retained catalog, and the classes last planned.
+    """
+    kept: dict[str, Entry] = {}
+    classes: dict[str, str] = {}
+    history = []
+    base = None
+    for day in range(days):
+        now = START + timedelta(days=day)
+        if day not in skip:
+            if now.weekday() == 6 or base is None or base not in kept:
+                entry = Entry(f"{now:%Y%m%dT%H%M%SZ}-full", "full", "weekly", now, frozenset())
+                base = entry.backup_id
+            else:
+                entry = Entry(f"{now:%Y%m%dT%H%M%SZ}-incr", "incremental", "daily", now,
+                              frozenset({base}))
+            kept[entry.backup_id] = entry
+            classes = plan_retention(list(kept.values()))  # the pass after each backup
+        # S3 lifecycle: objects older than their tag's days go
+        for backup_id, entry in list(kept.items()):
+            cls = classes.get(backup_id, entry.retention)
+            if cls != "pinned" and now - entry.taken_at > timedelta(days=DEFAULT_DAYS[cls]):
+                del kept[backup_id]
+        history.append({"now": now, "kept": dict(kept), "classes": dict(classes)})
+    return history, classes
+
+
+def test_over_120_days_no_chain_breaks_and_monthly_fulls_stay() -> None:
+    history, _ = _simulate(120)
+    for day in history:
+        for entry in day["kept"].values():
+            missing = entry.depends_on - day["kept"].keys()
+            assert not missing, f"{day['now']:%F}: {entry.backup_id} lost {missing}"
+    last = history[-1]
+    fulls = sorted(b for b, e in last["kept"].items() if e.kind == "full")
+    monthly = [b for b in fulls if last["classes"][b] == "monthly"]
+    assert [b[:6] for b in monthly] == ["202601", "202602", "202603", "202604", "202605"]
+    weekly_like = [b for b in fulls if last["classes"][b] in ("weekly", "pinned", "monthly")]
+    assert len(weekly_like) >= 4
+    # daily incrementals do not pile up: at most two weeks of them, plus the week still open
+    incrementals = [b for b, e in last["kept"].items() if e.kind == "incremental"]
+    assert len(incrementals) <= 14 + 6
+
+
+def test_four_weekly_fulls_survive_when_backups_stop() -> None:
+    # Backups stop after day 60 for 70 days: lifecycle must not take the last four fulls.
+    history, classes = _simulate(130, skip=set(range(60, 130)))
+    last = history[-1]
+    fulls = [b for b, e in last["kept"].items() if e.kind == "full"]
+    assert len(fulls) >= 4
+    assert all(classes[b] in ("pinned", "monthly") for b in fulls)
+
+
+def test_a_pinned_incremental_holds_its_base_forever() -> None:
+    full = Entry("20260104T030000Z-full", "full", "weekly", START, frozenset())
+    incr = Entry("20260105T030000Z-incr", "incremental", "pinned",
+                 START + timedelta(days=1), frozenset({full.backup_id}))
+    later = [Entry(f"2026{m:02d}01T030000Z-full", "full", "weekly",
+                   datetime(2026, m, 1, 3, tzinfo=UTC), frozenset()) for m in range(2, 8)]
+    plan = plan_retention([full, incr, *later])
+    assert plan[full.backup_id] == "pinned" and plan[incr.backup_id] == "pinned"
+
+
+def test_a_base_returns_to_its_class_once_no_dependent_needs_it() -> None:
+    full = Entry("20260104T030000Z-full", "full", "weekly", START, frozenset())
+    other = Entry("20260111T030000Z-full", "full", "weekly", START + timedelta(days=7),
+                  frozenset())
+    assert plan_retention([full, other]) == {full.backup_id: "monthly",
+                                             other.backup_id: "weekly"}
+
+
+def test_apply_retention_retags_every_object_and_reports_changes(
+        pg15: Any, new_db: Any, store: Any, s3: Any) -> None:
+    from supabackup.backup import BackupRequest, run_backup
+    from supabackup.dburl import ConnectionInfo
+    from supabackup.manifest import new_backup_id
+    db = new_db(pg15)
+    pg15.execute("CREATE TABLE t (id int)", db)
+    conn = ConnectionInfo.from_url(pg15.url(db))
+    at = datetime(2026, 11, 22, 3, tzinfo=UTC)
+    full = run_backup(conn, store, BackupRequest(retention="weekly",
+                                                 backup_id=new_backup_id(at, "full")))
+    changes = apply_retention(store, full.database_id, store.manifests(full.database_id))
+    assert [str(c) for c in changes] == [f"{full.backup_id}: weekly -> monthly"]
+    for name in ("roles.sql", "database.dump", "manifest.json"):
+        tags = s3.get_object_tagging(Bucket=store.url.bucket,
+                                     Key=store.backup_key(full.database_id, full.backup_id,
+                                                          name))["TagSet"]
+        assert {"Key": "retention", "Value": "monthly"} in tags
+    assert apply_retention(store, full.database_id, store.manifests(full.database_id)) == []
+
+
+@pytest.mark.parametrize("days", [1, 45, 400])
+def test_nothing_is_ever_deleted_by_the_plan(days: int) -> None:
+    history, classes = _simulate(days)
+    assert set(classes) >= set(history[-1]["kept"])
