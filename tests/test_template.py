@@ -183,13 +183,27 @@ def test_globals_and_parameters(sam: dict[str, Any]) -> None:
 # ------------------------------------------------------------------ schedule and events
 
 
-def test_the_schedule_runs_the_weekly_full_backup(cfn: dict[str, Any]) -> None:
-    _, schedule = one(cfn, "AWS::Scheduler::Schedule")
-    props = schedule["Properties"]
-    assert default(cfn, props["ScheduleExpression"]) == "cron(0 3 ? * SUN *)"
+def schedules(cfn: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The scheduler's schedules, by the kind of backup their input asks for."""
+    found = {}
+    for resource in cfn["Resources"].values():
+        if resource["Type"] == "AWS::Scheduler::Schedule":
+            sent = json.loads(resource["Properties"]["Target"]["Input"])
+            found[sent["kind"]] = resource["Properties"]
+    return found
+
+
+@pytest.mark.parametrize("kind, cron, state", [
+    ("full", "cron(0 3 ? * SUN *)", "ScheduleState"),
+    ("incremental", "cron(0 3 ? * MON-SAT *)", "IncrementalScheduleState"),
+])
+def test_the_schedules_run_weekly_fulls_and_daily_incrementals(
+        cfn: dict[str, Any], kind: str, cron: str, state: str) -> None:
+    props = schedules(cfn)[kind]
+    assert default(cfn, props["ScheduleExpression"]) == cron
     assert props["ScheduleExpressionTimezone"] == {"Ref": "ScheduleTimezone"}
     assert default(cfn, props["ScheduleExpressionTimezone"]) == "UTC"
-    assert props["State"] == {"Ref": "ScheduleState"}
+    assert props["State"] == {"Ref": state}
     assert default(cfn, props["State"]) == "ENABLED"
     assert "Name" not in props  # CloudFormation names it: two stacks must not clash
     target = props["Target"]
@@ -206,12 +220,16 @@ def test_the_schedule_runs_the_weekly_full_backup(cfn: dict[str, Any]) -> None:
             assert statement["Resource"] != "*"
 
 
-def test_the_schedule_sends_the_sample_scheduled_event(cfn: dict[str, Any]) -> None:
-    _, schedule = one(cfn, "AWS::Scheduler::Schedule")
-    sent = json.loads(schedule["Properties"]["Target"]["Input"])
-    assert sent == json.loads((EVENTS / "backup-full-scheduled.json").read_text())
+@pytest.mark.parametrize("kind, sample, retention", [
+    ("full", "backup-full-scheduled.json", "weekly"),
+    ("incremental", "backup-incremental-scheduled.json", "daily"),
+])
+def test_the_schedules_send_the_sample_scheduled_events(cfn: dict[str, Any], kind: str,
+                                                        sample: str, retention: str) -> None:
+    sent = json.loads(schedules(cfn)[kind]["Target"]["Input"])
+    assert sent == json.loads((EVENTS / sample).read_text())
     request = parse_backup_event(sent)
-    assert (request.kind, request.trigger, request.retention) == ("full", "schedule", "weekly")
+    assert (request.kind, request.trigger, request.retention) == (kind, "schedule", retention)
 
 
 def test_the_sample_events_are_valid_requests() -> None:
