@@ -841,6 +841,18 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def failed(exc: BaseException) -> int:
+    """Say how a bench ended early (everything was cleaned up by then); the exit status."""
+    # A Ctrl-C also reaches the measured command, which may fail before we see it.
+    if isinstance(exc, KeyboardInterrupt) or INTERRUPTED.is_set():
+        print("\nbench: interrupted; cluster, S3 server and temporary files removed",
+              file=sys.stderr)
+        return 130
+    print(f"\nbench: error: {exc}\n(cluster, S3 server and temporary files removed)",
+          file=sys.stderr)
+    return 1
+
+
 def prepare() -> int | None:
     """Stop cleanly on Ctrl-C and SIGTERM; check what every bench needs (exit code if not)."""
     signal.signal(signal.SIGTERM, _interrupt)
@@ -893,14 +905,7 @@ def main(argv: list[str] | None = None) -> int:
             if left:
                 print(f"bench: warning: {left} bytes were left in the bucket after the runs")
     except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - report, clean up, exit
-        # A Ctrl-C also reaches the measured command, which may fail before we see it.
-        if isinstance(exc, KeyboardInterrupt) or INTERRUPTED.is_set():
-            print("\nbench: interrupted; cluster, S3 server and temporary files removed",
-                  file=sys.stderr)
-            return 130
-        print(f"\nbench: error: {exc}\n(cluster, S3 server and temporary files removed)",
-              file=sys.stderr)
-        return 1
+        return failed(exc)
     out = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "git": _git_rev(), "host": {"cpus": os.cpu_count(), "python": platform.python_version(),

@@ -53,7 +53,6 @@ from bench_full import (  # noqa: E402 - the full benchmark's helpers, unchanged
     BUCKET,
     CLUSTER_SETTINGS,
     GNU_TIME,
-    INTERRUPTED,
     MIB,
     POLL_SECONDS,
     PY_NAMES,
@@ -737,13 +736,7 @@ def main(argv: list[str] | None = None) -> int:
             if left:
                 print(f"bench: warning: {left} bytes were left in the bucket after the runs")
     except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - report, clean up, exit
-        if isinstance(exc, KeyboardInterrupt) or INTERRUPTED.is_set():
-            print("\nbench: interrupted; cluster, S3 server and temporary files removed",
-                  file=sys.stderr)
-            return 130
-        print(f"\nbench: error: {exc}\n(cluster, S3 server and temporary files removed)",
-              file=sys.stderr)
-        return 1
+        return failed(exc)
     out = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "git": _git_rev(), "engine_modified": _engine_modified(),
