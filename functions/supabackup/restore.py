@@ -237,12 +237,8 @@ def _toc(store: Store, manifest: Manifest) -> list[str]:
                               daemon=True)
     reader.start()
     assert proc.stdin is not None
-    try:
-        for chunk in store.open_object(manifest, manifest.object("database").name):
-            proc.stdin.write(chunk)
-    except BrokenPipeError:
-        pass  # it has read the table of contents and stopped
-    _close(proc.stdin)
+    # It reads the table of contents and stops: no need to fetch the rest.
+    store.stream_to(manifest, manifest.object("database").name, proc.stdin, read_all=False)
     proc.wait()
     reader.join()
     return [line for line in b"".join(out).decode().splitlines()
@@ -282,17 +278,9 @@ def _restore_part(store: Store, part: Part, tools: PgTools, env: dict[str, str],
     pump = threading.Thread(target=script_filter.pump, args=(restore.stdout, psql.stdin),
                             daemon=True)
     pump.start()
-    digest, size = sha256(), 0
     try:
-        try:
-            for chunk in store.open_object(part.manifest, obj.name):
-                digest.update(chunk)
-                size += len(chunk)
-                restore.stdin.write(chunk)
-        except BrokenPipeError:
-            pass  # pg_restore stopped reading; its exit status says why
-        _check_digest(obj, size, digest.hexdigest())
-        _close(restore.stdin)
+        size, digest = store.stream_to(part.manifest, obj.name, restore.stdin)
+        _check_digest(obj, size, digest)
         restore.finish(f"pg_restore of {part.manifest.backup_id}", target)
         pump.join()
     except BaseException:

@@ -12,6 +12,7 @@ so that no archive needs more than 10,000 parts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Iterator
@@ -63,6 +64,14 @@ class Readable(Protocol):
     """Anything with read(n): a file, a BytesIO, a running pg_dump."""
 
     def read(self, n: int = -1, /) -> bytes: ...
+
+
+class Writable(Protocol):
+    """A child's stdin, or any sink with write and close."""
+
+    def write(self, data: bytes, /) -> int | None: ...
+
+    def close(self) -> None: ...
 
 
 class HashingReader:
@@ -191,6 +200,30 @@ class Store:
         except (ClientError, BotoCoreError) as exc:
             raise store_error(exc, key) from None
         return Manifest.from_json(raw, key)
+
+    def stream_to(self, manifest: Manifest, name: str, pipe: Writable,
+                  read_all: bool = True) -> tuple[int, str]:
+        """Stream one object into a child's stdin; return its size and sha256.
+
+        A reader may stop early and rightly so (pg_restore --section=pre-data reads only the
+        head of an archive and exits). With read_all, the rest is still read and hashed, so
+        the size and sha256 always describe the whole object; the reader's exit status
+        says whether it was content. The pipe is closed at the end.
+        """
+        digest, size, reading = hashlib.sha256(), 0, True
+        for chunk in self.open_object(manifest, name):
+            digest.update(chunk)
+            size += len(chunk)
+            if reading:
+                try:
+                    pipe.write(chunk)
+                except BrokenPipeError:
+                    reading = False
+                    if not read_all:
+                        break
+        with contextlib.suppress(BrokenPipeError):
+            pipe.close()
+        return size, digest.hexdigest()
 
     def open_object(self, manifest: Manifest, name: str) -> Iterator[bytes]:
         """Stream one object of a backup in chunks, without a local copy."""

@@ -17,7 +17,6 @@ import logging
 import subprocess
 import threading
 from dataclasses import dataclass, field
-from hashlib import sha256
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -122,44 +121,42 @@ def _check_objects(store: Store, manifest: Manifest, report: VerifyReport) -> li
     return findings
 
 
+class _Discard:
+    """A sink for objects that are only hashed."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def close(self) -> None:
+        pass
+
+
 def _read_through(store: Store, manifest: Manifest, name: str,
                   archive: bool) -> tuple[int, str, str]:
     """Stream an object once: its size, its sha256 and, for an archive, pg_restore's verdict."""
-    digest, size = sha256(), 0
     proc = None
-    errors: list[bytes] = []
     if archive:
         tools = find_tools(int(manifest.pg_dump_version.split(".")[0]), purpose="verify")
         proc = subprocess.Popen([tools.path("pg_restore"), "--file=/dev/null"],
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
-        drain = threading.Thread(target=lambda: errors.append(proc.stderr.read()),  # type: ignore[union-attr]
-                                 daemon=True)
-        drain.start()
+    errors: list[bytes] = []
+    drain = threading.Thread(target=lambda: errors.append(proc.stderr.read() if proc else b""),  # type: ignore[union-attr]
+                             daemon=True)
+    drain.start()
     try:
-        for chunk in store.open_object(manifest, name):
-            digest.update(chunk)
-            size += len(chunk)
-            if proc is not None and proc.poll() is None:
-                try:
-                    proc.stdin.write(chunk)  # type: ignore[union-attr]
-                except BrokenPipeError:
-                    pass
+        size, digest = store.stream_to(manifest, name, proc.stdin if proc else _Discard())  # type: ignore[arg-type]
     except (StoreError, ClientError, BotoCoreError) as exc:
         if proc is not None:
             proc.kill()
             proc.wait()
-        return size, "", f"could not be read: {exc}"
+        return 0, "", f"could not be read: {exc}"
     verdict = ""
     if proc is not None:
-        try:
-            proc.stdin.close()  # type: ignore[union-attr]
-        except BrokenPipeError:
-            pass
         code = proc.wait()
         drain.join()
         if code != 0:
             text = b"".join(errors).decode("utf-8", "replace").strip()
             verdict = "; ".join(ln for ln in text.splitlines() if "error" in ln)[:500] or \
                 f"exit status {code}"
-    return size, digest.hexdigest(), verdict
+    return size, digest, verdict
