@@ -22,6 +22,7 @@ from .changes import (
     decide,
     scan_tables,
     snapshot_xmin,
+    with_fingerprints,
 )
 from .dburl import ConnectionInfo
 from .dump import DumpProcess
@@ -113,15 +114,17 @@ def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Ma
         backup_id = (with_kind(request.backup_id, kind) if request.backup_id
                      else new_backup_id(session.server.snapshot_at, kind))
         if parent is not None:  # which tables to leave out must be known before pg_dump
-            scan = None
             scanned = scan_tables(session.connection, profile.exclude_schemas,
                                   parent.snapshot_xmin, connect=lambda: connect(conn),
-                                  snapshot_id=session.snapshot_id, lanes=SCAN_LANES)
+                                  snapshot_id=session.snapshot_id, lanes=SCAN_LANES,
+                                  no_data=profile.exclude_table_data)
             tables = decide(scanned, parent.table_states, backup_id)
-        else:  # a full backup dumps everything: count the tables alongside pg_dump
-            scan = BackgroundScan(lambda: connect(conn), session.snapshot_id,
-                                  profile.exclude_schemas)
-            tables = []
+            dumped: set[int] | None = {t.oid for t in tables if t.reason}
+        else:  # a full backup dumps everything
+            tables, dumped = [], None
+        # Count and fingerprint what pg_dump dumps, alongside it, in the same snapshot.
+        scan = BackgroundScan(lambda: connect(conn), session.snapshot_id,
+                              profile.exclude_schemas, profile.exclude_table_data, dumped)
         unchanged = [t for t in tables if not t.reason]
         log.info("backup %s of %s: %s, server %s, pg_dump %s, snapshot %s, %d tables "
                  "unchanged%s", backup_id, conn.display(), kind, session.server.version,
@@ -134,8 +137,8 @@ def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Ma
             database, warnings = _dump_database(writer, tools, conn, profile, tags,
                                                 session.snapshot_id, session.server.database_size,
                                                 unchanged)
-            if scan is not None:
-                tables = decide(scan.result(), None, backup_id)
+            tables = (with_fingerprints(tables, scan.result()) if parent is not None
+                      else decide(scan.result(), None, backup_id))
             manifest = Manifest(
                 backup_id=backup_id, database_id=database_id, kind=kind,
                 profile=profile.name, retention=request.retention, label=request.label,

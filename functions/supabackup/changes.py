@@ -25,6 +25,11 @@ Why a table reported unchanged really is unchanged (the soundness argument):
 Statistics counters (pg_stat_user_tables) are recorded and serve as a fast path (a table
 whose counters moved is certainly changed), but never as proof: they lag, include aborted
 work, reset on crashes and pg_stat_reset, and miss TRUNCATE.
+
+Every table a backup dumps also gets a content fingerprint read in the same snapshot (see
+FINGERPRINT), so that a restore drill can prove the restored data is the data the snapshot
+held, table by table. A table an incremental proves unchanged keeps the fingerprint of the
+backup that holds its data: its rows are the same rows.
 """
 
 from __future__ import annotations
@@ -32,10 +37,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import psycopg2.extensions
 from psycopg2 import sql
+
+from .errors import DumpFailed
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,7 @@ class TableState:
     counters: int        # n_tup_ins + n_tup_upd + n_tup_del (a hint only)
     held_in: str         # backup id whose archive holds this table's data
     reason: str = ""     # why this backup dumped it ("" when unchanged)
+    fingerprint: str = ""  # content hash in the backup's snapshot (FINGERPRINT)
 
     @property
     def qualified(self) -> str:
@@ -80,13 +89,14 @@ WHERE c.relkind = 'r' AND c.relpersistence <> 't'
   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND n.nspname NOT LIKE 'pg\\_%%'
   AND NOT n.nspname LIKE ANY (%(excluded)s)
+  AND NOT format('%%s.%%s', n.nspname, c.relname) = ANY (%(no_data)s)
 GROUP BY c.oid, n.nspname, c.relname, c.relfilenode, c.relpages, s.n_tup_ins, s.n_tup_upd,
          s.n_tup_del
 ORDER BY n.nspname, c.relname
 """
 
 
-def _like(pattern: str) -> str:
+def schema_like(pattern: str) -> str:
     """pg_dump's schema pattern (with *) as a LIKE pattern."""
     return pattern.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%").replace("*", "%")
 
@@ -98,23 +108,54 @@ def snapshot_xmin(conn: psycopg2.extensions.connection) -> int:
         return int(cur.fetchone()[0]) % XID_SPACE
 
 
-Scanned = tuple[int, str, str, int, str, int, int, int]
+class Scanned(NamedTuple):
+    """One table as a scan read it, in the scan's snapshot."""
+
+    oid: int
+    schema: str
+    name: str
+    relfilenode: int
+    definition: str
+    counters: int
+    rows: int            # exact count of the table's own rows (not its children's)
+    new_rows: int        # rows written at or after the previous snapshot; -1: not asked
+    fingerprint: str = ""  # FINGERPRINT of its rows; "": not asked
+
+
+# An order-independent hash of a table's rows: the sum of a 64-bit hash of each row's
+# text. A restore gives back the same rows in any physical order, so the drill compares
+# sums, not digests of an ordered scan (which would sort every table). Row text depends on
+# a few session settings, which STABLE_OUTPUT fixes on both sides.
+FINGERPRINT = "coalesce(sum(hashtextextended(t::text, 0)), 0)"
+STABLE_OUTPUT = ("SET LOCAL DateStyle = 'ISO, MDY'; SET LOCAL IntervalStyle = 'postgres';"
+                 " SET LOCAL TimeZone = 'UTC'; SET LOCAL extra_float_digits = 3;"
+                 " SET LOCAL bytea_output = 'hex'; SET LOCAL lc_monetary = 'C';"
+                 " SET LOCAL xmloption = 'content'")
+
+
+def fingerprint_hex(total: object) -> str:
+    """The row-hash sum as 16 hex digits (modulo 2^64)."""
+    return format(int(str(total)) % (1 << 64), "016x")
 
 
 def scan_tables(conn: psycopg2.extensions.connection, excluded_schemas: Iterable[str],
                 since_xmin: int | None,
                 connect: Callable[[], psycopg2.extensions.connection] | None = None,
-                snapshot_id: str | None = None, lanes: int = 1) -> list[Scanned]:
+                snapshot_id: str | None = None, lanes: int = 1, *,
+                no_data: Iterable[str] = (), only: set[int] | None = None,
+                fingerprint: bool = False) -> list[Scanned]:
     """Inventory every table in the current snapshot, with its exact count and new rows.
 
-    Returns (oid, schema, name, relfilenode, definition, counters, rows, new_rows);
-    new_rows is -1 when there is no previous snapshot to compare with. With lanes > 1
-    (and connect, snapshot_id), the counting is shared with lanes - 1 more connections
-    that import the same snapshot, the largest tables first.
+    new_rows is -1 when there is no previous snapshot to compare with. Tables in
+    `no_data` (schema.name: data the profile never dumps) are left out, and with `only`
+    every table whose oid is not in it. With `fingerprint`, each table's rows are hashed
+    too. With lanes > 1 (and connect, snapshot_id), the counting is shared with lanes - 1
+    more connections that import the same snapshot, the largest tables first.
     """
     with conn.cursor() as cur:
-        cur.execute(INVENTORY, {"excluded": [_like(p) for p in excluded_schemas] or [""]})
-        tables = cur.fetchall()
+        cur.execute(INVENTORY, {"excluded": [schema_like(p) for p in excluded_schemas] or [""],
+                                "no_data": list(no_data) or [""]})
+        tables = [t for t in cur.fetchall() if only is None or t[0] in only]
     if connect is None or snapshot_id is None:
         lanes = 1
     shares: list[list[tuple]] = [[] for _ in range(max(1, lanes))]
@@ -126,13 +167,14 @@ def scan_tables(conn: psycopg2.extensions.connection, excluded_schemas: Iterable
     counted: dict[int, Scanned] = {}
     errors: list[BaseException] = []
     threads = [threading.Thread(target=_lane, daemon=True,
-                                args=(connect, snapshot_id, share, since_xmin, counted, errors))
+                                args=(connect, snapshot_id, share, since_xmin, fingerprint,
+                                      counted, errors))
                for share in shares[1:]]
     for thread in threads:
         thread.start()
     try:
         with conn.cursor() as cur:
-            counted.update(_count(cur, shares[0], since_xmin))
+            counted.update(_count(cur, shares[0], since_xmin, fingerprint))
     finally:
         for thread in threads:
             thread.join()
@@ -155,41 +197,69 @@ def in_snapshot(connect: Callable[[], psycopg2.extensions.connection], snapshot_
 
 
 def _lane(connect: Callable[[], psycopg2.extensions.connection] | None, snapshot_id: str | None,
-          tables: list[tuple], since_xmin: int | None, counted: dict[int, Scanned],
-          errors: list[BaseException]) -> None:
+          tables: list[tuple], since_xmin: int | None, fingerprint: bool,
+          counted: dict[int, Scanned], errors: list[BaseException]) -> None:
     try:
         assert connect is not None and snapshot_id is not None
         in_snapshot(connect, snapshot_id,
-                    lambda cur: counted.update(_count(cur, tables, since_xmin)))
+                    lambda cur: counted.update(_count(cur, tables, since_xmin, fingerprint)))
     except BaseException as exc:  # noqa: BLE001 - raised by scan_tables in the caller
         errors.append(exc)
 
 
 def _count(cur: psycopg2.extensions.cursor, tables: list[tuple],
-           since_xmin: int | None) -> dict[int, Scanned]:
-    """Exact count and new rows of each table, in the cursor's transaction."""
+           since_xmin: int | None, fingerprint: bool = False) -> dict[int, Scanned]:
+    """Exact count, new rows (and fingerprint) of each table, in the cursor's transaction.
+
+    FROM ONLY: a table's own rows, which are what pg_dump's COPY of it holds; an
+    inheritance parent's count must not move with its children.
+    """
     threshold = None if since_xmin is None else _threshold(cur, since_xmin)
+    if fingerprint:
+        cur.execute(STABLE_OUTPUT)
+    digest = sql.SQL(FINGERPRINT if fingerprint else "NULL")
     result = {}
     for oid, schema, name, relfilenode, definition, counters, _pages in tables:
         table = sql.Identifier(schema, name)
         if since_xmin is None:
-            cur.execute(sql.SQL("SELECT count(*), -1 FROM {}").format(table))
+            new = sql.SQL("-1")
         elif threshold is not None:
             # 0 <= age(xmin) <= age(S1's xmin): written at or after S1's xmin (_threshold).
-            cur.execute(sql.SQL("SELECT count(*), count(*) FILTER (WHERE age(xmin) BETWEEN 0 "
-                                "AND %(threshold)s) FROM {}").format(table),
-                        {"threshold": threshold})
+            new = sql.SQL("count(*) FILTER (WHERE age(xmin) BETWEEN 0 AND {})").format(
+                sql.Literal(threshold))
         else:
             # xmin at or after S1's xmin, modulo 2^32 (see the module's docstring).
-            cur.execute(sql.SQL(
-                "SELECT count(*), count(*) FILTER (WHERE "
-                "(xmin::text::bigint - %(since)s + %(space)s) %% %(space)s < %(half)s)"
-                " FROM {}").format(table),
-                {"since": since_xmin, "space": XID_SPACE, "half": XID_HALF})
-        rows, new_rows = cur.fetchone()
-        result[oid] = (oid, schema, name, relfilenode, definition, counters,
-                       int(rows), int(new_rows))
+            new = sql.SQL("count(*) FILTER (WHERE (xmin::text::bigint - {since} + {space})"
+                          " % {space} < {half})").format(
+                since=sql.Literal(since_xmin), space=sql.Literal(XID_SPACE),
+                half=sql.Literal(XID_HALF))
+        cur.execute(sql.SQL("SELECT count(*), {}, {} FROM ONLY {} t").format(new, digest, table))
+        rows, new_rows, total = cur.fetchone()
+        result[oid] = Scanned(oid, schema, name, relfilenode, definition, counters, int(rows),
+                              int(new_rows), fingerprint_hex(total) if fingerprint else "")
     return result
+
+
+def table_contents(conn: psycopg2.extensions.connection,
+                   tables: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, str]]:
+    """(rows, fingerprint) of each named table that exists, read as a backup reads it.
+
+    The restore drill's side of the comparison: the same FROM ONLY count and FINGERPRINT
+    under the same STABLE_OUTPUT, in one transaction.
+    """
+    found = {}
+    with conn.cursor() as cur:
+        cur.execute(STABLE_OUTPUT)
+        for schema, name in tables:
+            cur.execute("SELECT to_regclass(%s)", (sql.Identifier(schema, name).as_string(cur),))
+            if cur.fetchone()[0] is None:
+                continue
+            cur.execute(sql.SQL("SELECT count(*), {} FROM ONLY {} t").format(
+                sql.SQL(FINGERPRINT), sql.Identifier(schema, name)))
+            rows, total = cur.fetchone()
+            found[(schema, name)] = (int(rows), fingerprint_hex(total))
+    conn.rollback()
+    return found
 
 
 def _threshold(cur: psycopg2.extensions.cursor, since_xmin: int) -> int | None:
@@ -214,54 +284,80 @@ def _threshold(cur: psycopg2.extensions.cursor, since_xmin: int) -> int | None:
 
 
 class BackgroundScan:
-    """`scan_tables` on a second connection that imports the run's snapshot.
+    """`scan_tables` with fingerprints, on a second connection that imports the run's snapshot.
 
-    A full backup dumps every table whatever the scan finds, so its scan (which records
-    the counts the next incremental compares with) runs alongside pg_dump rather than
-    before it. Both see the same snapshot, so the counts are those of the archive.
+    It runs alongside pg_dump rather than before it: a full backup dumps every table
+    whatever the scan finds, and an incremental has already decided what to dump. Both see
+    the same snapshot, so the counts and fingerprints are those of the archive. `only`
+    limits it to the tables an incremental dumps.
     """
 
     def __init__(self, connect: Callable[[], psycopg2.extensions.connection],
-                 snapshot_id: str, excluded_schemas: Iterable[str]) -> None:
-        self._result: list[tuple[int, str, str, int, str, int, int, int]] = []
+                 snapshot_id: str, excluded_schemas: Iterable[str],
+                 no_data: Iterable[str] = (), only: set[int] | None = None) -> None:
+        self._result: list[Scanned] = []
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        args=(connect, snapshot_id, list(excluded_schemas)))
+        self._thread = threading.Thread(
+            target=self._run, daemon=True,
+            args=(connect, snapshot_id, list(excluded_schemas), list(no_data), only))
         self._thread.start()
 
     def _run(self, connect: Callable[[], psycopg2.extensions.connection], snapshot_id: str,
-             excluded: list[str]) -> None:
+             excluded: list[str], no_data: list[str], only: set[int] | None) -> None:
         try:
             def work(cur: psycopg2.extensions.cursor) -> None:
-                self._result = scan_tables(cur.connection, excluded, None)
+                self._result = scan_tables(cur.connection, excluded, None, no_data=no_data,
+                                           only=only, fingerprint=True)
             in_snapshot(connect, snapshot_id, work)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
             self._error = exc
 
-    def result(self) -> list[tuple[int, str, str, int, str, int, int, int]]:
+    def result(self) -> list[Scanned]:
         self._thread.join()
         if self._error is not None:
             raise self._error
         return self._result
 
 
-def decide(scanned: list[tuple[int, str, str, int, str, int, int, int]],
-           previous: dict[int, TableState] | None, backup_id: str) -> list[TableState]:
+def with_fingerprints(tables: list[TableState], scanned: list[Scanned]) -> list[TableState]:
+    """The tables an incremental dumped, with the fingerprints read alongside its pg_dump.
+
+    Both scans ran in the run's snapshot, so their counts agree; if they did not, the
+    snapshot was not shared and nothing about this backup could be trusted.
+    """
+    by_oid = {s.oid: s for s in scanned}
+    out = []
+    for table in tables:
+        if table.reason:
+            seen = by_oid[table.oid]
+            if seen.rows != table.rows:
+                raise DumpFailed(f"{table.qualified}: {seen.rows} rows alongside pg_dump, "
+                                 f"{table.rows} before it, in what should be one snapshot",
+                                 "nothing was stored; run the backup again")
+            table = replace(table, fingerprint=seen.fingerprint)
+        out.append(table)
+    return out
+
+
+def decide(scanned: Iterable[tuple], previous: dict[int, TableState] | None,
+           backup_id: str) -> list[TableState]:
     """For each table: unchanged (data stays where it is held) or dumped here, and why.
 
     A pure function of the scan and the parent's table records, so it can be tested over
-    every kind of change without a server.
+    every kind of change without a server. An unchanged table keeps the fingerprint of the
+    backup that holds it.
     """
     states = []
-    for oid, schema, name, relfilenode, definition, counters, rows, new_rows in scanned:
-        before = (previous or {}).get(oid)
-        reason = _reason(before, schema, name, relfilenode, definition, counters, rows,
-                         new_rows)
+    for seen in map(lambda t: Scanned(*t), scanned):
+        before = (previous or {}).get(seen.oid)
+        reason = _reason(before, seen.schema, seen.name, seen.relfilenode, seen.definition,
+                         seen.counters, seen.rows, seen.new_rows)
         states.append(TableState(
-            oid=oid, schema=schema, name=name, relfilenode=relfilenode,
-            definition=definition, rows=rows, counters=counters,
+            oid=seen.oid, schema=seen.schema, name=seen.name, relfilenode=seen.relfilenode,
+            definition=seen.definition, rows=seen.rows, counters=seen.counters,
             held_in=backup_id if reason else before.held_in,  # type: ignore[union-attr]
-            reason=reason))
+            reason=reason,
+            fingerprint=seen.fingerprint if reason else before.fingerprint))  # type: ignore[union-attr]
     return states
 
 

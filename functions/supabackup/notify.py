@@ -48,35 +48,45 @@ def human_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+BACKUP_KINDS = ("full", "incremental")
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """How one run ended: a manifest, or an error."""
+    """How one run ended: a manifest (backups), a report (verify, restore), or an error."""
 
-    kind: str
+    kind: str                  # full | incremental | verify | restore
     database: str
     duration_seconds: float
     manifest: Manifest | None = None
     error: BaseException | None = None
     scrub: Callable[[str], str] = str  # removes secrets from error text
     retention: list[str] = field(default_factory=list)  # what the retention pass re-tagged
-
+    details: dict[str, Any] | None = None  # verify and restore: what the run found
+    headline: str = ""         # verify and restore: the subject's tail on success
 
     @property
     def status(self) -> str:
         return "succeeded" if self.error is None else "failed"
 
-    def subject(self) -> str:
+    @property
+    def what(self) -> str:
         kind = self.manifest.kind if self.manifest is not None else self.kind
-        head = f"supabackup: {kind} backup of {self.database} {self.status}"
+        return f"{kind} backup" if kind in BACKUP_KINDS else kind
+
+    def subject(self) -> str:
+        head = f"supabackup: {self.what} of {self.database} {self.status}"
         if self.manifest is not None and self.manifest.escalation:
             head += " (escalated)"  # the body says why
-        if self.manifest is not None:
+        if self.error is not None:
+            text = f"{head}: {self.scrub(error_message(self.error))}"
+        elif self.manifest is not None:
             text = (f"{head}: {human_bytes(self.manifest.total_bytes)} in "
                     f"{human_duration(self.duration_seconds)}")
             if self.manifest.kind == "incremental":
                 text += f", {self.manifest.tables_dumped} of {len(self.manifest.tables)} tables"
         else:
-            text = f"{head}: {self.scrub(error_message(self.error))}"
+            text = f"{head}: {self.headline}" if self.headline else head
         text = " ".join(text.split()).encode("ascii", "replace").decode()
         return text if len(text) <= SUBJECT_MAX else text[: SUBJECT_MAX - 3] + "..."
 
@@ -88,7 +98,9 @@ class Outcome:
         if self.manifest is not None:
             body["backup"] = self.manifest.summary()
             body["retention_changes"] = self.retention
-        else:
+        if self.details is not None:
+            body["details"] = self.details
+        if self.error is not None:
             body["error"] = self.scrub(error_message(self.error))
             body["error_type"] = type(self.error).__name__
             body["what_to_do"] = self.scrub(error_hint(self.error))

@@ -3,6 +3,11 @@
     choose the backup -> check the target is empty -> choose pg_restore -> roles
     -> pg_restore (pre-data, data, post-data) fed from S3
 
+Options (RestoreOptions): `tables` restores the data of the named tables only (the whole
+schema comes back, other tables empty, and foreign keys of restored tables are added
+NOT VALID, since the rows they reference may not have been restored); profile
+`supabase` restores into a fresh Supabase project (see SupabaseTarget).
+
 pg_restore reads the archive on stdin, straight from the S3 response: no local copy.
 It writes the SQL script, psql applies it in a single transaction, and the
 archive's sha256 and size are checked against the manifest before psql may commit, so a
@@ -19,6 +24,7 @@ import re
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
@@ -28,12 +34,15 @@ import psycopg2
 
 from .dburl import ConnectionInfo
 from .dump import child_env
-from .errors import BackupNotFound, RestoreFailed, StoreError
+from .errors import BackupNotFound, ConfigError, RestoreFailed, StoreError
 from .manifest import Manifest, StoredObject
 from .pgtools import PgTools, find_tools
-from .roles import plan_roles, quote_ident
+from .profiles import PROFILES
+from .roles import drop_reserved, plan_roles, quote_ident
 from .snapshot import connect
 from .store import Store
+from .supabase_restore import SupabaseTarget
+from .toc import TocEntry, read_toc
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +55,13 @@ class RestoreReport:
     roles_created: list[str] = field(default_factory=list)
     roles_existing: list[str] = field(default_factory=list)
     backups: list[str] = field(default_factory=list)  # whose archives were read
+    notes: list[str] = field(default_factory=list)    # what the options changed
 
     def lines(self) -> list[str]:
         out = [f"restored {self.backup_id} into {self.target} ({self.bytes} bytes read)"]
         if len(self.backups) > 1:
             out.append(f"table data from: {', '.join(self.backups)}")
+        out += self.notes
         if self.roles_created:
             out.append(f"created roles: {', '.join(self.roles_created)} (without passwords)")
         if self.roles_existing:
@@ -58,16 +69,33 @@ class RestoreReport:
         return out
 
 
-def run_restore(store: Store, manifest: Manifest, target: ConnectionInfo) -> RestoreReport:
+@dataclass(frozen=True)
+class RestoreOptions:
+    tables: tuple[str, ...] = ()  # schema.name, or name alone when one schema has it
+    profile: str = "postgres"     # "supabase": into a fresh Supabase project
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ConfigError(f"unknown restore profile {self.profile!r}",
+                              f"choose one of: {', '.join(PROFILES)}")
+
+
+def run_restore(store: Store, manifest: Manifest, target: ConnectionInfo,
+                options: RestoreOptions | None = None) -> RestoreReport:
     """Restore `manifest`'s backup into the empty database `target`."""
+    options = options or RestoreOptions()
     report = RestoreReport(backup_id=manifest.backup_id, target=target.display())
+    selected = select_tables(manifest, options.tables)
     conn = connect(target)
     conn.autocommit = True
     try:
-        _check_empty(conn, target)
+        supabase = SupabaseTarget.read(conn, manifest) if options.profile == "supabase" else None
+        _check_empty(conn, target, supabase.ignored_schemas if supabase else ())
         server_version_num = conn.server_version
         tools = find_tools(int(manifest.pg_dump_version.split(".")[0]), purpose="restore")
         roles_script = _read_small(store, manifest, manifest.object("roles")).decode()
+        if supabase is not None:  # the project has its reserved roles; never touch them
+            roles_script = drop_reserved(roles_script, supabase.is_reserved)
         plan = plan_roles(roles_script, _existing_roles(conn))
         report.roles_created, report.roles_existing = plan.create, plan.existing
         _apply_roles(conn, plan.statements, target)
@@ -75,24 +103,53 @@ def run_restore(store: Store, manifest: Manifest, target: ConnectionInfo) -> Res
         conn.close()
     try:
         with tempfile.TemporaryDirectory(prefix="supabackup-") as workdir:
-            parts = restore_plan(store, manifest, Path(workdir))
+            steps = restore_plan(store, manifest, Path(workdir), selected, supabase)
+            parts = [p for p in steps if isinstance(p, Part)]
             report.backups = sorted({p.manifest.backup_id for p in parts})
-            report.bytes = _pg_restore(store, parts, target, tools, server_version_num)
+            report.bytes = _pg_restore(store, steps, target, tools, server_version_num,
+                                       fk_not_valid=selected is not None)
     except BaseException:
-        _drop_roles(target, report.roles_created)
+        drop_roles(target, report.roles_created)
         raise
+    if selected is not None:
+        names = sorted(t.qualified for t in manifest.table_states.values() if t.oid in selected)
+        report.notes.append(f"table data restored for: {', '.join(names)} (other tables are "
+                            "empty; foreign keys of restored tables were added NOT VALID)")
+    if supabase is not None:
+        report.notes += supabase.notes()
     log.info("restored %s into %s", manifest.backup_id, target.display())
     return report
 
 
-def _check_empty(conn: psycopg2.extensions.connection, target: ConnectionInfo) -> None:
+def select_tables(manifest: Manifest, names: Iterable[str]) -> set[int] | None:
+    """The oids of the named tables in `manifest`, or None for all; unknown names are an error."""
+    names = list(names)
+    if not names:
+        return None
+    tables = manifest.table_states.values()
+    oids: set[int] = set()
+    for wanted in names:
+        found = [t for t in tables if wanted in (t.qualified, t.name)]
+        if len(found) != 1:
+            known = ", ".join(sorted(t.qualified for t in tables)[:10])
+            problem = "is in several schemas" if found else "is not in the backup"
+            raise ConfigError(f"table {wanted!r} {problem} {manifest.backup_id}",
+                              f"name it as schema.table; the backup has: {known}")
+        oids.add(found[0].oid)
+    return oids
+
+
+def _check_empty(conn: psycopg2.extensions.connection, target: ConnectionInfo,
+                 ignored_schemas: Iterable[str] = ()) -> None:
+    """Refuse a target that holds any relation (outside a fresh Supabase project's own)."""
     with conn.cursor() as cur:
         cur.execute("""
             SELECT n.nspname || '.' || c.relname FROM pg_class c
             JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
-              AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
-            ORDER BY 1 LIMIT 5""")
+              AND n.nspname NOT LIKE 'pg\\_toast%%' AND n.nspname NOT LIKE 'pg\\_temp%%'
+              AND NOT n.nspname LIKE ANY (%s)
+            ORDER BY 1 LIMIT 5""", (list(ignored_schemas) or [""],))
         found = [r[0] for r in cur.fetchall()]
     if found:
         raise RestoreFailed(
@@ -124,8 +181,8 @@ def _apply_roles(conn: psycopg2.extensions.connection, statements: list[str],
                             "the restoring user needs CREATEROLE; nothing was restored") from None
 
 
-def _drop_roles(target: ConnectionInfo, roles: list[str]) -> None:
-    """Undo the roles a failed restore created (best effort: the error already speaks)."""
+def drop_roles(target: ConnectionInfo, roles: list[str]) -> None:
+    """Drop roles a restore created: after it failed, or after a drill (best effort)."""
     if not roles:
         return
     try:
@@ -135,8 +192,8 @@ def _drop_roles(target: ConnectionInfo, roles: list[str]) -> None:
             for role in reversed(roles):
                 cur.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
         conn.close()
-    except Exception as exc:  # noqa: BLE001 - the restore's own error is the one to report
-        log.warning("could not drop roles created by the failed restore: %s", exc)
+    except Exception as exc:  # noqa: BLE001 - the restore's own outcome is the one to report
+        log.warning("could not drop the roles the restore created: %s", exc)
 
 
 def _read_small(store: Store, manifest: Manifest, obj: StoredObject) -> bytes:
@@ -171,97 +228,134 @@ class Part:
 
     manifest: Manifest
     args: tuple[str, ...] = ()
+    what: str = "everything"
+    read_all: bool = True  # False: a pass that needs only the table of contents
 
 
-def restore_plan(store: Store, manifest: Manifest, workdir: Path) -> list[Part]:
-    """The pg_restore runs that rebuild `manifest`'s database, in order.
+# A restore is pg_restore runs and, between them, SQL of our own (bytes), all fed to one psql.
+Step = Part | bytes
+
+
+def restore_plan(store: Store, manifest: Manifest, workdir: Path,
+                 selected: set[int] | None = None,
+                 supabase: SupabaseTarget | None = None) -> list[Step]:
+    """The steps that rebuild `manifest`'s database, in order.
 
     A full backup is one run. An incremental: its pre-data; then the data of each table
     it did not dump, from the backup of the chain that holds it (matched by the table's
     oid, whose definition that backup recorded as the same); then its own data and
     sequences; then its post-data (indexes, constraints, triggers, matview contents).
+    `selected` (table oids) keeps the data of those tables only; `supabase` skips what a
+    fresh project has and applies the backup's grants last (see supabase_restore.py).
     """
+    def wanted(entry: TocEntry) -> bool:
+        if entry.desc == "TABLE DATA" and selected is not None and entry.oid not in selected:
+            return False
+        return supabase is None or supabase.keep(entry)
+
+    tocs: dict[str, list[TocEntry]] = {}
+
+    def toc(of: Manifest) -> list[TocEntry]:  # each archive's head is read once
+        if of.backup_id not in tocs:
+            tocs[of.backup_id] = read_toc(store, of)
+        return tocs[of.backup_id]
+
+    def use_list(of: Manifest, keep: Callable[[TocEntry], bool], name: str) -> str:
+        listing = workdir / f"{of.backup_id}.{name}.list"
+        listing.write_text("".join(e.line + "\n" for e in toc(of) if keep(e)))
+        return f"--use-list={listing}"
+
+    filtered = selected is not None or supabase is not None
+    own = (use_list(manifest, wanted, "restore"),) if filtered else ()
+    steps: list[Step] = [supabase.prologue()] if supabase is not None else []
     if manifest.kind == "full":
-        return [Part(manifest)]
+        steps.append(Part(manifest, own))
+    else:
+        steps.append(Part(manifest, ("--section=pre-data", *own), "pre-data"))
+        steps += _holder_parts(store, manifest, selected, wanted, toc, use_list)
+        steps += [Part(manifest, ("--section=data", *own), "data"),
+                  Part(manifest, ("--section=post-data", *own), "post-data")]
+    if supabase is not None:
+        steps += [supabase.reset_default_grants(),
+                  Part(manifest, (use_list(manifest, supabase.keep_grant, "grants"),),
+                       "grants", read_all=False)]
+    return steps
+
+
+def _holder_parts(store: Store, manifest: Manifest, selected: set[int] | None,
+                  wanted: Callable[[TocEntry], bool],
+                  toc: Callable[[Manifest], list[TocEntry]],
+                  use_list: Callable[[Manifest, Callable[[TocEntry], bool], str], str]
+                  ) -> list[Part]:
+    """The data an incremental did not dump, from the backups of its chain that hold it."""
     holders: dict[str, set[int]] = {}
     for oid, table in manifest.table_states.items():
-        if table.held_in != manifest.backup_id:
+        if table.held_in != manifest.backup_id and (selected is None or oid in selected):
             holders.setdefault(table.held_in, set()).add(oid)
-    by_id = {m.backup_id: m for m in store.manifests(manifest.database_id)}
-    parts = [Part(manifest, ("--section=pre-data",))]
+    by_id = {m.backup_id: m for m in store.manifests(manifest.database_id)} if holders else {}
+    parts = []
     for holder_id in sorted(holders):
         holder = by_id.get(holder_id)
         if holder is None:
             raise BackupNotFound(
                 f"{manifest.backup_id} needs table data from {holder_id}, which is gone",
                 "restore an earlier or a full backup (`supabackup list`)")
-        entries = [line for line in _toc(store, holder)
-                   if " TABLE DATA " in line and int(line.split()[2]) in holders[holder_id]]
-        if len(entries) != len(holders[holder_id]):
+        oids = holders[holder_id]
+        found = {e.oid for e in toc(holder) if e.desc == "TABLE DATA"} & oids
+        if found != oids:
             raise RestoreFailed(f"{holder_id} lacks table data that {manifest.backup_id} "
                                 "relies on", "run `supabackup verify`; restore another backup")
-        listing = workdir / f"{holder_id}.list"
-        listing.write_text("\n".join(entries) + "\n")
-        parts.append(Part(holder, ("--data-only", f"--use-list={listing}")))
-    parts += [Part(manifest, ("--section=data",)), Part(manifest, ("--section=post-data",))]
+        data = use_list(holder, lambda e, oids=oids: (  # type: ignore[misc]
+            e.desc == "TABLE DATA" and e.oid in oids and wanted(e)), "data")
+        tables = sorted(f"{t['schema']}.{t['name']}" for t in manifest.tables
+                        if t["held_in"] == holder_id and int(t["oid"]) in oids)
+        what = f"data of {len(tables)} table(s): {', '.join(tables[:8])}" + (
+            ", ..." if len(tables) > 8 else "")
+        parts.append(Part(holder, ("--data-only", data), what))
     return parts
 
 
-def describe_plan(store: Store, manifest: Manifest) -> list[str]:
+def describe_plan(store: Store, manifest: Manifest, options: RestoreOptions | None = None
+                  ) -> list[str]:
     """What a restore of `manifest` would read, in order, without touching any database."""
+    options = options or RestoreOptions()
     lines = [f"restore of {manifest.backup_id} ({manifest.kind}, snapshot at "
              f"{manifest.snapshot_at}):"]
     roles = manifest.object("roles")
     lines.append(f"  roles      {manifest.backup_id}/{roles.name}  {roles.size} bytes")
+    selected = select_tables(manifest, options.tables)
     with tempfile.TemporaryDirectory(prefix="supabackup-") as workdir:
-        for part in restore_plan(store, manifest, Path(workdir)):
-            obj = part.manifest.object("database")
-            sections = [a.split("=", 1)[1] for a in part.args if a.startswith("--section=")]
-            what = " ".join(sections) or "everything"
-            if part.manifest.backup_id != manifest.backup_id:
-                tables = sorted(f"{t['schema']}.{t['name']}" for t in manifest.tables
-                                if t["held_in"] == part.manifest.backup_id)
-                what = f"data of {len(tables)} table(s): {', '.join(tables[:8])}" + (
-                    ", ..." if len(tables) > 8 else "")
-            lines.append(f"  {part.manifest.backup_id}/{obj.name}  {obj.size} bytes  {what}")
+        for step in restore_plan(store, manifest, Path(workdir), selected):
+            if isinstance(step, Part):
+                obj = step.manifest.object("database")
+                lines.append(f"  {step.manifest.backup_id}/{obj.name}  {obj.size} bytes  "
+                             f"{step.what}")
+    if selected is not None:
+        names = sorted(t.qualified for t in manifest.table_states.values() if t.oid in selected)
+        lines.append(f"  table data of: {', '.join(names)} only")
     return lines
 
 
-def _toc(store: Store, manifest: Manifest) -> list[str]:
-    """pg_restore --list of an archive, read from S3 (only its head is needed)."""
-    tools = find_tools(int(manifest.pg_dump_version.split(".")[0]), purpose="restore")
-    proc = subprocess.Popen([tools.path("pg_restore"), "--list"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    out: list[bytes] = []
-    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()),  # type: ignore[union-attr]
-                              daemon=True)
-    reader.start()
-    assert proc.stdin is not None
-    # It reads the table of contents and stops: no need to fetch the rest.
-    store.stream_to(manifest, manifest.object("database").name, proc.stdin, read_all=False)
-    proc.wait()
-    reader.join()
-    return [line for line in b"".join(out).decode().splitlines()
-            if line and not line.startswith(";")]
-
-
-def _pg_restore(store: Store, parts: list[Part], target: ConnectionInfo,
-                tools: PgTools, server_version_num: int) -> int:
+def _pg_restore(store: Store, steps: list[Step], target: ConnectionInfo,
+                tools: PgTools, server_version_num: int, fk_not_valid: bool = False) -> int:
     """S3 -> pg_restore (script mode) -> psql --single-transaction, with no local copy.
 
-    Every part's script goes to one psql. psql commits when its input ends, so its input
+    Every step's script goes to one psql. psql commits when its input ends, so its input
     is ended only after every archive's size and sha256 have matched its manifest and every
     pg_restore has exited cleanly; on any failure psql is killed first, and the
     transaction never commits.
     """
     env = child_env(target, application="supabackup restore")
-    script_filter = ScriptFilter(server_version_num)
+    script_filter = ScriptFilter(server_version_num, fk_not_valid)
     psql = _Process([tools.path("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
                      "--single-transaction", "-o", "/dev/null"], env, stdin=True)
     total = 0
     try:
-        for part in parts:
-            total += _restore_part(store, part, tools, env, script_filter, psql, target)
+        for step in steps:
+            if isinstance(step, bytes):
+                psql.stdin.write(step)
+            else:
+                total += _restore_part(store, step, tools, env, script_filter, psql, target)
         _close(psql.stdin)  # only now may psql reach its COMMIT
         psql.finish("restoring with psql", target)
     except BaseException:
@@ -272,6 +366,7 @@ def _pg_restore(store: Store, parts: list[Part], target: ConnectionInfo,
 
 def _restore_part(store: Store, part: Part, tools: PgTools, env: dict[str, str],
                   script_filter: ScriptFilter, psql: _Process, target: ConnectionInfo) -> int:
+    """One pg_restore run into psql; the bytes of the archive it read and checked."""
     obj = part.manifest.object("database")
     restore = _Process([tools.path("pg_restore"), "--file=-", *part.args], env, stdin=True,
                        stdout=True)
@@ -279,14 +374,16 @@ def _restore_part(store: Store, part: Part, tools: PgTools, env: dict[str, str],
                             daemon=True)
     pump.start()
     try:
-        size, digest = store.stream_to(part.manifest, obj.name, restore.stdin)
-        _check_digest(obj, size, digest)
+        size, digest = store.stream_to(part.manifest, obj.name, restore.stdin,
+                                       read_all=part.read_all)
+        if part.read_all:
+            _check_digest(obj, size, digest)
         restore.finish(f"pg_restore of {part.manifest.backup_id}", target)
         pump.join()
     except BaseException:
         restore.kill()
         raise
-    return size
+    return size if part.read_all else 0
 
 
 class ScriptFilter:
@@ -296,13 +393,18 @@ class ScriptFilter:
     through unchanged, whatever they contain.
     """
 
-    def __init__(self, server_version_num: int) -> None:
+    def __init__(self, server_version_num: int, fk_not_valid: bool = False) -> None:
         self.drop_lines = {line for version, line in NEWER_SETTINGS
                            if server_version_num < version}
+        self.fk_not_valid = fk_not_valid
+        self.previous = b""
 
     def statement(self, line: bytes) -> bytes:
+        previous, self.previous = self.previous, line
         if line in self.drop_lines:
             return b""
+        if self.fk_not_valid and _is_foreign_key(previous, line):
+            return line[:-2] + b" NOT VALID;\n"
         if b"ALTER COLUMN" in line:
             match = _COLUMN_OPTIONS.match(line)
             if match:
@@ -327,6 +429,17 @@ class ScriptFilter:
                 dst.write(line)
         except (BrokenPipeError, ValueError):
             pass  # psql stopped or was killed; its exit status and the caller speak
+
+
+def _is_foreign_key(previous: bytes, line: bytes) -> bool:
+    """The second line of pg_dump's `ALTER TABLE ONLY t ADD CONSTRAINT c FOREIGN KEY ...;`.
+
+    Only for plain tables (ONLY): PostgreSQL cannot add a NOT VALID foreign key to a
+    partitioned table, whose constraint then is validated as usual.
+    """
+    return (previous.startswith(b"ALTER TABLE ONLY ") and line.startswith(b"    ADD CONSTRAINT ")
+            and b" FOREIGN KEY (" in line and line.endswith(b";\n")
+            and not line.endswith(b" NOT VALID;\n"))
 
 
 class _Process:

@@ -1,9 +1,9 @@
-"""Run a backup and report how it ended: shared by the CLI and the Lambda handler.
+"""Run a backup, a verify or a restore and report how it ended: shared by the CLI and Lambda.
 
 This is the one place that records every run's outcome: it times the run, publishes one
-SNS message whatever happens (with what the retention pass after a good backup changed),
-and re-raises the failure for the caller to map to an exit
-status (CLI) or a failed invocation (Lambda).
+SNS message whatever happens (with what the retention pass after a good backup changed,
+what verify found, what a restore read), and re-raises the failure for the caller to map
+to an exit status (CLI) or a failed invocation (Lambda).
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import time
 
 from .backup import BackupRequest, run_backup
 from .dburl import ConnectionInfo
-from .errors import SupabackupError
+from .errors import SupabackupError, VerifyFailed
 from .manifest import Manifest
-from .notify import Notifier, Outcome
+from .notify import Notifier, Outcome, human_bytes
+from .restore import RestoreOptions, RestoreReport, run_restore
 from .retention import apply_retention
 from .store import Store
+from .verify import VerifyReport, verify_database
 
 log = logging.getLogger(__name__)
 
@@ -50,3 +52,51 @@ def backup_and_report(conn: ConnectionInfo, store: Store, request: BackupRequest
                       retention=retention)
     notifier.publish(outcome)
     return manifest, outcome
+
+
+def verify_and_report(store: Store, database_id: str, notifier: Notifier,
+                      backup_id: str | None = None,
+                      drill: ConnectionInfo | None = None) -> VerifyReport:
+    """Verify (and drill); any problem fails the run with a message that names the first."""
+    started = time.monotonic()
+    scrub = drill.redact if drill is not None else str
+    try:
+        report = verify_database(store, database_id, backup_id, drill)
+        if not report.ok:
+            raise VerifyFailed(f"{len(report.findings)} problem(s) in the backups of "
+                               f"{database_id}, first: {report.findings[0]}",
+                               "restore from a backup that verifies; see the problems listed")
+    except BaseException as exc:
+        details = report.summary() if "report" in locals() else None
+        notifier.publish(Outcome(kind="verify", database=database_id, error=exc, scrub=scrub,
+                                 duration_seconds=time.monotonic() - started, details=details))
+        raise
+    headline = f"{len(report.verified)} backup(s), {human_bytes(report.bytes_read)} read"
+    if report.drill is not None:
+        headline += (f", drill restored {report.drill.backup_id}: {report.drill.tables} "
+                     "tables match")
+    notifier.publish(Outcome(kind="verify", database=database_id, headline=headline,
+                             duration_seconds=time.monotonic() - started,
+                             details=report.summary()))
+    return report
+
+
+def restore_and_report(store: Store, manifest: Manifest, target: ConnectionInfo,
+                       notifier: Notifier, options: RestoreOptions | None = None
+                       ) -> RestoreReport:
+    """Restore, and say on SNS what was restored where, or why it was not."""
+    started = time.monotonic()
+    try:
+        report = run_restore(store, manifest, target, options)
+    except BaseException as exc:
+        notifier.publish(Outcome(kind="restore", database=manifest.database_id, error=exc,
+                                 scrub=target.redact,
+                                 duration_seconds=time.monotonic() - started,
+                                 details={"backup_id": manifest.backup_id,
+                                          "target": target.display()}))
+        raise
+    notifier.publish(Outcome(kind="restore", database=manifest.database_id,
+                             duration_seconds=time.monotonic() - started,
+                             headline=f"{manifest.backup_id} into {target.display()}",
+                             details={"backup_id": manifest.backup_id, "lines": report.lines()}))
+    return report

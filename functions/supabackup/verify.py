@@ -9,6 +9,10 @@ A backup nobody has read back is a hope. For each backup, verify
   - checks the chain: an incremental's base, and every backup holding data it relies on,
     must exist and itself be readable.
 A manifest that cannot be parsed is a finding of its own, named by its key.
+
+With a drill server, verify then restores the chosen backup (or the newest) into a
+scratch database there and compares every table with what the backup recorded in its own
+snapshot (drill.py); each mismatch is a finding that names the table.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import logging
 import subprocess
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .errors import StoreError
+from .dburl import ConnectionInfo
+from .drill import DrillReport, run_drill
+from .errors import RestoreFailed, StoreError
 from .manifest import Manifest
 from .pgtools import find_tools
 from .store import MANIFEST, Store
@@ -44,14 +51,26 @@ class VerifyReport:
     verified: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     bytes_read: int = 0
+    drill: DrillReport | None = None
 
     @property
     def ok(self) -> bool:
         return not self.findings
 
+    def summary(self) -> dict[str, Any]:
+        """What the CLI's last line and the SNS message say."""
+        return {"database_id": self.database_id, "verified": self.verified,
+                "bytes_read": self.bytes_read, "problems": [str(f) for f in self.findings],
+                "drill": self.drill.summary() if self.drill else None}
 
-def verify_database(store: Store, database_id: str, backup_id: str | None = None) -> VerifyReport:
-    """Verify every backup of a database, or one backup and the chain it relies on."""
+
+def verify_database(store: Store, database_id: str, backup_id: str | None = None,
+                    drill: ConnectionInfo | None = None) -> VerifyReport:
+    """Verify every backup of a database, or one backup and the chain it relies on.
+
+    With `drill`, the backup (or the newest one) is then restored on that server and
+    compared with what it recorded, unless its objects already failed to verify.
+    """
     report = VerifyReport(database_id=database_id)
     manifests: dict[str, Manifest] = {}
     for key in store.manifest_keys(database_id):
@@ -70,7 +89,29 @@ def verify_database(store: Store, database_id: str, backup_id: str | None = None
         report.findings += _check_chain(manifest, manifests)
         report.findings += _check_objects(store, manifest, report)
         report.verified.append(bid)
+    if drill is not None:
+        _drill(store, manifests, backup_id or max(manifests, default=""), drill, report)
     return report
+
+
+def _drill(store: Store, manifests: dict[str, Manifest], backup_id: str,
+           server: ConnectionInfo, report: VerifyReport) -> None:
+    manifest = manifests.get(backup_id)
+    if manifest is None:
+        report.findings.append(Finding(backup_id or "-", "drill", "no backup to restore"))
+        return
+    broken = sorted({f.backup_id for f in report.findings} & set(_with_chain(backup_id,
+                                                                             manifests)))
+    if broken:
+        report.findings.append(Finding(backup_id, "drill", "not run: the backup relies on "
+                                       f"{', '.join(broken)}, which failed to verify"))
+        return
+    try:
+        report.drill = run_drill(store, manifest, server)
+    except (RestoreFailed, StoreError) as exc:
+        report.findings.append(Finding(backup_id, "drill", f"the restore failed: {exc.message}"))
+        return
+    report.findings += [Finding(backup_id, m.table, m.problem) for m in report.drill.mismatches]
 
 
 def _with_chain(backup_id: str, manifests: dict[str, Manifest]) -> list[str]:

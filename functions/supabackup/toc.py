@@ -1,0 +1,76 @@
+"""An archive's table of contents (`pg_restore --list`), parsed into entries a restore can select.
+
+A restore picks entries of an archive (the data of some tables, everything but the ACLs,
+what a fresh Supabase project lacks) by writing the lines it keeps to a file that
+`pg_restore --use-list` reads. Lines look like
+
+    215; 1259 16390 TABLE public todos postgres
+    3350; 0 16390 TABLE DATA public todos postgres
+    3190; 2606 16398 POLICY storage objects Avatar images are public postgres
+
+The description may be several words, the name may contain spaces (a policy's is "table
+policy"), and the owner is the last word. Only the head of the archive is read.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+from dataclasses import dataclass
+
+from .manifest import Manifest
+from .pgtools import find_tools
+from .store import Store
+
+# pg_dump's entry descriptions with more than one word, longest first; others are one word.
+_MULTIWORD = sorted((
+    "ACCESS METHOD", "BLOB DATA", "BLOB METADATA", "CHECK CONSTRAINT", "DATABASE PROPERTIES",
+    "DEFAULT ACL", "EVENT TRIGGER", "FK CONSTRAINT", "FOREIGN DATA WRAPPER", "FOREIGN SERVER",
+    "FOREIGN TABLE", "INDEX ATTACH", "LARGE OBJECT", "MATERIALIZED VIEW",
+    "MATERIALIZED VIEW DATA", "OPERATOR CLASS", "OPERATOR FAMILY", "PROCEDURAL LANGUAGE",
+    "PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA", "ROW SECURITY", "SECURITY LABEL",
+    "SEQUENCE OWNED BY", "SEQUENCE SET", "SHELL TYPE", "SUBSCRIPTION TABLE", "TABLE ATTACH",
+    "TABLE DATA", "TEXT SEARCH CONFIGURATION", "TEXT SEARCH DICTIONARY", "TEXT SEARCH PARSER",
+    "TEXT SEARCH TEMPLATE", "USER MAPPING",
+), key=len, reverse=True)
+_LINE = re.compile(r"^(\d+); (\d+) (\d+) (.*)$")
+
+
+@dataclass(frozen=True)
+class TocEntry:
+    line: str
+    oid: int       # the object's oid (a TABLE DATA entry's is its table's)
+    desc: str      # TABLE, TABLE DATA, POLICY, ACL, ...
+    schema: str    # "-" for objects outside any schema
+    name: str
+    owner: str
+
+    @classmethod
+    def parse(cls, line: str) -> TocEntry:
+        match = _LINE.match(line)
+        if match is None:
+            raise ValueError(f"not a table of contents line: {line!r}")
+        _, _, oid, text = match.groups()
+        rest, _, owner = text.rpartition(" ")  # the owner is last, and may be empty
+        desc = next((d for d in _MULTIWORD if rest.startswith(d + " ")), rest.split(" ", 1)[0])
+        schema, _, name = rest[len(desc) + 1:].partition(" ")
+        return cls(line, int(oid), desc, schema, name, owner)
+
+
+def read_toc(store: Store, manifest: Manifest) -> list[TocEntry]:
+    """The entries of a backup's archive, read from S3 (only its head is fetched)."""
+    tools = find_tools(int(manifest.pg_dump_version.split(".")[0]), purpose="restore")
+    proc = subprocess.Popen([tools.path("pg_restore"), "--list"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()),  # type: ignore[union-attr]
+                              daemon=True)
+    reader.start()
+    assert proc.stdin is not None
+    # It reads the table of contents and stops: no need to fetch the rest.
+    store.stream_to(manifest, manifest.object("database").name, proc.stdin, read_all=False)
+    proc.wait()
+    reader.join()
+    return [TocEntry.parse(line) for line in b"".join(out).decode().splitlines()
+            if line and not line.startswith(";")]
