@@ -133,4 +133,19 @@ def test_verify_exits_0_when_whole_and_1_naming_the_damaged_object(
     bad = run(local_s3, "verify", "--store", store, "--backup", backup_id)
     assert bad.returncode == 1
     assert f"PROBLEM {backup_id}/roles.sql: size 12 bytes" in bad.stdout
-    assert bad.stderr.startswith("supabackup: error: 1 problem(s) in the backups of ")
+    assert bad.stderr.startswith(f"supabackup: error: {backup_id}/roles.sql: size 12 bytes")
+
+
+def test_verify_with_a_drill_restores_and_compares_every_table(
+        pg17: Cluster, new_db: Any, local_s3: LocalS3, bucket: str) -> None:
+    db = new_db(pg17)
+    pg17.execute("CREATE TABLE t (id int, at timestamptz DEFAULT now(), f float8 DEFAULT pi());"
+                 "INSERT INTO t (id) SELECT generate_series(1, 100)", db)
+    store = f"s3://{bucket}/drill"
+    assert run(local_s3, "backup", "full", "--database-url", pg17.url(db),
+               "--store", store).returncode == 0
+    drilled = run(local_s3, "verify", "--store", store, SUPABACKUP_DRILL_URL=pg17.url())
+    assert drilled.returncode == 0, drilled.stderr
+    assert "compared 1 tables, 100 rows: 0 mismatch(es)" in drilled.stdout
+    from devkit.pg import SUPERUSER_PASSWORD
+    assert SUPERUSER_PASSWORD not in drilled.stdout + drilled.stderr

@@ -22,10 +22,10 @@ from .errors import ConfigError, SupabackupError, VerifyFailed
 from .manifest import RETENTION_CLASSES
 from .notify import Notifier, human_bytes, human_duration
 from .profiles import NAMES as PROFILE_NAMES
-from .restore import describe_plan, run_restore
-from .run import backup_and_report
+from .restore import RestoreOptions, describe_plan
+from .run import backup_and_report, restore_and_report, verify_and_report
 from .store import Store, StoreURL
-from .verify import verify_database
+from .verify import VerifyReport
 
 EXIT_BUG = 70
 
@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--database-id", help="which database in the store (default: derived "
                        "from the URL when backing up; the store's only one otherwise)")
 
+    def sns_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--sns-topic-arn", default=os.environ.get("SUPABACKUP_SNS_TOPIC_ARN"),
+                       help="publish the outcome here (default: $SUPABACKUP_SNS_TOPIC_ARN)")
+
     backup = sub.add_parser("backup", help="take a backup")
     backup.add_argument("kind", choices=KINDS)
     backup.add_argument("--database-url", default=os.environ.get("SUPABACKUP_DATABASE_URL"),
@@ -52,8 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: supabase for Supabase hosts, postgres elsewhere)")
     backup.add_argument("--label", help='a note shown by list and SNS, e.g. "before migration 42"')
     backup.add_argument("--retention", default="daily", choices=RETENTION_CLASSES)
-    backup.add_argument("--sns-topic-arn", default=os.environ.get("SUPABACKUP_SNS_TOPIC_ARN"),
-                        help="publish the outcome here (default: $SUPABACKUP_SNS_TOPIC_ARN)")
+    sns_flag(backup)
 
     lister = sub.add_parser("list", help="list committed backups")
     store_flag(lister)
@@ -65,10 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--at", default="latest", help="latest, a BACKUP_ID, or an ISO time")
     restore.add_argument("--dry-run", action="store_true",
                          help="print which archives would be read, and how much, then stop")
+    restore.add_argument("--tables", action="append", default=[], metavar="SCHEMA.TABLE[,...]",
+                         help="restore the data of these tables only (the schema comes back "
+                              "whole, other tables empty)")
+    restore.add_argument("--profile", default="postgres", choices=PROFILE_NAMES,
+                         help="supabase: into a fresh Supabase project, skipping what it "
+                              "already has (default: postgres, into an empty database)")
+    sns_flag(restore)
     verify = sub.add_parser("verify", help="re-read backups and prove they are whole")
     store_flag(verify)
     verify.add_argument("--backup", help="one BACKUP_ID and the chain it relies on "
                         "(default: every backup)")
+    verify.add_argument("--drill-url", default=os.environ.get("SUPABACKUP_DRILL_URL"),
+                        help="also restore the backup (default: the newest) on this scratch "
+                             "server and compare every table with what the backup recorded "
+                             "(default: $SUPABACKUP_DRILL_URL)")
+    sns_flag(verify)
     return parser
 
 
@@ -117,12 +132,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     store = Store(StoreURL.parse(require(args.store, "--store", "SUPABACKUP_STORE")))
     target = ConnectionInfo.from_url(args.target_url)
+    options = RestoreOptions(tables=tuple(t.strip() for arg in args.tables
+                                          for t in arg.split(",") if t.strip()),
+                             profile=args.profile)
     manifest = select_backup(store, resolve_database_id(store, args.database_id), args.at)
     if args.dry_run:
-        for line in describe_plan(store, manifest):
+        for line in describe_plan(store, manifest, options):
             print(line)
         return 0
-    report = run_restore(store, manifest, target)
+    report = restore_and_report(store, manifest, target, Notifier(args.sns_topic_arn), options)
     for line in report.lines():
         print(line)
     return 0
@@ -131,16 +149,28 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     store = Store(StoreURL.parse(require(args.store, "--store", "SUPABACKUP_STORE")))
     database_id = resolve_database_id(store, args.database_id)
-    report = verify_database(store, database_id, args.backup)
+    drill = ConnectionInfo.from_url(args.drill_url) if args.drill_url else None
+    try:
+        report = verify_and_report(store, database_id, Notifier(args.sns_topic_arn),
+                                   args.backup, drill)
+    except VerifyFailed as exc:
+        if exc.report is not None:
+            _print_verify(exc.report)
+        raise
+    _print_verify(report)
+    return 0
+
+
+def _print_verify(report: VerifyReport) -> None:
     for finding in report.findings:
         print(f"PROBLEM {finding}")
-    print(f"verified {len(report.verified)} backup(s) of {database_id}: "
+    if report.drill is not None:
+        drill = report.drill
+        print(f"drill: restored {drill.backup_id} on {drill.server} (from "
+              f"{', '.join(drill.restore.backups) if drill.restore else '-'}), compared "
+              f"{drill.tables} tables, {drill.rows} rows: {len(drill.mismatches)} mismatch(es)")
+    print(f"verified {len(report.verified)} backup(s) of {report.database_id}: "
           f"{human_bytes(report.bytes_read)} read, {len(report.findings)} problem(s)")
-    if not report.ok:
-        raise VerifyFailed(f"{len(report.findings)} problem(s) in the backups of {database_id}, "
-                           f"first: {report.findings[0]}",
-                           "restore from a backup that verifies; see the PROBLEM lines")
-    return 0
 
 
 COMMANDS = {"backup": cmd_backup, "list": cmd_list, "restore": cmd_restore,

@@ -7,6 +7,8 @@ the Lambda handler into a failed invocation and an SNS message. Library code nev
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SupabackupError(Exception):
     """Base of every expected failure."""
@@ -53,4 +55,8 @@ class RestoreFailed(SupabackupError):
 
 
 class VerifyFailed(SupabackupError):
-    """Verify found a backup that would not restore as recorded."""
+    """Verify found a backup that would not restore as recorded; `report` says what."""
+
+    def __init__(self, message: str, hint: str = "", report: Any = None) -> None:
+        super().__init__(message, hint)
+        self.report = report

@@ -15,7 +15,7 @@ from .backup import BackupRequest, run_backup
 from .dburl import ConnectionInfo
 from .errors import SupabackupError, VerifyFailed
 from .manifest import Manifest
-from .notify import Notifier, Outcome, human_bytes
+from .notify import Notifier, Outcome
 from .restore import RestoreOptions, RestoreReport, run_restore
 from .retention import apply_retention
 from .store import Store
@@ -60,21 +60,23 @@ def verify_and_report(store: Store, database_id: str, notifier: Notifier,
     """Verify (and drill); any problem fails the run with a message that names the first."""
     started = time.monotonic()
     scrub = drill.redact if drill is not None else str
+    report: VerifyReport | None = None
     try:
         report = verify_database(store, database_id, backup_id, drill)
         if not report.ok:
-            raise VerifyFailed(f"{len(report.findings)} problem(s) in the backups of "
-                               f"{database_id}, first: {report.findings[0]}",
-                               "restore from a backup that verifies; see the problems listed")
+            more = len(report.findings) - 1
+            raise VerifyFailed(f"{report.findings[0]}" + (f" (and {more} more problem(s))"
+                                                          if more else ""),
+                               "restore from a backup that verifies; see the problems listed",
+                               report)
     except BaseException as exc:
-        details = report.summary() if "report" in locals() else None
         notifier.publish(Outcome(kind="verify", database=database_id, error=exc, scrub=scrub,
-                                 duration_seconds=time.monotonic() - started, details=details))
+                                 duration_seconds=time.monotonic() - started,
+                                 details=report.summary() if report is not None else None))
         raise
-    headline = f"{len(report.verified)} backup(s), {human_bytes(report.bytes_read)} read"
+    headline = f"{len(report.verified)} backup(s) whole"
     if report.drill is not None:
-        headline += (f", drill restored {report.drill.backup_id}: {report.drill.tables} "
-                     "tables match")
+        headline += f"; drill: {report.drill.tables} tables match"
     notifier.publish(Outcome(kind="verify", database=database_id, headline=headline,
                              duration_seconds=time.monotonic() - started,
                              details=report.summary()))

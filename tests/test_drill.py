@@ -1,0 +1,169 @@
+"""The restore drill: a backup restored on a scratch server equals what its snapshot held.
+
+Checksums cannot tell a whole archive from one that holds the wrong data; the drill can.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from supabackup.backup import BackupRequest, run_backup
+from supabackup.dburl import ConnectionInfo
+from supabackup.dump import child_env
+from supabackup.errors import VerifyFailed
+from supabackup.manifest import Manifest, new_backup_id
+from supabackup.notify import Notifier
+from supabackup.pgtools import find_tools
+from supabackup.run import verify_and_report
+from supabackup.store import Store
+from supabackup.verify import verify_database
+
+from devkit.pg import Cluster
+
+from .conftest import BUCKET, SQL, Inbox
+
+START = datetime(2026, 11, 22, 3, tzinfo=UTC)
+
+
+def _conn(cluster: Cluster, db: str = "postgres") -> ConnectionInfo:
+    return ConnectionInfo.from_url(cluster.url(db))
+
+
+def _scratch_databases(cluster: Cluster) -> list[str]:
+    return [r[0] for r in cluster.execute(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'supabackup\\_drill\\_%'")]
+
+
+def _full_and_incremental(cluster: Cluster, db: str, store: Store) -> tuple[Manifest, Manifest]:
+    conn = _conn(cluster, db)
+    full = run_backup(conn, store, BackupRequest(backup_id=new_backup_id(START, "full")))
+    cluster.execute("CREATE TABLE added_later (id int, note text);"
+                    "INSERT INTO added_later SELECT g, 'n' || g FROM generate_series(1, 50) g",
+                    db)
+    incr = run_backup(conn, store, BackupRequest(
+        kind="incremental", backup_id=new_backup_id(START + timedelta(days=1), "incremental")))
+    assert incr.kind == "incremental"
+    return full, incr
+
+
+def test_drill_restores_the_newest_backup_and_every_table_matches(
+        cluster: Cluster, new_db: Any, store: Store) -> None:
+    # GIVEN a chain of every common kind of object, and data whose text depends on settings
+    db = new_db(cluster)
+    cluster.psql_file(SQL / "all_kinds.sql", db)
+    full, incr = _full_and_incremental(cluster, db, store)
+    # WHEN verify drills on the same server (as a scratch server)
+    report = verify_database(store, full.database_id, drill=_conn(cluster))
+    # THEN every table of the incremental matches, including those held in the full
+    assert report.ok, report.findings
+    assert report.drill is not None and report.drill.backup_id == incr.backup_id
+    assert report.drill.tables == len(incr.tables) > 10
+    assert report.drill.unfingerprinted == 0
+    assert report.drill.restore is not None
+    assert report.drill.restore.backups == [full.backup_id, incr.backup_id]
+    assert report.drill.rows == sum(t["rows"] for t in incr.tables) > 0
+    # AND the scratch database is gone
+    assert _scratch_databases(cluster) == []
+
+
+def _replace_archive_with_a_dump_of_now(cluster: Cluster, db: str, store: Store, s3: Any,
+                                        manifest: Manifest) -> None:
+    """Store a real, whole pg_dump of the database as it is now in place of the backup's
+    archive, and make the manifest's size and sha256 describe it: every checksum agrees."""
+    tools = find_tools(cluster.major)
+    archive = subprocess.run([tools.path("pg_dump"), "--format=custom"],
+                             env=child_env(_conn(cluster, db)), capture_output=True,
+                             check=True).stdout
+    key = store.backup_key(manifest.database_id, manifest.backup_id, "database.dump")
+    s3.put_object(Bucket=BUCKET, Key=key, Body=archive)
+    manifest_key = store.backup_key(manifest.database_id, manifest.backup_id, "manifest.json")
+    doc = json.loads(s3.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
+    for obj in doc["objects"]:
+        if obj["name"] == "database.dump":
+            obj["size"], obj["sha256"] = len(archive), hashlib.sha256(archive).hexdigest()
+    s3.put_object(Bucket=BUCKET, Key=manifest_key, Body=json.dumps(doc).encode())
+
+
+def test_drill_fails_when_one_tables_data_was_altered_after_the_backup(
+        pg17: Cluster, new_db: Any, store: Store, s3: Any, inbox: Inbox) -> None:
+    # GIVEN a backup whose archive holds one table as it was altered after the snapshot
+    db = new_db(pg17)
+    pg17.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance numeric);"
+                 "INSERT INTO accounts SELECT g, g * 10 FROM generate_series(1, 100) g;"
+                 "CREATE TABLE audit (id int, note text);"
+                 "INSERT INTO audit SELECT g, 'x' FROM generate_series(1, 10) g", db)
+    full = run_backup(_conn(pg17, db), store, BackupRequest())
+    pg17.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 42", db)
+    _replace_archive_with_a_dump_of_now(pg17, db, store, s3, full)
+    # WHEN verify checks the objects only, every checksum agrees
+    assert verify_database(store, full.database_id).ok
+    # THEN the drill names the altered table, and only it
+    with pytest.raises(VerifyFailed, match="public.accounts: content differs"):
+        verify_and_report(store, full.database_id, Notifier(inbox.topic_arn, inbox.sns),
+                          drill=_conn(pg17))
+    (message,) = inbox.messages()
+    assert message["MessageAttributes"]["status"]["Value"] == "failed"
+    assert "verify of" in message["Subject"] and "public.accounts" in message["Subject"]
+    assert message["Message"]["details"]["problems"] == [
+        p for p in message["Message"]["details"]["problems"] if "public.accounts" in p]
+    assert message["Message"]["details"]["drill"]["tables"] == 2
+    assert _scratch_databases(pg17) == []
+
+
+def test_drill_names_a_table_whose_rows_went_missing(pg15: Cluster, new_db: Any,
+                                                     store: Store, s3: Any) -> None:
+    db = new_db(pg15)
+    pg15.execute("CREATE TABLE orders (id int); INSERT INTO orders SELECT generate_series(1, 9)",
+                 db)
+    full = run_backup(_conn(pg15, db), store, BackupRequest())
+    pg15.execute("DELETE FROM orders WHERE id > 6", db)
+    _replace_archive_with_a_dump_of_now(pg15, db, store, s3, full)
+    report = verify_database(store, full.database_id, drill=_conn(pg15))
+    assert [str(f) for f in report.findings] == [
+        f"{full.backup_id}/public.orders: 6 rows restored, the backup's snapshot held 9"]
+
+
+def test_drill_is_not_run_on_a_backup_that_failed_to_verify(pg15: Cluster, new_db: Any,
+                                                            store: Store, s3: Any) -> None:
+    db = new_db(pg15)
+    pg15.execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)", db)
+    full = run_backup(_conn(pg15, db), store, BackupRequest())
+    s3.delete_object(Bucket=BUCKET, Key=store.backup_key(full.database_id, full.backup_id,
+                                                         "database.dump"))
+    problems = [str(f) for f in verify_database(store, full.database_id,
+                                                drill=_conn(pg15)).findings]
+    assert problems == [f"{full.backup_id}/database.dump: missing",
+                        f"{full.backup_id}/drill: not run: the backup relies on "
+                        f"{full.backup_id}, which failed to verify"]
+    assert _scratch_databases(pg15) == []
+
+
+def test_drill_succeeds_on_sns_with_what_it_compared(pg15: Cluster, new_db: Any, store: Store,
+                                                     inbox: Inbox) -> None:
+    db = new_db(pg15)
+    pg15.execute("CREATE ROLE sb_drill_only; CREATE TABLE t (id int);"
+                 "GRANT SELECT ON t TO sb_drill_only; INSERT INTO t VALUES (1), (2)", db)
+    try:
+        full = run_backup(_conn(pg15, db), store, BackupRequest())
+        pg15.execute("DROP TABLE t", db)
+        pg15.execute("DROP ROLE sb_drill_only")  # the drill server lacks the role
+        report = verify_and_report(store, full.database_id, Notifier(inbox.topic_arn, inbox.sns),
+                                   drill=_conn(pg15))
+        assert report.drill is not None and report.drill.restore is not None
+        assert report.drill.restore.roles_created == ["sb_drill_only"]
+        # the drill drops the roles its restore created
+        assert pg15.execute("SELECT count(*) FROM pg_roles WHERE rolname = 'sb_drill_only'") == [
+            (0,)]
+        (message,) = inbox.messages()
+        assert message["Subject"] == (f"supabackup: verify of {full.database_id} succeeded: "
+                                      "1 backup(s) whole; drill: 1 tables match")
+        details = message["Message"]["details"]
+        assert details["drill"]["backup_id"] == full.backup_id
+        assert details["drill"]["rows"] == 2 and details["problems"] == []
+    finally:
+        pg15.execute("DROP ROLE IF EXISTS sb_drill_only")
