@@ -48,14 +48,21 @@ UNION ALL
 SELECT 'TRIGGER', n.nspname, c.relname || ' ' || t.tgname FROM pg_trigger t
   JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
   WHERE NOT t.tgisinternal
+UNION ALL
+SELECT 'PUBLICATION', '-', pubname FROM pg_publication
+UNION ALL
+SELECT 'EVENT TRIGGER', '-', evtname FROM pg_event_trigger
 """
+# Objects outside any schema that a project creates itself, matched by name.
+PROJECT_WIDE = frozenset({"PUBLICATION", "EVENT TRIGGER"})
 
 
 @dataclass
 class SupabaseTarget:
     platform: frozenset[str]      # schemas whose definitions the project has
     internal: tuple[str, ...]     # schema patterns the project owns whole
-    existing: frozenset[tuple[str, str, str]]  # (POLICY|TRIGGER, schema, "table name")
+    existing: frozenset[tuple[str, str, str]]  # (POLICY|TRIGGER, schema, "table name"),
+                                               # (PROJECT_WIDE desc, -, name)
     user: str                     # the restoring role
     is_reserved: Callable[[str], bool]
     skipped: int = 0              # platform definitions left out (for the report)
@@ -89,6 +96,9 @@ class SupabaseTarget:
             return False
         if entry.desc == "COMMENT" and entry.name.startswith("EXTENSION "):
             return False  # the project's extensions are not the user's to comment on
+        if entry.desc in PROJECT_WIDE and (entry.desc, "-", entry.name) in self.existing:
+            self.skipped += 1  # supabase_realtime, pgrst_ddl_watch, ...; the tables users
+            return False       # add to a publication are kept
         if self._is_internal(schema):
             return False
         if schema not in self.platform:
