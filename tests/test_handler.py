@@ -12,6 +12,9 @@ import boto3
 import pytest
 from supabackup.errors import ConfigError
 from supabackup.handlers import backup as handler_module
+from supabackup.handlers import common
+from supabackup.handlers import restore as restore_handler
+from supabackup.handlers import verify as verify_handler
 
 from devkit.pg import Cluster
 
@@ -48,7 +51,7 @@ def deployed(pg15: Cluster, new_db: Any, s3: Any, inbox: Inbox,
     monkeypatch.setenv("SUPABACKUP_DB_SECRET_ARN", arn)
     monkeypatch.setenv("SUPABACKUP_SNS_TOPIC_ARN", inbox.topic_arn)
     monkeypatch.setenv("POWERTOOLS_METRICS_NAMESPACE", "supabackup")
-    monkeypatch.setattr(handler_module, "clients", {
+    monkeypatch.setattr(common, "clients", {
         "s3": s3, "secretsmanager": secrets, "sns": inbox.sns})
     return {"db": db, "secrets": secrets, "arn": arn}
 
@@ -170,3 +173,131 @@ def test_incremental_without_a_base_escalates_and_says_why(deployed: dict[str, A
     (msg,) = inbox.messages()
     assert " succeeded (escalated): " in msg["Subject"]
     assert msg["Message"]["backup"]["escalation"] == "no previous backup to chain from"
+
+
+# --- verify and restore functions -----------------------------------------------------------
+
+
+@pytest.fixture
+def drill_secret(deployed: dict[str, Any], pg15: Cluster,
+                 monkeypatch: pytest.MonkeyPatch) -> str:
+    """The scratch server the verify function drills on (here: the same cluster)."""
+    arn = deployed["secrets"].create_secret(Name="supabackup/drill", SecretString=json.dumps({
+        "host": "127.0.0.1", "port": pg15.port, "username": "sb_lambda",
+        "password": PASSWORD, "dbname": "postgres"}))["ARN"]
+    monkeypatch.setenv("SUPABACKUP_DRILL_SECRET_ARN", arn)
+    return arn
+
+
+def test_scheduled_verify_drills_the_newest_backup(deployed: dict[str, Any], drill_secret: str,
+                                                   inbox: Inbox, log_buffer: Any,
+                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    full = handler_module.handler(load_event("backup-full-scheduled.json"), FakeContext())
+    inbox.messages(), capfd.readouterr()
+    result = verify_handler.handler(load_event("verify-scheduled.json"), FakeContext())
+    assert result["verified"] == [full["backup_id"]] and result["problems"] == []
+    assert result["drill"]["backup_id"] == full["backup_id"]
+    assert (result["drill"]["tables"], result["drill"]["rows"]) == (1, 100)
+    (msg,) = inbox.messages()
+    assert msg["Subject"].endswith("succeeded: 1 backup(s) whole; drill: 1 tables match")
+    assert msg["MessageAttributes"]["kind"]["Value"] == "verify"
+    out = capfd.readouterr().out
+    assert _emf(out)["VerifySucceeded"] in ([1.0], 1.0)
+    assert PASSWORD not in out + log_buffer.getvalue() + repr(msg)
+
+
+def test_manual_verify_without_drill_names_a_damaged_object(
+        deployed: dict[str, Any], drill_secret: str, s3: Any, inbox: Inbox,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    full = handler_module.handler(load_event("backup-full-scheduled.json"), FakeContext())
+    inbox.messages(), capfd.readouterr()
+    key = next(k for k in stored_keys(s3) if k.endswith("roles.sql"))
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"-- tampered\n")
+    with pytest.raises(Exception, match=f"{full['backup_id']}/roles.sql: size 12 bytes"):
+        verify_handler.handler(load_event("verify-manual.json"), FakeContext())
+    (msg,) = inbox.messages()
+    assert msg["MessageAttributes"]["status"]["Value"] == "failed"
+    assert msg["Message"]["details"]["drill"] is None  # the manual sample skips the drill
+    assert _emf(capfd.readouterr().out)["VerifyFailed"] in ([1.0], 1.0)
+
+
+@pytest.mark.parametrize("event, match", [
+    ({"drill": "yes"}, "event field 'drill' must be a boolean"),
+    ({"backup": "x"}, "unknown event field"),
+])
+def test_malformed_verify_event_fails_clearly(deployed: dict[str, Any], inbox: Inbox,
+                                              event: Any, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        verify_handler.handler(event, FakeContext())
+    (msg,) = inbox.messages()
+    assert msg["MessageAttributes"]["status"]["Value"] == "failed"
+
+
+@pytest.fixture
+def restore_target(deployed: dict[str, Any], pg15: Cluster, new_db: Any,
+                   monkeypatch: pytest.MonkeyPatch) -> str:
+    target = new_db(pg15)
+    arn = deployed["secrets"].create_secret(Name="supabackup/restore-target",
+                                            SecretString=json.dumps({
+                                                "host": "127.0.0.1", "port": pg15.port,
+                                                "username": "sb_lambda", "password": PASSWORD,
+                                                "dbname": target}))["ARN"]
+    monkeypatch.setenv("SUPABACKUP_RESTORE_SECRET_ARN", arn)
+    return target
+
+
+def test_restore_function_restores_the_latest_backup_into_its_target(
+        deployed: dict[str, Any], restore_target: str, pg15: Cluster, inbox: Inbox) -> None:
+    full = handler_module.handler(load_event("backup-full-manual.json"), FakeContext())
+    inbox.messages()
+    result = restore_handler.handler(load_event("restore-latest.json"), FakeContext())
+    assert result["backup_id"] == full["backup_id"]
+    assert pg15.execute("SELECT count(*) FROM orders", restore_target) == [(100,)]
+    (msg,) = inbox.messages()
+    assert msg["Subject"].startswith(f"supabackup: restore of {full['database_id']} succeeded")
+    assert PASSWORD not in repr(msg) + repr(result)
+
+
+def test_restore_function_dry_run_plans_and_touches_nothing(
+        deployed: dict[str, Any], restore_target: str, pg15: Cluster, inbox: Inbox) -> None:
+    pg15.execute("CREATE TABLE public.todos (id int)", deployed["db"])  # named by the sample
+    full = handler_module.handler(load_event("backup-full-manual.json"), FakeContext())
+    inbox.messages()
+    result = restore_handler.handler(load_event("restore-tables-dry-run.json"), FakeContext())
+    assert result["dry_run"] is True and result["backup_id"] == full["backup_id"]
+    assert result["plan"][-1] == "  table data of: public.todos only"
+    assert pg15.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+                        restore_target) == [(0,)]
+    assert inbox.messages() == []
+
+
+def test_restore_function_refuses_a_bad_event_without_touching_the_target(
+        deployed: dict[str, Any], restore_target: str, pg15: Cluster, inbox: Inbox) -> None:
+    handler_module.handler(load_event("backup-full-manual.json"), FakeContext())
+    inbox.messages()
+    with pytest.raises(ConfigError, match="table 'public.nope' is not in the backup"):
+        restore_handler.handler({"tables": ["public.nope"]}, FakeContext())
+    with pytest.raises(ConfigError, match="event field 'tables' must be a list"):
+        restore_handler.handler({"tables": "public.orders"}, FakeContext())
+    assert pg15.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+                        restore_target) == [(0,)]
+    assert [m["MessageAttributes"]["status"]["Value"] for m in inbox.messages()] == [
+        "failed", "failed"]
+
+
+def test_restore_function_restores_into_a_fresh_supabase_project(
+        deployed: dict[str, Any], pg15: Cluster, new_db: Any, inbox: Inbox,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from .conftest import SQL
+    project = new_db(pg15)
+    pg15.psql_file(SQL / "supabase_platform.sql", project)
+    arn = deployed["secrets"].create_secret(Name="supabackup/project", SecretString=json.dumps({
+        "host": "127.0.0.1", "port": pg15.port, "username": "sb_lambda", "password": PASSWORD,
+        "dbname": project}))["ARN"]
+    monkeypatch.setenv("SUPABACKUP_RESTORE_SECRET_ARN", arn)
+    handler_module.handler(load_event("backup-full-manual.json"), FakeContext())
+    result = restore_handler.handler(load_event("restore-into-supabase.json"), FakeContext())
+    assert any("supabase profile" in line for line in result["lines"])
+    # the rows, and the source's grants: the project's default privileges do not leak in
+    assert pg15.execute("SELECT count(*), has_table_privilege('anon', 'public.orders', "
+                        "'SELECT') FROM public.orders", project) == [(100, False)]

@@ -1,43 +1,92 @@
-"""Lambda events: validated into a BackupRequest, or refused with a clear error.
+"""Lambda events: validated into a request (backup, verify, restore), or refused clearly.
 
 The schedules send `{"kind": "full", "trigger": "schedule", "retention": "weekly"}`;
 users invoke by hand with a label and a retention class (see events/). Unknown fields
 and wrong types are refused rather than ignored: a typo in "retention" must not turn a
-pinned pre-migration backup into one that expires in 14 days.
+pinned pre-migration backup into one that expires in 14 days. No event carries a
+secret: the functions read database credentials from Secrets Manager.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from .backup import BackupRequest
 from .errors import ConfigError
+from .restore import RestoreOptions
 
 FIELDS: dict[str, type] = {"kind": str, "trigger": str, "retention": str, "label": str,
                            "profile": str, "database_id": str}
+VERIFY_FIELDS: dict[str, type] = {"trigger": str, "backup_id": str, "drill": bool,
+                                  "database_id": str}
+RESTORE_FIELDS: dict[str, type] = {"at": str, "tables": list, "profile": str, "dry_run": bool,
+                                   "database_id": str}
 TRIGGERS = ("schedule", "manual")
+TYPE_NAMES = {str: "string", bool: "boolean (true or false)", list: "list"}
 
 
-def parse_backup_event(event: Any) -> BackupRequest:
+def _checked(event: Any, fields: dict[str, type], example: str) -> dict[str, Any]:
+    """The event as a dict of known fields of the right types, or a clear refusal."""
     if not isinstance(event, dict):
-        raise ConfigError("the event is not a JSON object",
-                          'invoke with e.g. {"kind": "full", "label": "before migration 42"}')
-    unknown = sorted(set(event) - set(FIELDS))
+        raise ConfigError("the event is not a JSON object", f"invoke with e.g. {example}")
+    unknown = sorted(set(event) - set(fields))
     if unknown:
         raise ConfigError(f"unknown event field(s): {', '.join(unknown)}",
-                          f"allowed: {', '.join(FIELDS)}")
+                          f"allowed: {', '.join(fields)}")
     for name, value in event.items():
-        if value is not None and not isinstance(value, FIELDS[name]):
-            raise ConfigError(f"event field {name!r} must be a string",
-                              'see the samples in events/')
+        if value is not None and not isinstance(value, fields[name]):
+            raise ConfigError(f"event field {name!r} must be a {TYPE_NAMES[fields[name]]}",
+                              "see the samples in events/")
     trigger = event.get("trigger") or "manual"
     if trigger not in TRIGGERS:
         raise ConfigError(f"unknown trigger {trigger!r}", f"use one of: {', '.join(TRIGGERS)}")
+    return event
+
+
+def parse_backup_event(event: Any) -> BackupRequest:
+    event = _checked(event, FIELDS, '{"kind": "full", "label": "before migration 42"}')
     return BackupRequest(
         kind=event.get("kind") or "full",
         profile=event.get("profile"),
         retention=event.get("retention") or "daily",
         label=event.get("label"),
-        trigger=trigger,
+        trigger=event.get("trigger") or "manual",
         database_id=event.get("database_id"),
     )
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    backup_id: str | None = None   # None: every backup
+    drill: bool = True             # restore on the drill server too, when one is configured
+    database_id: str | None = None
+
+
+def parse_verify_event(event: Any) -> VerifyRequest:
+    event = _checked(event, VERIFY_FIELDS, '{"trigger": "manual", "drill": true}')
+    drill = event.get("drill")
+    return VerifyRequest(backup_id=event.get("backup_id"),
+                         drill=True if drill is None else drill,
+                         database_id=event.get("database_id"))
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    at: str = "latest"
+    options: RestoreOptions = field(default_factory=RestoreOptions)
+    dry_run: bool = False
+    database_id: str | None = None
+
+
+def parse_restore_event(event: Any) -> RestoreRequest:
+    event = _checked(event, RESTORE_FIELDS, '{"at": "latest", "dry_run": true}')
+    tables = event.get("tables") or []
+    if not all(isinstance(t, str) and t for t in tables):
+        raise ConfigError("event field 'tables' must list table names",
+                          'e.g. "tables": ["public.todos"]')
+    return RestoreRequest(at=event.get("at") or "latest",
+                          options=RestoreOptions(tables=tuple(tables),
+                                                 profile=event.get("profile") or "postgres"),
+                          dry_run=bool(event.get("dry_run")),
+                          database_id=event.get("database_id"))

@@ -16,53 +16,20 @@ import os
 import time
 from typing import Any
 
-import boto3
-from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from botocore.exceptions import BotoCoreError, ClientError
 
-from ..dburl import ConnectionInfo
-from ..errors import ConfigError, SupabackupError
+from ..errors import SupabackupError
 from ..events import parse_backup_event
 from ..manifest import new_backup_id, utcnow
-from ..notify import Notifier, Outcome
 from ..run import backup_and_report
-from ..store import BOTO_CONFIG, Store, StoreURL
-
-logger = Logger(service="supabackup")
-metrics = Metrics(namespace="supabackup", service="supabackup")
-# Clients are created lazily and can be replaced by tests (moto-backed) before a call.
-clients: dict[str, Any] = {}
-
-
-def client(service: str) -> Any:
-    if service not in clients:
-        clients[service] = boto3.client(service, config=BOTO_CONFIG)
-    return clients[service]
-
-
-def read_secret(arn: str) -> ConnectionInfo:
-    try:
-        secret = client("secretsmanager").get_secret_value(SecretId=arn)["SecretString"]
-    except (ClientError, BotoCoreError) as exc:
-        code = exc.response["Error"]["Code"] if isinstance(exc, ClientError) else type(exc).__name__
-        raise ConfigError(f"cannot read the database secret {arn}: {code}",
-                          "check SUPABACKUP_DB_SECRET_ARN and the function's IAM role") from None
-    return ConnectionInfo.from_secret(secret)
-
-
-def env(name: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        raise ConfigError(f"the function's environment lacks {name}", "redeploy the stack")
-    return value
+from .common import logger, metrics, notifier, read_secret, refuse, store
 
 
 @metrics.log_metrics
 @logger.inject_lambda_context(clear_state=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    notifier = Notifier(os.environ.get("SUPABACKUP_SNS_TOPIC_ARN"), client("sns"))
+    notify = notifier()
     started = time.monotonic()
     kind = event.get("kind", "full") if isinstance(event, dict) else "full"
     metrics.add_dimension(name="kind", value=str(kind)[:32])
@@ -70,28 +37,24 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         request = parse_backup_event(event)
         if request.profile is None and os.environ.get("SUPABACKUP_PROFILE"):
             request = request.with_profile(os.environ["SUPABACKUP_PROFILE"])
-        store = Store(StoreURL.parse(env("SUPABACKUP_STORE")), client("s3"))
-        conn = read_secret(env("SUPABACKUP_DB_SECRET_ARN"))
+        backups = store()
+        conn = read_secret("SUPABACKUP_DB_SECRET_ARN")
     except SupabackupError as exc:
-        # Bad input fails before the engine starts; it still gets its SNS message.
-        logger.error("backup refused: %s", exc)
-        notifier.publish(Outcome(kind=str(kind)[:32], database="unknown",
-                                 duration_seconds=time.monotonic() - started, error=exc))
-        metrics.add_metric(name="BackupFailed", unit=MetricUnit.Count, value=1)
+        refuse(notify, str(kind)[:32], exc, started, "BackupFailed")
         raise
     request = request.with_backup_id(new_backup_id(utcnow(), request.kind))
     logger.set_correlation_id(request.backup_id)
     logger.info("backup starting", extra={"database": conn.display(), "label": request.label,
                                           "retention": request.retention})
     try:
-        manifest, outcome = backup_and_report(conn, store, request, notifier)
+        manifest, outcome = backup_and_report(conn, backups, request, notify)
     except Exception as exc:
         metrics.add_metric(name="BackupFailed", unit=MetricUnit.Count, value=1)
         logger.error("backup failed: %s", conn.redact(str(exc)))
         raise
     finally:
-        if notifier.failures:
-            metrics.add_metric(name="NotifyFailed", unit=MetricUnit.Count, value=notifier.failures)
+        if notify.failures:
+            metrics.add_metric(name="NotifyFailed", unit=MetricUnit.Count, value=notify.failures)
     metrics.add_metric(name="BackupSucceeded", unit=MetricUnit.Count, value=1)
     metrics.add_metric(name="BackupBytes", unit=MetricUnit.Bytes, value=manifest.total_bytes)
     metrics.add_metric(name="BackupDuration", unit=MetricUnit.Seconds,
