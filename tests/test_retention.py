@@ -109,3 +109,57 @@ def test_apply_retention_retags_every_object_and_reports_changes(
 def test_nothing_is_ever_deleted_by_the_plan(days: int) -> None:
     history, classes = _simulate(days)
     assert set(classes) >= set(history[-1]["kept"])
+
+
+def test_120_days_with_failed_runs_keep_every_listed_backup_restorable_and_classes_right(
+) -> None:
+    """Daily and weekly runs on a clock the test controls, one in six failing (no backup that
+    day), with lifecycle each day. Incrementals rely on their base and on the previous
+    incremental (which holds the data of tables that changed then)."""
+    import random
+    rng = random.Random(20261129)
+    failed = {day for day in range(120) if rng.random() < 1 / 6}
+    kept: dict[str, Entry] = {}
+    classes: dict[str, str] = {}
+    fulls_taken: list[Entry] = []
+    previous: Entry | None = None
+    for day in range(120):
+        now = START + timedelta(days=day)
+        if day not in failed:
+            chain_ok = previous is not None and previous.backup_id in kept and all(
+                d in kept for d in previous.depends_on)
+            if now.weekday() == 6 or not chain_ok:
+                entry = Entry(f"{now:%Y%m%dT%H%M%SZ}-full", "full", "weekly", now, frozenset())
+                fulls_taken.append(entry)
+            else:
+                assert previous is not None
+                base = next(iter(previous.depends_on), previous.backup_id) \
+                    if previous.kind == "incremental" else previous.backup_id
+                needs = {base} | ({previous.backup_id} if previous.kind == "incremental" else set())
+                entry = Entry(f"{now:%Y%m%dT%H%M%SZ}-incr", "incremental", "daily", now,
+                              frozenset(needs))
+            kept[entry.backup_id] = entry
+            previous = entry
+            classes = plan_retention(list(kept.values()))
+        for backup_id, entry in list(kept.items()):  # S3 lifecycle
+            cls = classes.get(backup_id, entry.retention)
+            if cls != "pinned" and now - entry.taken_at > timedelta(days=DEFAULT_DAYS[cls]):
+                del kept[backup_id]
+
+        # every listed backup can be restored: all it relies on is still there
+        for entry in kept.values():
+            assert entry.depends_on <= kept.keys(), f"{now:%F}: {entry.backup_id} broken"
+        # monthly: the first full of each month of the last year, exactly one per month
+        months = {}
+        for full in fulls_taken:
+            if now - full.taken_at <= timedelta(days=DEFAULT_DAYS["monthly"]):
+                months.setdefault(full.taken_at.strftime("%Y-%m"), full.backup_id)
+        monthly = sorted(b for b in kept if classes[b] == "monthly")
+        assert monthly == sorted(months.values()), f"{now:%F}"
+        # weekly: the four newest fulls are kept, whatever their age
+        assert {f.backup_id for f in fulls_taken[-4:]} <= kept.keys(), f"{now:%F}"
+        # daily: an incremental older than 14 days is kept only when pinned
+        for entry in kept.values():
+            if entry.kind == "incremental" and now - entry.taken_at > timedelta(days=14):
+                assert classes[entry.backup_id] == "pinned", f"{now:%F}: {entry.backup_id}"
+    assert len(failed) > 10 and len(fulls_taken) > 10  # the simulation did exercise both

@@ -77,11 +77,17 @@ def plan_retention(entries: list[Entry], days: dict[str, int] | None = None) -> 
         if newest is not None and expires(e.backup_id) <= newest + timedelta(days=2):
             classes[e.backup_id] = "pinned"  # too few newer weekly fulls to let it go
 
-    # Dependents first (newest), so a hold propagates down a chain of any length.
+    # How long each backup is needed: until it expires, or until the last backup that
+    # relies on it does. Dependents first (newest), so a need propagates down a chain of
+    # any length; a hold lasts as long as the dependent's need, not for ever, so a chain
+    # of daily incrementals never pins its monthly base or itself for good.
+    needed_until = {e.backup_id: expires(e.backup_id) for e in entries}
     for e in sorted(entries, key=lambda e: e.taken_at, reverse=True):
-        for needed in e.depends_on:
-            if needed in by_id and expires(needed) < expires(e.backup_id):
-                classes[needed] = "pinned"
+        for needed in e.depends_on & needed_until.keys():
+            needed_until[needed] = max(needed_until[needed], needed_until[e.backup_id])
+    for backup_id, until in needed_until.items():
+        if until > expires(backup_id):
+            classes[backup_id] = "pinned"
     return classes
 
 
