@@ -117,7 +117,7 @@ def test_120_days_with_failed_runs_keep_every_listed_backup_restorable_and_class
     day), with lifecycle each day. Incrementals rely on their base and on the previous
     incremental (which holds the data of tables that changed then)."""
     import random
-    rng = random.Random(20261129)
+    rng = random.Random(20261129)  # noqa: S311 - a reproducible schedule, not a secret
     failed = {day for day in range(120) if rng.random() < 1 / 6}
     kept: dict[str, Entry] = {}
     classes: dict[str, str] = {}
