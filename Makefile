@@ -8,6 +8,8 @@ PYTHON ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null 
 VENV   := .venv
 BIN    := $(VENV)/bin
 PG17   := build/postgresql-17/.version
+# aws-sam-cli and checkov pin conflicting versions of shared packages: a venv each.
+TOOLS  := build/tools/sam/.installed build/tools/checkov/.installed
 
 .PHONY: setup test demo bench lint layer clean
 
@@ -24,7 +26,14 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml
 $(PG17): layers/postgresql.lock layers/fetch_postgres.py $(VENV)/.installed
 	$(BIN)/python layers/fetch_postgres.py build/postgresql-17
 
-test: setup
+build/tools/%/.installed: requirements-%.txt
+	rm -rf build/tools/$*
+	$(PYTHON) -m venv build/tools/$*
+	build/tools/$*/bin/pip install --quiet --upgrade pip
+	build/tools/$*/bin/pip install --quiet -r $<
+	touch $@
+
+test: setup $(TOOLS)
 	$(BIN)/pytest
 
 demo: setup

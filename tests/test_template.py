@@ -13,6 +13,8 @@ import importlib.util
 import json
 import os
 import re
+import subprocess
+import sys
 import tomllib
 import warnings
 from collections.abc import Iterator
@@ -169,6 +171,63 @@ def test_cfn_lint_passes_on_the_sam_template() -> None:
 
 def test_cfn_lint_passes_on_the_translated_template(cfn: dict[str, Any]) -> None:
     assert lint_errors(json.dumps(cfn, indent=1)) == []
+
+
+def test_cfn_lint_serverless_rules_pass() -> None:
+    """The serverless rules (cfn-lint-serverless): redrive policies, log retention, ..."""
+    run = subprocess.run([str(Path(sys.executable).with_name("cfn-lint")), str(TEMPLATE),
+                          "--append-rules", "cfn_lint_serverless.rules"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def tool(venv: str, program: str) -> str:
+    """A program from its own venv under build/tools (made by `make test`)."""
+    path = REPO / "build" / "tools" / venv / "bin" / program
+    assert path.is_file(), f"{path} is missing: run `make setup` (make test does)"
+    return str(path)
+
+
+def test_sam_validate_lint_passes() -> None:
+    run = subprocess.run([tool("sam", "sam"), "validate", "--lint", "--template-file",
+                          str(TEMPLATE), "--region", REGION], capture_output=True, text=True,
+                         env={**os.environ, "SAM_CLI_TELEMETRY": "0"}, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "is a valid SAM Template" in run.stdout + run.stderr
+
+
+def test_checkov_passes_and_every_skip_says_why() -> None:
+    run = subprocess.run([tool("checkov", "checkov"), "--file", str(TEMPLATE), "--framework",
+                          "cloudformation", "--skip-download", "--compact", "--quiet",
+                          "--output", "json"], capture_output=True, text=True)
+    report = json.loads(run.stdout)
+    failed = [(c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]]
+    assert failed == [] and run.returncode == 0, failed
+    assert report["summary"]["passed"] > 50
+    # A skip without a reason is not a justification.
+    for resource in sam_template()["Resources"].values():
+        for skip in resource.get("Metadata", {}).get("checkov", {}).get("skip", []):
+            assert len(skip.get("comment", "")) > 40, skip
+
+
+def test_sam_build_works_without_docker(tmp_path: Path) -> None:
+    """`sam build` as a user runs it: the layer through layers/Makefile, the functions with
+    their pinned requirements for arm64, all without a container."""
+    env = {**os.environ, "SAM_CLI_TELEMETRY": "0",
+           # SAM's Python workflow runs `python3.12`: the project's venv has one.
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run([tool("sam", "sam"), "build", "--template-file", str(TEMPLATE),
+                          "--build-dir", str(tmp_path / "out"), "--cache-dir",
+                          str(tmp_path / "cache"), "--parallel"],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = tmp_path / "out"
+    for function in FUNCTIONS:
+        assert (out / function / "supabackup" / "handlers" / "common.py").is_file()
+        binaries = list((out / function / "psycopg2").glob("_psycopg*.so"))
+        assert binaries and all("aarch64" in b.name for b in binaries), binaries
+    layer = out / "PostgresClientLayer"
+    assert {p.name for p in (layer / "bin").iterdir()} >= {"pg_dump", "pg_restore", "psql"}
 
 
 def test_translates_with_every_architecture_and_an_existing_secret() -> None:
