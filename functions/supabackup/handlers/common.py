@@ -15,6 +15,7 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import BotoCoreError, ClientError
 
+from ..catalog import resolve_database_id
 from ..dburl import ConnectionInfo
 from ..errors import ConfigError
 from ..notify import Notifier, Outcome
@@ -52,6 +53,11 @@ def read_secret(variable: str) -> ConnectionInfo:
 
 def store() -> Store:
     return Store(StoreURL.parse(env("SUPABACKUP_STORE")), client("s3"))
+
+
+def database_in(backups: Store, asked: str | None) -> str:
+    """The database an event names, else SUPABACKUP_DATABASE_ID, else the store's only one."""
+    return resolve_database_id(backups, asked or os.environ.get("SUPABACKUP_DATABASE_ID"))
 
 
 def notifier() -> Notifier:

@@ -12,19 +12,18 @@ and optionally SUPABACKUP_DATABASE_ID.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from ..catalog import resolve_database_id, select_backup
+from ..catalog import select_backup
 from ..errors import SupabackupError
 from ..events import parse_restore_event
 from ..restore import describe_plan
 from ..run import restore_and_report
-from .common import logger, metrics, notifier, read_secret, refuse, store
+from .common import database_in, logger, metrics, notifier, read_secret, refuse, store
 
 
 @metrics.log_metrics
@@ -36,8 +35,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     try:
         request = parse_restore_event(event)
         backups = store()
-        database_id = resolve_database_id(
-            backups, request.database_id or os.environ.get("SUPABACKUP_DATABASE_ID"))
+        database_id = database_in(backups, request.database_id)
         manifest = select_backup(backups, database_id, request.at)
         if request.dry_run:
             return {"backup_id": manifest.backup_id, "dry_run": True,

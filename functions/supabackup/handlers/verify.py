@@ -18,11 +18,10 @@ from typing import Any
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from ..catalog import resolve_database_id
 from ..errors import SupabackupError
 from ..events import parse_verify_event
 from ..run import verify_and_report
-from .common import logger, metrics, notifier, read_secret, refuse, store
+from .common import database_in, logger, metrics, notifier, read_secret, refuse, store
 
 
 @metrics.log_metrics
@@ -34,8 +33,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     try:
         request = parse_verify_event(event)
         backups = store()
-        database_id = resolve_database_id(
-            backups, request.database_id or os.environ.get("SUPABACKUP_DATABASE_ID"))
+        database_id = database_in(backups, request.database_id)
         drill = (read_secret("SUPABACKUP_DRILL_SECRET_ARN")
                  if request.drill and os.environ.get("SUPABACKUP_DRILL_SECRET_ARN") else None)
     except SupabackupError as exc:
