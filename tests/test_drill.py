@@ -167,3 +167,27 @@ def test_drill_succeeds_on_sns_with_what_it_compared(pg15: Cluster, new_db: Any,
         assert details["drill"]["rows"] == 2 and details["problems"] == []
     finally:
         pg15.execute("DROP ROLE IF EXISTS sb_drill_only")
+
+
+def test_drill_of_a_supabase_backup_on_a_plain_server(pg15: Cluster, new_db: Any,
+                                                     store: Store) -> None:
+    """A drill server is plain PostgreSQL: it lacks anon, authenticated, supabase_admin, ...
+    which own the backup's objects and appear in its grants and policies."""
+    from devkit.pg import bindir_for
+    source = new_db(pg15)
+    for name in ("supabase_platform.sql", "supabase_sample.sql"):
+        pg15.psql_file(SQL / name, source)
+    manifest = run_backup(_conn(pg15, source), store, BackupRequest(profile="supabase"))
+    assert {"anon", "authenticated", "supabase_admin"} <= set(manifest.platform_roles)
+    # The same major version as the source, as a drill server should be (extension
+    # versions, and the grants on their functions, differ between majors).
+    with Cluster(bindir_for(15)) as plain:  # a server no test has put Supabase's roles on
+        roles_before = plain.execute("SELECT rolname FROM pg_roles ORDER BY 1")
+        report = verify_database(store, manifest.database_id, drill=_conn(plain))
+        assert report.ok, report.findings
+        assert report.drill is not None and report.drill.restore is not None
+        assert report.drill.tables == len(manifest.tables) > 5
+        assert "anon" in report.drill.restore.roles_created
+        # the drill leaves the server as it found it
+        assert plain.execute("SELECT rolname FROM pg_roles ORDER BY 1") == roles_before
+        assert _scratch_databases(plain) == []

@@ -39,7 +39,7 @@ from .manifest import (
 )
 from .pgtools import PgTools, find_tools
 from .profiles import Profile, resolve_profile
-from .roles import drop_reserved
+from .roles import drop_reserved, reserved_roles
 from .snapshot import SnapshotSession, connect
 from .store import BackupWriter, HashingReader, Store
 
@@ -122,9 +122,6 @@ def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Ma
             dumped: set[int] | None = {t.oid for t in tables if t.reason}
         else:  # a full backup dumps everything
             tables, dumped = [], None
-        # Count and fingerprint what pg_dump dumps, alongside it, in the same snapshot.
-        scan = BackgroundScan(lambda: connect(conn), session.snapshot_id,
-                              profile.exclude_schemas, profile.exclude_table_data, dumped)
         unchanged = [t for t in tables if not t.reason]
         log.info("backup %s of %s: %s, server %s, pg_dump %s, snapshot %s, %d tables "
                  "unchanged%s", backup_id, conn.display(), kind, session.server.version,
@@ -132,8 +129,11 @@ def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Ma
                  f" (escalated: {escalation})" if escalation else "")
         writer = store.begin(database_id, backup_id)
         tags = {"retention": request.retention, "kind": kind}
+        # Count and fingerprint what pg_dump dumps, alongside it, in the same snapshot.
+        scan = BackgroundScan(lambda: connect(conn), session.snapshot_id,
+                              profile.exclude_schemas, profile.exclude_table_data, dumped)
         try:
-            roles = _dump_roles(writer, tools, conn, profile, tags)
+            roles, platform_roles = _dump_roles(writer, tools, conn, profile, tags)
             database, warnings = _dump_database(writer, tools, conn, profile, tags,
                                                 session.snapshot_id, session.server.database_size,
                                                 unchanged)
@@ -148,6 +148,7 @@ def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Ma
                 database_size=session.server.database_size,
                 pg_dump=tools.path("pg_dump"), pg_dump_version=tools.version,
                 objects=[roles, database], platform_schemas=list(profile.platform_schemas),
+                platform_roles=platform_roles,
                 warnings=warnings, escalation=escalation, snapshot_xmin=xmin,
                 base=(parent.base or parent.backup_id) if parent else "",
                 parent=parent.backup_id if parent else "",
@@ -156,6 +157,7 @@ def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Ma
             writer.commit(manifest, tags)
         except BaseException:
             log.warning("backup %s failed; discarding what it wrote", backup_id)
+            scan.cancel()
             _discard(writer)
             raise
     log.info("backup %s committed: %d bytes", backup_id, manifest.total_bytes)
@@ -214,11 +216,13 @@ def _exact(name: str) -> str:
 
 
 def _dump_roles(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo, profile: Profile,
-                tags: dict[str, str]) -> StoredObject:
+                tags: dict[str, str]) -> tuple[StoredObject, list[str]]:
     """pg_dumpall --roles-only, without passwords, minus the profile's reserved roles.
 
     Roles live in a shared catalog that pg_dumpall cannot read through --snapshot; they
     are dumped while the run's snapshot is held, which is as close as PostgreSQL allows.
+    Returns the object and the reserved roles left out, which a restore into a server
+    without them creates as placeholders.
     """
     argv = [tools.path("pg_dumpall"), "--roles-only", "--no-role-passwords",
             "-l", conn.dbname]
@@ -228,7 +232,7 @@ def _dump_roles(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo, prof
     reader = HashingReader(io.BytesIO(filtered))
     writer.upload(ROLES, reader, len(filtered), tags)
     return StoredObject(name=ROLES, kind="roles", size=reader.size, sha256=reader.hexdigest,
-                        format="sql")
+                        format="sql"), reserved_roles(script, profile.is_reserved)
 
 
 def _dump_database(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo,

@@ -297,6 +297,7 @@ class BackgroundScan:
                  no_data: Iterable[str] = (), only: set[int] | None = None) -> None:
         self._result: list[Scanned] = []
         self._error: BaseException | None = None
+        self._conn: psycopg2.extensions.connection | None = None
         self._thread = threading.Thread(
             target=self._run, daemon=True,
             args=(connect, snapshot_id, list(excluded_schemas), list(no_data), only))
@@ -304,13 +305,23 @@ class BackgroundScan:
 
     def _run(self, connect: Callable[[], psycopg2.extensions.connection], snapshot_id: str,
              excluded: list[str], no_data: list[str], only: set[int] | None) -> None:
+        def kept() -> psycopg2.extensions.connection:  # so that cancel() can reach it
+            self._conn = connect()
+            return self._conn
+
         try:
             def work(cur: psycopg2.extensions.cursor) -> None:
                 self._result = scan_tables(cur.connection, excluded, None, no_data=no_data,
                                            only=only, fingerprint=True)
-            in_snapshot(connect, snapshot_id, work)
+            in_snapshot(kept, snapshot_id, work)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
             self._error = exc
+
+    def cancel(self) -> None:
+        """Stop the scan of a run that failed: no query of ours outlives the run."""
+        if self._conn is not None and not self._conn.closed:
+            self._conn.cancel()
+        self._thread.join(timeout=10)
 
     def result(self) -> list[Scanned]:
         self._thread.join()

@@ -48,6 +48,8 @@ class Manifest:
     label: str | None = None
     trigger: str = "manual"
     platform_schemas: list[str] = field(default_factory=list)
+    # Roles the profile left out of roles.sql (the platform's own: anon, authenticated, ...).
+    platform_roles: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     # The chain: an incremental's base full and parent; empty for a full backup.
     base: str = ""

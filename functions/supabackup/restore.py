@@ -96,14 +96,26 @@ def run_restore(store: Store, manifest: Manifest, target: ConnectionInfo,
         roles_script = _read_small(store, manifest, manifest.object("roles")).decode()
         if supabase is not None:  # the project has its reserved roles; never touch them
             roles_script = drop_reserved(roles_script, supabase.is_reserved)
-        plan = plan_roles(roles_script, _existing_roles(conn))
-        report.roles_created, report.roles_existing = plan.create, plan.existing
-        _apply_roles(conn, plan.statements, target)
+        existing = _existing_roles(conn)
+        # A supabase-profile backup restored outside Supabase: its objects are owned by, and
+        # granted to, the platform's roles, which roles.sql leaves out.
+        placeholders = [] if supabase else [r for r in manifest.platform_roles
+                                            if r not in existing]
+        plan = plan_roles(roles_script, existing | set(placeholders))
+        report.roles_created = placeholders + plan.create
+        report.roles_existing = plan.existing
+        _apply_roles(conn, [f"CREATE ROLE {quote_ident(r)} NOLOGIN" for r in placeholders]
+                     + plan.statements, target)
+        if placeholders:
+            report.notes.append("created the platform's roles as NOLOGIN placeholders, so "
+                                "ownership, grants and policies restore (the platform's "
+                                "event triggers are left out): " + ", ".join(placeholders))
     finally:
         conn.close()
     try:
         with tempfile.TemporaryDirectory(prefix="supabackup-") as workdir:
-            steps = restore_plan(store, manifest, Path(workdir), selected, supabase)
+            steps = restore_plan(store, manifest, Path(workdir), selected, supabase,
+                                 frozenset(placeholders))
             parts = [p for p in steps if isinstance(p, Part)]
             report.backups = sorted({p.manifest.backup_id for p in parts})
             report.bytes = _pg_restore(store, steps, target, tools, server_version_num,
@@ -238,7 +250,8 @@ Step = Part | bytes
 
 def restore_plan(store: Store, manifest: Manifest, workdir: Path,
                  selected: set[int] | None = None,
-                 supabase: SupabaseTarget | None = None) -> list[Step]:
+                 supabase: SupabaseTarget | None = None,
+                 placeholders: frozenset[str] = frozenset()) -> list[Step]:
     """The steps that rebuild `manifest`'s database, in order.
 
     A full backup is one run. An incremental: its pre-data; then the data of each table
@@ -247,9 +260,14 @@ def restore_plan(store: Store, manifest: Manifest, workdir: Path,
     sequences; then its post-data (indexes, constraints, triggers, matview contents).
     `selected` (table oids) keeps the data of those tables only; `supabase` skips what a
     fresh project has and applies the backup's grants last (see supabase_restore.py).
+    Event triggers owned by `placeholders` (platform roles made NOLOGIN stand-ins on a
+    server without them) are the platform's own, and only a superuser may own one: they
+    are left out.
     """
     def wanted(entry: TocEntry) -> bool:
         if entry.desc == "TABLE DATA" and selected is not None and entry.oid not in selected:
+            return False
+        if entry.desc == "EVENT TRIGGER" and entry.owner in placeholders:
             return False
         return supabase is None or supabase.keep(entry)
 
@@ -265,7 +283,7 @@ def restore_plan(store: Store, manifest: Manifest, workdir: Path,
         listing.write_text("".join(e.line + "\n" for e in toc(of) if keep(e)))
         return f"--use-list={listing}"
 
-    filtered = selected is not None or supabase is not None
+    filtered = selected is not None or supabase is not None or bool(placeholders)
     own = (use_list(manifest, wanted, "restore"),) if filtered else ()
     steps: list[Step] = [supabase.prologue()] if supabase is not None else []
     if manifest.kind == "full":

@@ -56,6 +56,13 @@ def drop_reserved(script: str, is_reserved: Callable[[str], bool]) -> str:
     return "\n".join(kept) + "\n"
 
 
+def reserved_roles(script: str, is_reserved: Callable[[str], bool]) -> list[str]:
+    """The reserved roles a roles script creates (those `drop_reserved` leaves out)."""
+    return sorted({roles[0] for line in script.splitlines()
+                   if line.startswith("CREATE ROLE") and (roles := subject_roles(line))
+                   and is_reserved(roles[0])})
+
+
 @dataclass
 class RolePlan:
     """What a restore does with the roles script on one target."""
