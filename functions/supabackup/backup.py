@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import io
 import logging
+import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from . import locks
+from .budget import Budget
 from .changes import (
     XID_SPACE,
     BackgroundScan,
@@ -26,7 +29,7 @@ from .changes import (
 )
 from .dburl import ConnectionInfo
 from .dump import DumpProcess
-from .errors import ConfigError
+from .errors import ConfigError, DuplicateRun
 from .manifest import (
     RETENTION_CLASSES,
     Manifest,
@@ -41,7 +44,7 @@ from .pgtools import PgTools, find_tools
 from .profiles import Profile, resolve_profile
 from .roles import drop_reserved, reserved_roles
 from .snapshot import SnapshotSession, connect
-from .store import BackupWriter, HashingReader, Store
+from .store import MANIFEST, BackupWriter, HashingReader, Store
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,9 @@ class BackupRequest:
     trigger: str = "manual"          # "schedule" | "manual" | "cli"
     database_id: str | None = None   # None: derived from the connection
     backup_id: str | None = None     # None: from the snapshot's time
+    tick: str | None = None          # the schedule's tick (ISO time): one backup per tick
+    time_limit: float | None = None  # seconds the run may take (Lambda's remaining time)
+    wait: float = 0.0                # seconds to wait for a run in progress to finish
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -79,6 +85,9 @@ class BackupRequest:
     def with_backup_id(self, backup_id: str) -> BackupRequest:
         return replace(self, backup_id=backup_id)
 
+    def with_time_limit(self, seconds: float) -> BackupRequest:
+        return replace(self, time_limit=seconds)
+
 
 # A chain whose base full is older than this escalates to a full backup, so that a chain
 # never outlives its base's weekly retention (35 days by default).
@@ -94,17 +103,59 @@ SCAN_LANES = 2
 def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Manifest:
     """Take one backup and commit it; raise (having stored nothing) on any failure.
 
+    The run holds the database's lease in the store for its whole length (locks.py); a
+    second delivery of a schedule tick that has its backup, or is taking it, stops there.
     An incremental needs a parent to chain from; when there is none it can trust, the run
     becomes a full backup by itself and its manifest says why (`escalation`).
     """
     profile = resolve_profile(request.profile, conn)
     started = utcnow()
+    budget = Budget(request.time_limit) if request.time_limit else None
     store.check_access()
     database_id = request.database_of(conn)
+    owner = f"{request.trigger} run {uuid.uuid4().hex[:12]}" + (
+        f" for tick {request.tick}" if request.tick else "")
+    lease = locks.acquire(store, database_id, owner, request.tick, request.wait)
+    try:
+        if request.tick:
+            _refuse_a_done_tick(store, database_id, request.tick)
+        return _run_locked(conn, store, request, profile, started, database_id, budget)
+    except BaseException as exc:
+        if budget is not None and budget.expired:
+            raise budget.ran_out(request.kind) from exc
+        raise
+    finally:
+        if budget is not None:
+            budget.disarm()
+        _release(store, lease)
+
+
+def _refuse_a_done_tick(store: Store, database_id: str, tick: str) -> None:
+    for kind in KINDS:
+        backup_id = new_backup_id(parse_time(tick), kind)
+        if store.read_small(store.backup_key(database_id, backup_id, MANIFEST)) is not None:
+            raise DuplicateRun(f"schedule tick {tick} already has its backup, {backup_id}",
+                               "nothing to do: a repeated delivery of the schedule")
+
+
+def _release(store: Store, lease: locks.Lease) -> None:
+    """Give the lease back; if S3 refuses now, it expires by itself (never hide the run)."""
+    try:
+        locks.release(store, lease)
+    except Exception as exc:  # noqa: BLE001 - the run's own outcome is the one to report
+        log.error("could not release the lease %s (it expires by itself): %s", lease.key, exc)
+
+
+def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, profile: Profile,
+                started: datetime, database_id: str, budget: Budget | None) -> Manifest:
+    history = store.manifests(database_id)
     parent, escalation = (None, "")
     if request.kind == "incremental":
-        parent, escalation = _parent_for(store, database_id, profile, started)
+        parent, escalation = _parent_for(history, profile, started)
     with SnapshotSession(conn) as session:
+        if budget is not None:
+            budget.check(request.kind, session.server.database_size, history)
+            budget.on_expiry(session.connection.cancel)
         tools = find_tools(session.server.major)
         xmin = snapshot_xmin(session.connection)
         if parent is not None and (xmin - parent.snapshot_xmin) % XID_SPACE > MAX_XID_DISTANCE:
@@ -132,11 +183,13 @@ def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Ma
         # Count and fingerprint what pg_dump dumps, alongside it, in the same snapshot.
         scan = BackgroundScan(lambda: connect(conn), session.snapshot_id,
                               profile.exclude_schemas, profile.exclude_table_data, dumped)
+        if budget is not None:
+            budget.on_expiry(scan.cancel)
         try:
-            roles, platform_roles = _dump_roles(writer, tools, conn, profile, tags)
+            roles, platform_roles = _dump_roles(writer, tools, conn, profile, tags, budget)
             database, warnings = _dump_database(writer, tools, conn, profile, tags,
                                                 session.snapshot_id, session.server.database_size,
-                                                unchanged)
+                                                unchanged, budget)
             tables = (with_fingerprints(tables, scan.result()) if parent is not None
                       else decide(scan.result(), None, backup_id))
             manifest = Manifest(
@@ -164,10 +217,9 @@ def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Ma
     return manifest
 
 
-def _parent_for(store: Store, database_id: str, profile: Profile,
+def _parent_for(manifests: list[Manifest], profile: Profile,
                 now: datetime) -> tuple[Manifest | None, str]:
     """The backup an incremental chains from, or None and the reason to take a full."""
-    manifests = store.manifests(database_id)
     if not manifests:
         return None, "no previous backup to chain from"
     parent = manifests[-1]
@@ -216,7 +268,8 @@ def _exact(name: str) -> str:
 
 
 def _dump_roles(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo, profile: Profile,
-                tags: dict[str, str]) -> tuple[StoredObject, list[str]]:
+                tags: dict[str, str], budget: Budget | None
+                ) -> tuple[StoredObject, list[str]]:
     """pg_dumpall --roles-only, without passwords, minus the profile's reserved roles.
 
     Roles live in a shared catalog that pg_dumpall cannot read through --snapshot; they
@@ -227,6 +280,8 @@ def _dump_roles(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo, prof
     argv = [tools.path("pg_dumpall"), "--roles-only", "--no-role-passwords",
             "-l", conn.dbname]
     with DumpProcess(argv, conn, "pg_dumpall --roles-only") as proc:
+        if budget is not None:
+            budget.on_expiry(proc.stop)
         script = b"".join(iter(lambda: proc.read(1 << 20), b"")).decode()
     filtered = drop_reserved(script, profile.is_reserved).encode()
     reader = HashingReader(io.BytesIO(filtered))
@@ -237,7 +292,7 @@ def _dump_roles(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo, prof
 
 def _dump_database(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo,
                    profile: Profile, tags: dict[str, str], snapshot_id: str,
-                   expected_bytes: int, unchanged: list[TableState]
+                   expected_bytes: int, unchanged: list[TableState], budget: Budget | None
                    ) -> tuple[StoredObject, list[str]]:
     """pg_dump -Fc in the run's snapshot, streamed straight into a multipart upload.
 
@@ -250,6 +305,8 @@ def _dump_database(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo,
             f"--snapshot={snapshot_id}", "--no-sync", *profile.pg_dump_args(),
             *(f"--exclude-table-data={_exact(t.schema)}.{_exact(t.name)}" for t in unchanged)]
     with DumpProcess(argv, conn, "pg_dump") as proc:
+        if budget is not None:
+            budget.on_expiry(proc.stop)
         reader = HashingReader(proc)
         writer.upload(DATABASE, reader, expected_bytes, tags)
         obj = StoredObject(name=DATABASE, kind="database", size=reader.size,

@@ -84,6 +84,11 @@ class DumpProcess:
                              dump_hint(detail))
         self.finished = True
 
+    def stop(self) -> None:
+        """Kill the process from another thread (a watchdog); the reader then sees it die."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+
     def kill(self) -> None:
         """Stop the process (used when the upload side fails first)."""
         if self.proc.poll() is None:

@@ -60,3 +60,20 @@ class VerifyFailed(SupabackupError):
     def __init__(self, message: str, hint: str = "", report: Any = None) -> None:
         super().__init__(message, hint)
         self.report = report
+
+
+class RunInProgress(SupabackupError):
+    """Another run holds the database's lock (in the store, or in PostgreSQL)."""
+
+
+class DuplicateRun(SupabackupError):
+    """A second delivery of a schedule tick that already has (or is taking) its backup.
+
+    Not a failure: the first delivery reports; the duplicate does nothing and says so.
+    """
+
+    exit_code = 0
+
+
+class TimeLimitExceeded(SupabackupError):
+    """The run would not fit, or did not fit, in the time it has (Lambda's limit)."""

@@ -1,6 +1,7 @@
 """Lambda events: validated into a request (backup, verify, restore), or refused clearly.
 
-The schedules send `{"kind": "full", "trigger": "schedule", "retention": "weekly"}`;
+The schedules send `{"kind": "full", "trigger": "schedule", "retention": "weekly",
+"tick": "<scheduled time>"}`;
 users invoke by hand with a label and a retention class (see events/). Unknown fields
 and wrong types are refused rather than ignored: a typo in "retention" must not turn a
 pinned pre-migration backup into one that expires in 14 days. No event carries a
@@ -14,10 +15,11 @@ from typing import Any
 
 from .backup import BackupRequest
 from .errors import ConfigError
+from .manifest import iso, parse_time
 from .restore import RestoreOptions
 
 FIELDS: dict[str, type] = {"kind": str, "trigger": str, "retention": str, "label": str,
-                           "profile": str, "database_id": str}
+                           "profile": str, "database_id": str, "tick": str}
 VERIFY_FIELDS: dict[str, type] = {"trigger": str, "backup_id": str, "drill": bool,
                                   "database_id": str}
 RESTORE_FIELDS: dict[str, type] = {"at": str, "tables": list, "profile": str, "dry_run": bool,
@@ -45,8 +47,18 @@ def _checked(event: Any, fields: dict[str, type], example: str) -> dict[str, Any
 
 
 def parse_backup_event(event: Any) -> BackupRequest:
+    """A backup request. A schedule's `tick` (its scheduled time) makes the run idempotent:
+    every delivery of one tick names the same backup (see locks.py)."""
     event = _checked(event, FIELDS, '{"kind": "full", "label": "before migration 42"}')
+    tick = event.get("tick")
+    if tick is not None:
+        try:
+            tick = iso(parse_time(tick))
+        except ValueError:
+            raise ConfigError(f"event field 'tick' is not a time: {tick[:40]!r}",
+                              'the schedule sends "<aws.scheduler.scheduled-time>"') from None
     return BackupRequest(
+        tick=tick,
         kind=event.get("kind") or "full",
         profile=event.get("profile"),
         retention=event.get("retention") or "daily",

@@ -13,7 +13,7 @@ import time
 
 from .backup import BackupRequest, run_backup
 from .dburl import ConnectionInfo
-from .errors import SupabackupError, VerifyFailed
+from .errors import DuplicateRun, SupabackupError, VerifyFailed
 from .manifest import Manifest
 from .notify import Notifier, Outcome
 from .restore import RestoreOptions, RestoreReport, run_restore
@@ -41,6 +41,8 @@ def backup_and_report(conn: ConnectionInfo, store: Store, request: BackupRequest
     started = time.monotonic()
     try:
         manifest = run_backup(conn, store, request)
+    except DuplicateRun:
+        raise  # a repeated delivery: the first one reports, this one says nothing
     except BaseException as exc:
         notifier.publish(Outcome(kind=request.kind, database=database,
                                  duration_seconds=time.monotonic() - started, error=exc,

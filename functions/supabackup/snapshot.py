@@ -1,9 +1,11 @@
 """The run's one snapshot, and the facts about the server read inside it.
 
-A REPEATABLE READ, READ ONLY transaction is opened and its snapshot exported; every
-pg_dump of the run attaches to it with --snapshot, so all archives of one backup show
-the same instant. The transaction (and its connection) must stay open until the last
-pg_dump has started, so SnapshotSession is a context manager held for the whole run.
+The session first takes the database's advisory lock (see locks.py), so two runs never
+dump one database at once. A REPEATABLE READ, READ ONLY transaction is opened and its
+snapshot exported; every pg_dump of the run attaches to it with --snapshot, so all
+archives of one backup show the same instant. The transaction (and its connection) must
+stay open until the last pg_dump has started, so SnapshotSession is a context manager
+held for the whole run.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import psycopg2
 import psycopg2.extensions
 
 from .dburl import ConnectionInfo
-from .errors import ConnectionFailed
+from .errors import ConnectionFailed, RunInProgress
+
+# A session-level advisory lock whose key is derived from the database's name.
+ADVISORY_LOCK = ("SELECT pg_try_advisory_lock(hashtextextended('supabackup ' || "
+                 "current_database(), 0))")
 
 
 @dataclass(frozen=True)
@@ -65,12 +71,22 @@ class SnapshotSession:
         try:
             self.connection.set_session(isolation_level="REPEATABLE READ", readonly=True)
             with self.connection.cursor() as cur:
+                # Held by this session until the run ends: one backup of a database at a time.
+                cur.execute(ADVISORY_LOCK)
+                if not cur.fetchone()[0]:
+                    raise RunInProgress(
+                        f"another supabackup run is dumping {conn.dbname} on {conn.host} (it "
+                        "holds the database's advisory lock)",
+                        "let it finish and run again; a run that dies releases the lock")
                 cur.execute(
                     "SELECT pg_export_snapshot(), now(), current_setting('server_version'),"
                     " current_setting('server_version_num')::int,"
                     " pg_database_size(current_database())"
                 )
                 snapshot, now, version, version_num, size = cur.fetchone()
+        except RunInProgress:
+            self.connection.close()
+            raise
         except psycopg2.Error as exc:
             self.connection.close()
             detail = conn.redact(" ".join(str(exc).split()))

@@ -156,6 +156,39 @@ class Store:
                              "another run wrote the same backup id; run again")
         return BackupWriter(self, database_id, backup_id)
 
+    # --- small control objects (locks) ----------------------------------------------------
+
+    def create_exclusive(self, key: str, body: bytes) -> bool:
+        """Put `body` at `key` unless something is there already (If-None-Match: *)."""
+        try:
+            self.s3.put_object(Bucket=self.url.bucket, Key=key, Body=body, IfNoneMatch="*",
+                               ContentType="application/json")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
+                                                             "ConditionalRequestConflict"):
+                return False
+            raise store_error(exc, key) from None
+        except BotoCoreError as exc:
+            raise store_error(exc, key) from None
+        return True
+
+    def read_small(self, key: str) -> bytes | None:
+        """A small object's bytes, or None when there is none."""
+        try:
+            return bytes(self.s3.get_object(Bucket=self.url.bucket, Key=key)["Body"].read())
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise store_error(exc, key) from None
+        except BotoCoreError as exc:
+            raise store_error(exc, key) from None
+
+    def delete_key(self, key: str) -> None:
+        try:
+            self.s3.delete_object(Bucket=self.url.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise store_error(exc, key) from None
+
     # --- reading -----------------------------------------------------------------------
 
     def database_ids(self) -> list[str]:

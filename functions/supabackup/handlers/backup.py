@@ -6,6 +6,10 @@ re-raised so the invocation fails: the Lambda Errors alarm sees it, and, as Even
 Scheduler invokes asynchronously, the function's EventInvokeConfig retries it once and
 then sends the event to the dead-letter queue (see template.yaml).
 
+A scheduled event carries its tick (the scheduled time): the backup id is derived from
+it, so a second delivery of the same tick stops as a duplicate (a success that does
+nothing; locks.py). The run's time limit is what the invocation has left (budget.py).
+
 Environment: SUPABACKUP_STORE (s3://BUCKET/PREFIX), SUPABACKUP_DB_SECRET_ARN,
 SUPABACKUP_SNS_TOPIC_ARN, and optionally SUPABACKUP_PROFILE.
 """
@@ -19,9 +23,9 @@ from typing import Any
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from ..errors import SupabackupError
+from ..errors import DuplicateRun, SupabackupError
 from ..events import parse_backup_event
-from ..manifest import new_backup_id, utcnow
+from ..manifest import new_backup_id, parse_time, utcnow
 from ..run import backup_and_report
 from .common import logger, metrics, notifier, read_secret, refuse, store
 
@@ -42,12 +46,19 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     except SupabackupError as exc:
         refuse(notify, str(kind)[:32], exc, started, "BackupFailed")
         raise
-    request = request.with_backup_id(new_backup_id(utcnow(), request.kind))
+    # Every delivery of one schedule tick names the same backup; manual runs, the time now.
+    when = parse_time(request.tick) if request.tick else utcnow()
+    request = request.with_backup_id(new_backup_id(when, request.kind)).with_time_limit(
+        context.get_remaining_time_in_millis() / 1000)
     logger.set_correlation_id(request.backup_id)
     logger.info("backup starting", extra={"database": conn.display(), "label": request.label,
                                           "retention": request.retention})
     try:
         manifest, outcome = backup_and_report(conn, backups, request, notify)
+    except DuplicateRun as duplicate:
+        logger.info("duplicate delivery, nothing done: %s", duplicate)
+        metrics.add_metric(name="DuplicateSkipped", unit=MetricUnit.Count, value=1)
+        return {"duplicate": True, "tick": request.tick, "message": duplicate.message}
     except Exception as exc:
         metrics.add_metric(name="BackupFailed", unit=MetricUnit.Count, value=1)
         logger.error("backup failed: %s", conn.redact(str(exc)))

@@ -1,0 +1,97 @@
+"""One backup run at a time per database, and one backup per schedule tick.
+
+Two guards, because either alone can fail:
+
+- a **lease** in the store, `<database-id>/locks/backup.json`, created with a conditional
+  put (If-None-Match: *) so that only one run can hold it. It names its holder, the
+  schedule tick it serves, and when it expires. A run releases it when it ends; one that
+  was killed (Lambda's time limit, a crash) cannot, so the lease expires after LEASE, a
+  little more than Lambda's 15 minutes, and the next run takes it over;
+- an **advisory lock** in PostgreSQL (`pg_try_advisory_lock`), held by the run's snapshot
+  session for the whole run (see snapshot.py): no two runs dump one database at once,
+  whichever stores they write to.
+
+A second delivery of the same schedule tick (EventBridge delivers at least once) finds
+the tick's lease or the tick's backup and stops, as a DuplicateRun: the first delivery
+does the work and reports it. Any other run that finds the lease held waits up to
+`wait` seconds, then fails and says who holds it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from .errors import DuplicateRun, RunInProgress
+from .manifest import iso, parse_time, utcnow
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+LEASE = timedelta(minutes=20)
+POLL_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Lease:
+    key: str
+    owner: str
+    tick: str | None
+
+
+def acquire(store: Store, database_id: str, owner: str, tick: str | None = None,
+            wait: float = 0.0, now: Callable[[], datetime] = utcnow,
+            sleep: Callable[[float], None] = time.sleep) -> Lease:
+    """Take the database's lease, or raise DuplicateRun or RunInProgress."""
+    key = store.key(database_id, "locks", "backup.json")
+    waited = 0.0
+    while True:
+        taken = now()
+        body = json.dumps({"owner": owner, "tick": tick, "taken_at": iso(taken),
+                           "expires_at": iso(taken + LEASE)}).encode()
+        if store.create_exclusive(key, body):
+            return Lease(key, owner, tick)
+        held = _read(store, key)
+        if held is None:
+            continue  # released between our put and our read: try again at once
+        if parse_time(held["expires_at"]) <= taken:
+            log.warning("taking over the expired lease of %s (taken at %s): that run ended "
+                        "without releasing it", held["owner"], held["taken_at"])
+            store.delete_key(key)
+            continue
+        if tick is not None and held.get("tick") == tick:
+            raise DuplicateRun(f"schedule tick {tick} is already being backed up by "
+                               f"{held['owner']} (since {held['taken_at']})",
+                               "nothing to do: that run reports its outcome")
+        if waited >= wait:
+            raise RunInProgress(
+                f"another backup of {database_id} is in progress: {held['owner']}, since "
+                f"{held['taken_at']}",
+                "let it finish (its SNS message says how it ended) and run again; if it was "
+                f"killed, its lease expires at {held['expires_at']}")
+        sleep(POLL_SECONDS)
+        waited += POLL_SECONDS
+
+
+def release(store: Store, lease: Lease) -> None:
+    """Give the lease back, unless it expired and another run has taken it over since."""
+    held = _read(store, lease.key)
+    if held is not None and held.get("owner") == lease.owner:
+        store.delete_key(lease.key)
+
+
+def _read(store: Store, key: str) -> dict[str, str] | None:
+    raw = store.read_small(key)
+    if raw is None:
+        return None
+    try:
+        held = json.loads(raw)
+        parse_time(held["expires_at"])
+        return held  # type: ignore[no-any-return]
+    except (ValueError, KeyError, TypeError):
+        # Unreadable: treat as expired, so a damaged lease cannot block backups for ever.
+        return {"owner": "unknown", "taken_at": "?", "expires_at": iso(utcnow() - LEASE)}
