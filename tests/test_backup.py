@@ -12,15 +12,15 @@ from botocore.awsrequest import AWSResponse
 from moto.core.botocore_stubber import MockRawResponse
 from supabackup.backup import BackupRequest, run_full_backup
 from supabackup.dburl import ConnectionInfo
-from supabackup.errors import DumpFailed, StoreError
+from supabackup.errors import StoreError
 from supabackup.notify import Notifier
 from supabackup.pgtools import find_tools
 from supabackup.run import backup_and_report
-from supabackup.store import MIB, Store, StoreURL
+from supabackup.store import MIB, Store
 
 from devkit.pg import Cluster
 
-from .conftest import BUCKET, Inbox, child_pids, kill_children, open_uploads, stored_keys
+from .conftest import BUCKET, Inbox, open_uploads, stored_keys
 
 
 def _seed(cluster: Cluster, db: str) -> None:
@@ -92,118 +92,7 @@ def test_manual_backup_sends_one_success_message_with_filterable_attributes(
     assert attrs == {"status": "succeeded", "kind": "full", "database": manifest.database_id}
 
 
-# --- failures mid-run: nothing half-written may count as a backup ------------------------
-
-
-@pytest.fixture(scope="module")
-def big_db(pg17: Cluster) -> str:
-    """~60 MB of poorly compressible rows: the dump spans many 5 MiB parts."""
-    name = "bigdb_failures"
-    pg17.drop_database(name)
-    pg17.create_database(name)
-    pg17.execute("""
-        CREATE TABLE blob (id int PRIMARY KEY, body text);
-        INSERT INTO blob SELECT g, md5(g::text) || md5((g + 1)::text) || md5((g + 2)::text)
-                                 || md5((g + 3)::text)
-          FROM generate_series(1, 450000) g;
-    """, name)
-    return name
-
-
-def _on_part(s3: Any, action: Any) -> None:
-    """Run `action(part_number)` as each UploadPart request is about to be sent."""
-    def hook(request: Any, **_: Any) -> Any:
-        number = int(request.url.split("partNumber=")[1].split("&")[0])
-        return action(number, request)
-    s3.meta.events.register_first("before-send.s3.UploadPart", hook)
-
-
-def _assert_nothing_committed(s3: Any, inbox: Inbox, earlier: list[str]) -> dict[str, Any]:
-    assert stored_keys(s3) == earlier, "a failed run must leave no object behind"
-    assert open_uploads(s3) == [], "a failed run must leave no multipart upload open"
-    (msg,) = inbox.messages()
-    assert msg["MessageAttributes"]["status"]["Value"] == "failed"
-    assert " failed: " in msg["Subject"]
-    return msg["Message"]
-
-
-@pytest.fixture
-def earlier_backup(pg17: Cluster, big_db: str, s3: Any) -> list[str]:
-    """A good backup taken before the failing one: it must survive untouched."""
-    small = Store(StoreURL.parse(f"s3://{BUCKET}/backups"), s3)
-    run_full_backup(_conn(pg17, big_db), small, BackupRequest(database_id="earlier"))
-    return stored_keys(s3)
-
-
-def test_pg_dump_killed_mid_stream_stores_nothing_and_reports_the_signal(
-        pg17: Cluster, big_db: str, store: Store, s3: Any, inbox: Inbox,
-        earlier_backup: list[str]) -> None:
-    killed: list[int] = []
-
-    def kill_once(number: int, request: Any) -> None:
-        if not killed:
-            assert child_pids("pg_dump"), "pg_dump should still be streaming"
-            killed.append(kill_children("pg_dump"))
-
-    _on_part(s3, kill_once)
-    with pytest.raises(DumpFailed, match="killed by signal 9"):
-        backup_and_report(_conn(pg17, big_db), store, BackupRequest(), Notifier(inbox.topic_arn))
-    assert killed == [1]
-    body = _assert_nothing_committed(s3, inbox, earlier_backup)
-    assert body["error_type"] == "DumpFailed"
-
-
-def test_connection_terminated_mid_dump_stores_nothing_and_names_the_cause(
-        pg17: Cluster, big_db: str, store: Store, s3: Any, inbox: Inbox,
-        earlier_backup: list[str]) -> None:
-    terminated: list[int] = []
-
-    def terminate_once(number: int, request: Any) -> None:
-        if not terminated:
-            rows = pg17.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                "WHERE application_name = 'supabackup pg_dump'")
-            terminated.append(len(rows))
-
-    _on_part(s3, terminate_once)
-    with pytest.raises(DumpFailed) as caught:
-        backup_and_report(_conn(pg17, big_db), store, BackupRequest(), Notifier(inbox.topic_arn))
-    assert terminated == [1]
-    assert "pg_dump failed (exit status 1)" in str(caught.value)
-    assert "terminat" in str(caught.value).lower() or "connection" in str(caught.value).lower()
-    _assert_nothing_committed(s3, inbox, earlier_backup)
-
-
-def test_s3_failing_mid_upload_stores_nothing_and_stops_pg_dump(
-        pg17: Cluster, big_db: str, store: Store, s3: Any, inbox: Inbox,
-        earlier_backup: list[str]) -> None:
-    def fail_from_part_3(number: int, request: Any) -> AWSResponse | None:
-        if number < 3:
-            return None
-        body = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
-        return AWSResponse(request.url, 500, {}, MockRawResponse(body))
-
-    _on_part(s3, fail_from_part_3)
-    with pytest.raises(StoreError, match="InternalError"):
-        backup_and_report(_conn(pg17, big_db), store, BackupRequest(), Notifier(inbox.topic_arn))
-    assert child_pids("pg_dump") == []
-    _assert_nothing_committed(s3, inbox, earlier_backup)
-
-
-def test_failed_manifest_put_stores_nothing(
-        pg15: Cluster, new_db: Any, store: Store, s3: Any, inbox: Inbox) -> None:
-    db = new_db(pg15)
-    _seed(pg15, db)
-
-    def refuse_manifest(request: Any, **_: Any) -> AWSResponse | None:
-        if not request.url.split("?")[0].endswith("/manifest.json"):
-            return None
-        body = b"<Error><Code>AccessDenied</Code><Message>injected</Message></Error>"
-        return AWSResponse(request.url, 403, {}, MockRawResponse(body))
-
-    s3.meta.events.register_first("before-send.s3.PutObject", refuse_manifest)
-    with pytest.raises(StoreError, match="AccessDenied"):
-        backup_and_report(_conn(pg15, db), store, BackupRequest(), Notifier(inbox.topic_arn))
-    _assert_nothing_committed(s3, inbox, [])
+# Failures mid-run (pg_dump killed, connection lost, S3 failing, ...): tests/test_faults.py.
 
 
 def test_manifest_is_never_overwritten(pg15: Cluster, new_db: Any, store: Store,

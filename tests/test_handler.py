@@ -5,55 +5,25 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import dataclass
 from typing import Any
 
-import boto3
 import pytest
 from supabackup.errors import ConfigError
 from supabackup.handlers import backup as handler_module
-from supabackup.handlers import common
 from supabackup.handlers import restore as restore_handler
 from supabackup.handlers import verify as verify_handler
 
 from devkit.pg import Cluster
 
-from .conftest import BUCKET, Inbox, load_event, open_uploads, stored_keys
-
-PASSWORD = "handler-Secret-pw-42"
-
-
-@dataclass
-class FakeContext:
-    function_name: str = "supabackup-backup"
-    memory_limit_in_mb: int = 1024
-    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:supabackup-backup"
-    aws_request_id: str = "req-1"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 900_000
-
-
-@pytest.fixture
-def deployed(pg15: Cluster, new_db: Any, s3: Any, inbox: Inbox,
-             monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """What the stack provides: a bucket, a topic, a secret in the RDS shape."""
-    db = new_db(pg15)
-    pg15.execute(f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname='sb_lambda')"
-                 f" THEN CREATE ROLE sb_lambda LOGIN SUPERUSER PASSWORD '{PASSWORD}'; END IF;"
-                 f" END$$; CREATE TABLE orders (id int PRIMARY KEY); "
-                 f"INSERT INTO orders SELECT generate_series(1, 100)", db)
-    secrets = boto3.client("secretsmanager", region_name="us-east-1")
-    arn = secrets.create_secret(Name="supabackup/db", SecretString=json.dumps({
-        "host": "127.0.0.1", "port": pg15.port, "username": "sb_lambda",
-        "password": PASSWORD, "dbname": db}))["ARN"]
-    monkeypatch.setenv("SUPABACKUP_STORE", f"s3://{BUCKET}/prod")
-    monkeypatch.setenv("SUPABACKUP_DB_SECRET_ARN", arn)
-    monkeypatch.setenv("SUPABACKUP_SNS_TOPIC_ARN", inbox.topic_arn)
-    monkeypatch.setenv("POWERTOOLS_METRICS_NAMESPACE", "supabackup")
-    monkeypatch.setattr(common, "clients", {
-        "s3": s3, "secretsmanager": secrets, "sns": inbox.sns})
-    return {"db": db, "secrets": secrets, "arn": arn}
+from .conftest import (
+    BUCKET,
+    PASSWORD,
+    FakeContext,
+    Inbox,
+    load_event,
+    open_uploads,
+    stored_keys,
+)
 
 
 @pytest.fixture

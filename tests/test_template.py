@@ -31,6 +31,7 @@ from cfnlint.decode import decode
 from cfnlint.helpers import REGIONS
 from moto import mock_aws
 from samtranslator.translator.transform import transform
+from supabackup.budget import MARGIN
 from supabackup.dburl import ConnectionInfo
 from supabackup.events import parse_backup_event, parse_restore_event, parse_verify_event
 from supabackup.manifest import RETENTION_CLASSES
@@ -247,6 +248,8 @@ def test_globals_and_parameters(sam: dict[str, Any]) -> None:
     assert params["Architecture"]["Default"] == "arm64"
     assert set(params["Architecture"]["AllowedValues"]) == {"arm64", "x86_64"}
     assert default(sam, fn["Timeout"]) == 900
+    # A backup keeps the last MARGIN seconds to stop cleanly: a timeout must leave room.
+    assert params["FunctionTimeout"]["MinValue"] >= 3 * MARGIN
     assert default(sam, fn["MemorySize"]) == 1024
     assert params["DatabasePassword"]["NoEcho"] is True
     assert params["ScheduleTimezone"]["Default"] == "UTC"

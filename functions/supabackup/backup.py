@@ -207,6 +207,8 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
                 parent=parent.backup_id if parent else "",
                 tables=[t.to_dict() for t in tables],
             )
+            if budget is not None and budget.expired:  # never commit past the margin
+                raise budget.ran_out(kind)
             writer.commit(manifest, tags)
         except BaseException:
             log.warning("backup %s failed; discarding what it wrote", backup_id)

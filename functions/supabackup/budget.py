@@ -82,7 +82,10 @@ class Budget:
         self.expired = True
         log.error("stopping the run %.0f s before its time limit", self.margin)
         for stop in self._stops:
-            stop()
+            try:
+                stop()
+            except Exception as exc:  # noqa: BLE001 - one stop failing must not spare the rest
+                log.warning("stopping %s failed: %s", stop, exc)
 
     def disarm(self) -> None:
         if self._timer is not None:

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: supabase for Supabase hosts, postgres elsewhere)")
     backup.add_argument("--label", help='a note shown by list and SNS, e.g. "before migration 42"')
     backup.add_argument("--retention", default="daily", choices=RETENTION_CLASSES)
+    backup.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="if another backup of the database is in progress, wait this "
+                             "long for it to finish (default: fail at once, naming it)")
     sns_flag(backup)
 
     lister = sub.add_parser("list", help="list committed backups")
@@ -98,7 +101,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
                                            "SUPABACKUP_DATABASE_URL"))
     store = Store(StoreURL.parse(require(args.store, "--store", "SUPABACKUP_STORE")))
     request = BackupRequest(kind=args.kind, profile=args.profile, retention=args.retention,
-                            label=args.label, trigger="cli", database_id=args.database_id)
+                            label=args.label, trigger="cli", database_id=args.database_id,
+                            wait=args.wait)
     manifest, outcome = backup_and_report(conn, store, request, Notifier(args.sns_topic_arn))
     print(f"{manifest.backup_id}: {human_bytes(manifest.total_bytes)} in "
           f"{human_duration(outcome.duration_seconds)}, {manifest.tables_dumped} of "

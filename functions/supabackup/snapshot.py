@@ -107,8 +107,12 @@ class SnapshotSession:
         self.close()
 
     def close(self) -> None:
+        """End the snapshot. A connection the server dropped (a restart, a terminated
+        backend) cannot be rolled back, and that must never hide why the run failed."""
         if not self.connection.closed:
             try:
                 self.connection.rollback()
+            except psycopg2.Error:
+                pass  # the transaction is gone with its connection
             finally:
                 self.connection.close()
