@@ -271,3 +271,20 @@ def test_restore_function_restores_into_a_fresh_supabase_project(
     # the rows, and the source's grants: the project's default privileges do not leak in
     assert pg15.execute("SELECT count(*), has_table_privilege('anon', 'public.orders', "
                         "'SELECT') FROM public.orders", project) == [(100, False)]
+
+
+def test_a_failed_publish_is_counted_and_the_backup_still_succeeds(
+        deployed: dict[str, Any], s3: Any, inbox: Inbox,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    from botocore.awsrequest import AWSResponse
+    from moto.core.botocore_stubber import MockRawResponse
+    body = (b"<ErrorResponse><Error><Type>Sender</Type><Code>AuthorizationError</Code>"
+            b"<Message>injected</Message></Error></ErrorResponse>")
+    inbox.sns.meta.events.register_first(
+        "before-send.sns.Publish",
+        lambda request, **_: AWSResponse(request.url, 403, {}, MockRawResponse(body)))
+    result = handler_module.handler(load_event("backup-full-manual.json"), FakeContext())
+    assert any(k.endswith(f"{result['backup_id']}/manifest.json") for k in stored_keys(s3))
+    metrics = _emf(capfd.readouterr().out)
+    assert metrics["BackupSucceeded"] in ([1.0], 1.0)
+    assert metrics["NotifyFailed"] in ([1.0], 1.0)
