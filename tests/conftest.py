@@ -20,7 +20,7 @@ import boto3
 import pytest
 from moto import mock_aws
 from supabackup.handlers import common
-from supabackup.store import MIB, Store, StoreURL
+from supabackup.store import BOTO_CONFIG, MIB, Store, StoreURL
 
 from devkit.pg import Cluster, bindir_for
 from devkit.s3 import FAKE_CREDENTIALS, LocalS3
@@ -99,7 +99,8 @@ def aws() -> Iterator[None]:
 
 @pytest.fixture
 def s3(aws: None) -> Any:
-    client = boto3.client("s3", region_name="us-east-1")
+    """S3 as the engine talks to it on Lambda: botocore's standard retries (BOTO_CONFIG)."""
+    client = boto3.client("s3", region_name="us-east-1", config=BOTO_CONFIG)
     client.create_bucket(Bucket=BUCKET)
     return client
 

@@ -42,7 +42,7 @@ from supabackup.handlers import backup as backup_handler
 from supabackup.manifest import Manifest, iso, utcnow
 from supabackup.notify import Notifier
 from supabackup.run import backup_and_report
-from supabackup.store import BOTO_CONFIG, MIB, Store, StoreURL
+from supabackup.store import BOTO_CONFIG, Store, StoreURL
 
 from devkit.pg import Cluster
 
@@ -88,20 +88,6 @@ def big_db(pg17: Cluster) -> str:
           FROM generate_series(1, 450000) g;
     """, name)
     return name
-
-
-@pytest.fixture
-def s3(aws: None) -> Any:
-    """S3 as the engine talks to it on Lambda: botocore's standard retries (BOTO_CONFIG)."""
-    client = boto3.client("s3", region_name=REGION, config=BOTO_CONFIG)
-    client.create_bucket(Bucket=BUCKET)
-    return client
-
-
-@pytest.fixture
-def store(s3: Any) -> Store:
-    return Store(StoreURL.parse(f"s3://{BUCKET}/backups"), s3, min_part_size=5 * MIB,
-                 concurrency=2)
 
 
 @pytest.fixture
@@ -184,13 +170,7 @@ def test_pg_dump_killed_mid_stream_stores_nothing_and_reports_the_signal(
         pg17: Cluster, big_db: str, store: Store, s3: Any, inbox: Inbox,
         earlier_backup: list[str]) -> None:
     killed: list[int] = []
-
-    def kill_once(request: Any) -> None:
-        if not killed:
-            assert child_pids("pg_dump"), "pg_dump should still be streaming"
-            killed.append(kill_children("pg_dump"))
-
-    _on(s3, "UploadPart", kill_once)
+    _on(s3, "UploadPart", _once(lambda request: killed.append(kill_children("pg_dump"))))
     with pytest.raises(DumpFailed, match="killed by signal 9"):
         _backup(pg17, big_db, store, inbox)
     assert killed == [1]
@@ -204,13 +184,12 @@ def test_connection_terminated_mid_dump_stores_nothing_and_names_the_cause(
         earlier_backup: list[str]) -> None:
     terminated: list[int] = []
 
-    def terminate_once(request: Any) -> None:
-        if not terminated:
-            rows = pg17.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                "WHERE application_name = 'supabackup pg_dump'")
-            terminated.append(len(rows))
+    def terminate(request: Any) -> None:
+        terminated.append(len(pg17.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'supabackup pg_dump'")))
 
-    _on(s3, "UploadPart", terminate_once)
+    _on(s3, "UploadPart", _once(terminate))
     with pytest.raises(DumpFailed) as caught:
         _backup(pg17, big_db, store, inbox)
     assert terminated == [1]
@@ -224,12 +203,11 @@ def test_server_restarted_mid_run_stores_nothing(
         earlier_backup: list[str]) -> None:
     restarted: list[bool] = []
 
-    def restart_once(request: Any) -> None:
-        if not restarted:
-            restarted.append(True)
-            pg17.restart()
+    def restart(request: Any) -> None:
+        restarted.append(True)
+        pg17.restart()
 
-    _on(s3, "UploadPart", restart_once)
+    _on(s3, "UploadPart", _once(restart))
     with pytest.raises(SupabackupError):
         _backup(pg17, big_db, store, inbox)
     assert restarted == [True]
@@ -481,20 +459,26 @@ def test_two_deliveries_of_one_tick_make_one_backup(pg15: Cluster, new_db: Any, 
     assert not [k for k in stored_keys(s3) if "/locks/" in k]  # the lease was released
 
 
+def _during_upload(s3: Any, start: Callable[[], Any]) -> list[RunInProgress]:
+    """Start a second run as the first uploads its first part; what refused it."""
+    refused: list[RunInProgress] = []
+
+    def attempt(request: Any) -> None:
+        try:
+            start()
+        except RunInProgress as exc:
+            refused.append(exc)
+
+    _on(s3, "UploadPart", _once(attempt))
+    return refused
+
+
 @fault("a manual run while another run is in flight")
 def test_a_run_in_flight_makes_a_second_run_fail_clearly(
         pg17: Cluster, big_db: str, store: Store, s3: Any, inbox: Inbox,
         earlier_backup: list[str]) -> None:
-    second: list[BaseException] = []
-
-    def start_a_second_run(request: Any) -> None:
-        if not second:
-            try:
-                run_backup(_conn(pg17, big_db), store, BackupRequest(label="manual"))
-            except RunInProgress as exc:
-                second.append(exc)
-
-    _on(s3, "UploadPart", start_a_second_run)
+    second = _during_upload(s3, lambda: run_backup(_conn(pg17, big_db), store,
+                                                   BackupRequest(label="manual")))
     first = _backup(pg17, big_db, store, inbox)
     assert second and "another backup of" in str(second[0]) and "in progress" in str(second[0])
     _assert_one_good_backup(s3, inbox, earlier_backup, first)
@@ -505,16 +489,7 @@ def test_the_advisory_lock_keeps_two_stores_from_dumping_one_database_at_once(
         pg17: Cluster, big_db: str, store: Store, s3: Any, inbox: Inbox,
         earlier_backup: list[str]) -> None:
     other = Store(StoreURL.parse(f"s3://{BUCKET}/elsewhere"), s3)
-    second: list[BaseException] = []
-
-    def start_elsewhere(request: Any) -> None:
-        if not second:
-            try:
-                run_backup(_conn(pg17, big_db), other, BackupRequest())
-            except RunInProgress as exc:
-                second.append(exc)
-
-    _on(s3, "UploadPart", start_elsewhere)
+    second = _during_upload(s3, lambda: run_backup(_conn(pg17, big_db), other, BackupRequest()))
     first = _backup(pg17, big_db, store, inbox)
     assert second and "holds the database's advisory lock" in str(second[0])
     assert not [k for k in stored_keys(s3) if "/elsewhere/" in k and "/locks/" not in k]
