@@ -65,6 +65,7 @@ class BackupRequest:
     tick: str | None = None          # the schedule's tick (ISO time): one backup per tick
     time_limit: float | None = None  # seconds the run may take (Lambda's remaining time)
     wait: float = 0.0                # seconds to wait for a run in progress to finish
+    snapshot: str | None = None      # an exported snapshot to dump (cdc.py's aligned base)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -152,7 +153,7 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
     parent, escalation = (None, "")
     if request.kind == "incremental":
         parent, escalation = _parent_for(history, profile, started)
-    with SnapshotSession(conn) as session:
+    with SnapshotSession(conn, request.snapshot) as session:
         if budget is not None:
             budget.check(request.kind, session.server.database_size, history)
             budget.on_expiry(session.connection.cancel)

@@ -65,12 +65,16 @@ def connection_hint(detail: str, conn: ConnectionInfo) -> str:
 class SnapshotSession:
     """An open REPEATABLE READ transaction whose snapshot pg_dump attaches to."""
 
-    def __init__(self, conn: ConnectionInfo) -> None:
+    def __init__(self, conn: ConnectionInfo, imported: str | None = None) -> None:
+        """Open the run's snapshot; with `imported`, join one exported elsewhere (the
+        replication slot's, so that a base backup and its change stream meet exactly)."""
         self.conn_info = conn
         self.connection = connect(conn)
         try:
             self.connection.set_session(isolation_level="REPEATABLE READ", readonly=True)
             with self.connection.cursor() as cur:
+                if imported:
+                    cur.execute("SET TRANSACTION SNAPSHOT %s", (imported,))
                 # Held by this session until the run ends: one backup of a database at a time.
                 cur.execute(ADVISORY_LOCK)
                 if not cur.fetchone()[0]:
@@ -79,9 +83,10 @@ class SnapshotSession:
                         "holds the database's advisory lock)",
                         "let it finish and run again; a run that dies releases the lock")
                 cur.execute(
-                    "SELECT pg_export_snapshot(), now(), current_setting('server_version'),"
+                    "SELECT coalesce(%s, pg_export_snapshot()), now(),"
+                    " current_setting('server_version'),"
                     " current_setting('server_version_num')::int,"
-                    " pg_database_size(current_database())"
+                    " pg_database_size(current_database())", (imported,)
                 )
                 snapshot, now, version, version_num, size = cur.fetchone()
         except RunInProgress:

@@ -210,14 +210,14 @@ class Store:
     def manifest_keys(self, database_id: str) -> list[str]:
         """The keys of every manifest of a database, oldest first."""
         prefix = self.key(database_id, "backups") + "/"
-        return sorted(k for k in self._list(prefix) if k.endswith("/" + MANIFEST))
+        return sorted(k for k in self.list_keys(prefix) if k.endswith("/" + MANIFEST))
 
     def object_names(self, database_id: str, backup_id: str) -> set[str]:
         """The names of the objects stored in one backup's folder."""
         prefix = self.backup_key(database_id, backup_id) + "/"
-        return {k[len(prefix):] for k in self._list(prefix)}
+        return {k[len(prefix):] for k in self.list_keys(prefix)}
 
-    def _list(self, prefix: str) -> list[str]:
+    def list_keys(self, prefix: str) -> list[str]:
         keys = []
         paginator = self.s3.get_paginator("list_objects_v2")
         try:

@@ -1,0 +1,126 @@
+"""Change capture and point-in-time restore, against a real logical replication slot.
+
+PostgreSQL 15 from Debian with wal2json (postgresql-15-wal2json), wal_level=logical.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from supabackup import cdc
+from supabackup.backup import BackupRequest
+from supabackup.dburl import ConnectionInfo
+from supabackup.manifest import parse_time
+from supabackup.store import Store
+
+from devkit.compare import table_fingerprints
+from devkit.pg import Cluster, bindir_for
+
+SETTINGS = {"wal_level": "logical", "max_replication_slots": "4", "max_wal_senders": "4",
+            # commits must be flushed before logical decoding may read them
+            "synchronous_commit": "on",
+            # PostgreSQL 15.20 lets replication users load only listed output plugins
+            "output_plugin_libraries": "wal2json"}
+
+
+@pytest.fixture(scope="module")
+def logical() -> Iterator[Cluster]:
+    cluster = Cluster(bindir_for(15), settings=SETTINGS).start()
+    yield cluster
+    cluster.stop()
+
+
+def _conn(cluster: Cluster, db: str) -> ConnectionInfo:
+    return ConnectionInfo.from_url(cluster.url(db))
+
+
+def _now(cluster: Cluster, db: str) -> datetime:
+    (ts,) = cluster.execute("SELECT clock_timestamp()", db)[0]
+    return ts  # type: ignore[no-any-return]
+
+
+def _restore_at(cluster: Cluster, store: Store, database_id: str, when: datetime,
+                name: str) -> dict[str, Any]:
+    cluster.drop_database(name)
+    cluster.create_database(name)
+    cdc.restore_to_time(store, database_id, _conn(cluster, name), when)
+    return table_fingerprints(cluster.url(name))
+
+
+SCHEMA = """
+    CREATE TABLE accounts (id int PRIMARY KEY, owner text NOT NULL, balance numeric(12, 2));
+    CREATE TABLE events (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                         account int REFERENCES accounts, note text, at timestamptz,
+                         tags text[], doc jsonb);
+    CREATE TABLE scratch (k text PRIMARY KEY, v int);
+    INSERT INTO accounts SELECT g, 'owner ' || g, g * 10.5 FROM generate_series(1, 50) g;
+"""
+
+ROUNDS = [
+    """INSERT INTO events (account, note, at, tags, doc)
+         SELECT g, 'opened', '2026-01-01 00:00+00', ARRAY['a', 'b'], '{"x": 1}'
+         FROM generate_series(1, 20) g;
+       UPDATE accounts SET balance = balance + 1 WHERE id <= 10;
+       INSERT INTO scratch VALUES ('one', 1), ('two', 2);""",
+    """DELETE FROM events WHERE account > 15;
+       UPDATE accounts SET owner = 'renamed ''quoted''' WHERE id = 3;
+       INSERT INTO scratch VALUES ('three', 3);""",
+    """TRUNCATE scratch;
+       INSERT INTO scratch VALUES ('after truncate', 9);
+       UPDATE events SET doc = '{"x": 2, "y": [1, 2]}', tags = NULL WHERE account = 1;""",
+]
+
+
+def test_restore_at_each_time_equals_the_source_as_it_was_then(
+        logical: Cluster, new_db: Any, store: Store) -> None:
+    # GIVEN capture started on a database (slot and aligned base in one snapshot)
+    db = "cdc_source"
+    logical.drop_database(db)
+    logical.create_database(db)
+    logical.execute(SCHEMA, db)
+    state, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    assert state.base == base.backup_id and base.kind == "full"
+    # WHEN writers commit in rounds, captured after each, and the time after each is noted
+    expected: list[tuple[datetime, dict[str, Any]]] = []
+    for statements in ROUNDS:
+        logical.execute(statements, db)
+        expected.append((_now(logical, db), table_fingerprints(logical.url(db))))
+        time.sleep(0.05)
+        assert cdc.run(_conn(logical, db), store, base.database_id) is not None
+    # THEN a restore at each time equals the source at that time, table by table
+    for i, (when, tables) in enumerate(expected):
+        assert _restore_at(logical, store, base.database_id, when, f"cdc_at_{i}") == tables, i
+    # and a time before the first round gives the base
+    first = parse_time(cdc.segments(store, base.database_id)[0].first_commit_time)
+    before = _restore_at(logical, store, base.database_id, first - timedelta(microseconds=1),
+                         "cdc_at_base")
+    assert before["public.scratch"][0] == 0 and before["public.events"][0] == 0
+
+
+def test_a_run_that_dies_before_advancing_the_slot_duplicates_nothing(
+        logical: Cluster, store: Store) -> None:
+    db = "cdc_crash"
+    logical.drop_database(db)
+    logical.create_database(db)
+    logical.execute(SCHEMA, db)
+    _, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    logical.execute(ROUNDS[0], db)
+
+    def crash(segment: cdc.Segment) -> None:
+        raise RuntimeError("killed after the upload, before the slot advanced")
+
+    with pytest.raises(RuntimeError):
+        cdc.run(_conn(logical, db), store, base.database_id, after_upload=crash)
+    logical.execute(ROUNDS[1], db)
+    # the next run stores the first round's transactions again, with the second's
+    again = cdc.run(_conn(logical, db), store, base.database_id)
+    assert again is not None and again.transactions == 2
+    assert len(cdc.segments(store, base.database_id)) == 2
+    assert cdc.run(_conn(logical, db), store, base.database_id) is None  # slot advanced
+    when = _now(logical, db)
+    assert _restore_at(logical, store, base.database_id, when, "cdc_crash_restored") == \
+        table_fingerprints(logical.url(db))
