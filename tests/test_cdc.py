@@ -1,6 +1,7 @@
 """Change capture and point-in-time restore, against a real logical replication slot.
 
-PostgreSQL 15 from Debian with wal2json (postgresql-15-wal2json), wal_level=logical.
+Both plugins: wal2json on PostgreSQL 15 from Debian (postgresql-15-wal2json), and pgoutput
+on the pinned PostgreSQL 17, which has no wal2json (the fallback). wal_level=logical.
 """
 
 from __future__ import annotations
@@ -22,14 +23,18 @@ from devkit.pg import Cluster, bindir_for
 
 SETTINGS = {"wal_level": "logical", "max_replication_slots": "4", "max_wal_senders": "4",
             # commits must be flushed before logical decoding may read them
-            "synchronous_commit": "on",
-            # PostgreSQL 15.20 lets replication users load only listed output plugins
-            "output_plugin_libraries": "wal2json"}
+            "synchronous_commit": "on"}
+# PostgreSQL 15.20 lets replication users load only the output plugins listed here.
+WAL2JSON = {"output_plugin_libraries": "wal2json"}
 
 
-@pytest.fixture(scope="module")
-def logical() -> Iterator[Cluster]:
-    cluster = Cluster(bindir_for(15), settings=SETTINGS).start()
+@pytest.fixture(scope="module", params=[(15, "wal2json"), (17, "pgoutput")],
+                ids=["pg15-wal2json", "pg17-pgoutput"])
+def logical(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    major, plugin = request.param
+    cluster = Cluster(bindir_for(major),
+                      settings={**SETTINGS, **(WAL2JSON if plugin == "wal2json" else {})}).start()
+    cluster.plugin = plugin  # type: ignore[attr-defined]
     yield cluster
     cluster.stop()
 
@@ -84,6 +89,7 @@ def test_restore_at_each_time_equals_the_source_as_it_was_then(
     logical.execute(SCHEMA, db)
     state, base = cdc.start(_conn(logical, db), store, BackupRequest())
     assert state.base == base.backup_id and base.kind == "full"
+    assert state.plugin == logical.plugin  # type: ignore[attr-defined]
     # WHEN writers commit in rounds, captured after each, and the time after each is noted
     expected: list[tuple[datetime, dict[str, Any]]] = []
     for statements in ROUNDS:

@@ -38,6 +38,7 @@ import psycopg2
 import psycopg2.extras
 from psycopg2 import sql
 
+from . import pgoutput
 from .backup import BackupRequest, run_backup
 from .dburl import ConnectionInfo
 from .errors import ConfigError, StoreError, SupabackupError
@@ -47,11 +48,16 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-PLUGIN = "wal2json"
 MAX_CHANGES = 100_000  # per run: bounded memory; the next run goes on from there
-PEEK = ("SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_changes(%s, NULL, %s,"
-        " 'format-version', '2', 'include-timestamp', '1', 'include-lsn', '1',"
-        " 'include-transaction', '1')")
+# wal2json where the server has it; else pgoutput, built in, which needs a publication.
+PLUGINS = ("wal2json", "pgoutput")
+PEEK = {
+    "wal2json": "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_changes(%s, NULL,"
+                " %s, 'format-version', '2', 'include-timestamp', '1', 'include-lsn', '1',"
+                " 'include-transaction', '1')",
+    "pgoutput": "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_binary_changes(%s,"
+                " NULL, %s, 'proto_version', '1', 'publication_names', %s)",
+}
 
 
 class CaptureError(SupabackupError):
@@ -79,6 +85,7 @@ class CaptureState:
     plugin: str
     base: str          # the full backup taken in the slot's exported snapshot
     start_lsn: str     # the slot's consistent point: changes after it are not in the base
+    publication: str = ""  # pgoutput's (FOR ALL TABLES); wal2json needs none
 
 
 def _key(store: Store, database_id: str, *parts: str) -> str:
@@ -98,17 +105,8 @@ def start(conn: ConnectionInfo, store: Store, request: BackupRequest) -> tuple[C
         raise ConfigError(f"change capture of {database_id} is already started",
                           "use `supabackup cdc run`, or `supabackup cdc drop` to start over")
     slot = slot_name(conn)
-    repl = _replication_connection(conn)
+    plugin, repl, start_lsn, snapshot = _create_slot(conn, slot)
     try:
-        with repl.cursor() as cur:
-            try:
-                cur.execute(f"CREATE_REPLICATION_SLOT {slot} LOGICAL {PLUGIN} EXPORT_SNAPSHOT")
-            except psycopg2.Error as exc:
-                raise CaptureError(f"cannot create the replication slot {slot}: "
-                                   f"{conn.redact(' '.join(str(exc).split()))}",
-                                   "the user needs REPLICATION, the server wal_level=logical "
-                                   f"and the {PLUGIN} plugin") from None
-            _, start_lsn, snapshot, _ = cur.fetchone()
         # The exported snapshot lives while this connection stays idle: the base is taken
         # in it, so it holds exactly the transactions before the slot's first change.
         try:
@@ -118,13 +116,54 @@ def start(conn: ConnectionInfo, store: Store, request: BackupRequest) -> tuple[C
             raise
     finally:
         repl.close()
-    state = CaptureState(slot=slot, plugin=PLUGIN, base=base.backup_id, start_lsn=start_lsn)
+    state = CaptureState(slot=slot, plugin=plugin, base=base.backup_id, start_lsn=start_lsn,
+                         publication=_publication(slot) if plugin == "pgoutput" else "")
     store.s3.put_object(Bucket=store.url.bucket, Key=_key(store, database_id, "state.json"),
                         Body=json.dumps(asdict(state)).encode(),
                         ContentType="application/json")
     log.info("change capture of %s started: slot %s at %s, base %s", database_id, slot,
              start_lsn, base.backup_id)
     return state, base
+
+
+def _publication(slot: str) -> str:
+    return f"{slot}_all"
+
+
+def _create_slot(conn: ConnectionInfo, slot: str) -> tuple[str, Any, str, str]:
+    """(plugin, the open replication connection, start LSN, exported snapshot)."""
+    failures = []
+    for plugin in PLUGINS:
+        if plugin == "pgoutput":
+            _admin(conn, f"CREATE PUBLICATION {_publication(slot)} FOR ALL TABLES",
+                   "pgoutput needs a publication FOR ALL TABLES, which takes a superuser")
+        repl = _replication_connection(conn)
+        try:
+            with repl.cursor() as cur:
+                cur.execute(f"CREATE_REPLICATION_SLOT {slot} LOGICAL {plugin} EXPORT_SNAPSHOT")
+                _, start_lsn, snapshot, _ = cur.fetchone()
+            return plugin, repl, start_lsn, snapshot
+        except psycopg2.Error as exc:
+            repl.close()
+            failures.append(f"{plugin}: {conn.redact(' '.join(str(exc).split()))}")
+            if plugin == "pgoutput":
+                _admin(conn, f"DROP PUBLICATION IF EXISTS {_publication(slot)}", "")
+    raise CaptureError(f"cannot create the replication slot {slot} ({'; '.join(failures)})",
+                       "the user needs REPLICATION, the server wal_level=logical, and a free "
+                       "replication slot (max_replication_slots)")
+
+
+def _admin(conn: ConnectionInfo, statement: str, hint: str) -> None:
+    db = connect(conn)
+    try:
+        db.autocommit = True
+        with db.cursor() as cur:
+            cur.execute(statement)
+    except psycopg2.Error as exc:
+        raise CaptureError(f"{statement.split(' FOR ')[0]} on {conn.display()} failed: "
+                           f"{conn.redact(' '.join(str(exc).split()))}", hint) from None
+    finally:
+        db.close()
 
 
 def _replication_connection(conn: ConnectionInfo) -> Any:
@@ -174,10 +213,7 @@ def run(conn: ConnectionInfo, store: Store, database_id: str,
     db = connect(conn)
     try:
         db.autocommit = True
-        with db.cursor() as cur:
-            cur.execute(PEEK, (state.slot, MAX_CHANGES))
-            rows = cur.fetchall()
-        transactions, end_lsn = _transactions(rows)
+        transactions, end_lsn = _transactions(_peek(db, state))
         if not transactions:
             return None
         segment = _write_segment(store, database_id, transactions, end_lsn)
@@ -192,22 +228,43 @@ def run(conn: ConnectionInfo, store: Store, database_id: str,
     return segment
 
 
-def _transactions(rows: list[tuple[str, str, str]]) -> tuple[list[dict[str, Any]], str]:
-    """Whole transactions (B ... C) from the peeked rows, and where the last one ends."""
+def _peek(db: Any, state: CaptureState) -> list[tuple[str, dict[str, Any]]]:
+    """(lsn, change) of what the slot holds, in wal2json's format-version 2 whatever the
+    plugin; the slot does not move."""
+    with db.cursor() as cur:
+        if state.plugin == "wal2json":
+            cur.execute(PEEK["wal2json"], (state.slot, MAX_CHANGES))
+            return [(lsn, json.loads(data, parse_int=str, parse_float=str))
+                    for lsn, _xid, data in cur.fetchall()]
+        cur.execute(PEEK["pgoutput"], (state.slot, MAX_CHANGES, state.publication))
+        rows = cur.fetchall()
+        names: dict[tuple[int, int], str] = {}
+
+        def type_name(oid: int, typmod: int) -> str:
+            if (oid, typmod) not in names:
+                cur.execute("SELECT format_type(%s, %s)", (oid, typmod))
+                names[(oid, typmod)] = cur.fetchone()[0]
+            return names[(oid, typmod)]
+
+        return pgoutput.changes(rows, type_name)
+
+
+def _transactions(changes: list[tuple[str, dict[str, Any]]]
+                  ) -> tuple[list[dict[str, Any]], str]:
+    """Whole transactions (B ... C) from the peeked changes, and where the last one ends."""
     done: list[dict[str, Any]] = []
     current: dict[str, Any] | None = None
     end_lsn = ""
-    for lsn, xid, data in rows:
-        change = json.loads(data, parse_int=str, parse_float=str)
+    for _lsn, change in changes:
         action = change["action"]
         if action == "B":
-            current = {"xid": xid, "commit_lsn": change["lsn"],
-                       "commit_time": change["timestamp"], "changes": []}
+            current = {"commit_lsn": change["lsn"], "commit_time": change["timestamp"],
+                       "changes": []}
         elif action == "C":
             if current is not None:
                 current["end_lsn"] = change["nextlsn"]
                 done.append(current)
-                end_lsn = lsn
+                end_lsn = change["nextlsn"]
             current = None
         elif current is not None and action in ("I", "U", "D", "T"):
             current["changes"].append(change)
