@@ -21,7 +21,7 @@ from supabackup.store import Store
 from devkit.compare import table_fingerprints
 from devkit.pg import Cluster, bindir_for
 
-SETTINGS = {"wal_level": "logical", "max_replication_slots": "4", "max_wal_senders": "4",
+SETTINGS = {"wal_level": "logical", "max_replication_slots": "20", "max_wal_senders": "4",
             # commits must be flushed before logical decoding may read them
             "synchronous_commit": "on"}
 # PostgreSQL 15.20 lets replication users load only the output plugins listed here.
@@ -96,7 +96,7 @@ def test_restore_at_each_time_equals_the_source_as_it_was_then(
         logical.execute(statements, db)
         expected.append((_now(logical, db), table_fingerprints(logical.url(db))))
         time.sleep(0.05)
-        assert cdc.run(_conn(logical, db), store, base.database_id) is not None
+        assert cdc.run(_conn(logical, db), store, base.database_id).segment is not None
     # THEN a restore at each time equals the source at that time, table by table
     for i, (when, tables) in enumerate(expected):
         assert _restore_at(logical, store, base.database_id, when, f"cdc_at_{i}") == tables, i
@@ -123,10 +123,77 @@ def test_a_run_that_dies_before_advancing_the_slot_duplicates_nothing(
         cdc.run(_conn(logical, db), store, base.database_id, after_upload=crash)
     logical.execute(ROUNDS[1], db)
     # the next run stores the first round's transactions again, with the second's
-    again = cdc.run(_conn(logical, db), store, base.database_id)
+    again = cdc.run(_conn(logical, db), store, base.database_id).segment
     assert again is not None and again.transactions == 2
     assert len(cdc.segments(store, base.database_id)) == 2
-    assert cdc.run(_conn(logical, db), store, base.database_id) is None  # slot advanced
+    assert cdc.run(_conn(logical, db), store, base.database_id).segment is None  # advanced
     when = _now(logical, db)
     assert _restore_at(logical, store, base.database_id, when, "cdc_crash_restored") == \
         table_fingerprints(logical.url(db))
+
+
+def _fresh(cluster: Cluster, name: str) -> str:
+    cluster.drop_database(name)
+    cluster.create_database(name)
+    cluster.execute(SCHEMA, name)
+    return name
+
+
+def test_a_schema_change_starts_a_new_epoch_and_restores_work_on_both_sides(
+        logical: Cluster, store: Store) -> None:
+    db = _fresh(logical, "cdc_ddl")
+    _, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    logical.execute(ROUNDS[0], db)
+    before_ddl = (_now(logical, db), table_fingerprints(logical.url(db)))
+    time.sleep(1.1)  # backup ids have one-second resolution: the new base needs its own
+    # DDL in the middle of the stream, rows that use it, and a capture run
+    logical.execute("ALTER TABLE scratch ADD COLUMN note text DEFAULT 'new';"
+                    "INSERT INTO scratch VALUES ('with note', 4, 'hello')", db)
+    captured = cdc.run(_conn(logical, db), store, base.database_id)
+    assert captured.restarted == "the schema changed" and not captured.lost
+    epochs = cdc.epochs(store, base.database_id)
+    assert len(epochs) == 2 and epochs[1].base != base.backup_id
+    logical.execute(ROUNDS[1], db)
+    after = (_now(logical, db), table_fingerprints(logical.url(db)))
+    time.sleep(0.05)
+    assert cdc.run(_conn(logical, db), store, base.database_id).segment is not None
+    for i, (when, tables) in enumerate([before_ddl, after]):
+        assert _restore_at(logical, store, base.database_id, when, f"cdc_ddl_{i}") == tables, i
+
+
+def test_a_lost_slot_starts_a_new_base_and_says_changes_were_lost(
+        logical: Cluster, store: Store) -> None:
+    db = _fresh(logical, "cdc_lost")
+    state, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    logical.execute(ROUNDS[0], db)
+    logical.execute(f"SELECT pg_drop_replication_slot('{state.slot}')", db)  # by hand
+    time.sleep(1.1)  # backup ids have one-second resolution: the new base needs its own
+    lost = cdc.run(_conn(logical, db), store, base.database_id)
+    assert lost.lost and "is gone" in lost.restarted
+    after = cdc.read_state(store, base.database_id)
+    assert after is not None and after.base != base.backup_id
+    # the new base holds the first round; later changes are captured again
+    logical.execute(ROUNDS[1], db)
+    when = _now(logical, db)
+    time.sleep(0.05)
+    assert cdc.run(_conn(logical, db), store, base.database_id).segment is not None
+    assert _restore_at(logical, store, base.database_id, when, "cdc_lost_restored") == \
+        table_fingerprints(logical.url(db))
+
+
+def test_status_reports_retained_wal_and_tables_that_cannot_be_replayed(
+        logical: Cluster, store: Store) -> None:
+    db = _fresh(logical, "cdc_status")
+    logical.execute("CREATE TABLE no_key (v int)", db)
+    _, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    logical.execute("INSERT INTO no_key SELECT generate_series(1, 1000)", db)
+    time.sleep(1.1)  # backup ids have one-second resolution: the new base needs its own
+    found = cdc.status(_conn(logical, db), store, base.database_id)
+    assert found["started"] and found["tables_without_identity"] == ["public.no_key"]
+    assert found["slot"]["retained_wal_bytes"] > 0
+    assert found["slot"]["wal_status"] in ("reserved", "extended")
+    # over the hard limit, the slot is dropped before it can fill the disk, and a new base taken
+    limited = cdc.run(_conn(logical, db), store, base.database_id, max_retained_wal=1)
+    assert limited.lost and "over the limit of 1" in limited.restarted
+    assert cdc.drop(_conn(logical, db), store, base.database_id) is not None
+    assert cdc.status(_conn(logical, db), store, base.database_id)["slot"] == {}

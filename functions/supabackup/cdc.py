@@ -86,6 +86,8 @@ class CaptureState:
     base: str          # the full backup taken in the slot's exported snapshot
     start_lsn: str     # the slot's consistent point: changes after it are not in the base
     publication: str = ""  # pgoutput's (FOR ALL TABLES); wal2json needs none
+    base_at: str = ""      # the base's snapshot time
+    schema: str = ""       # fingerprint of the tables' definitions when the base was taken
 
 
 def _key(store: Store, database_id: str, *parts: str) -> str:
@@ -93,8 +95,56 @@ def _key(store: Store, database_id: str, *parts: str) -> str:
 
 
 def read_state(store: Store, database_id: str) -> CaptureState | None:
+    """The capture now running, if any."""
     raw = store.read_small(_key(store, database_id, "state.json"))
     return CaptureState(**json.loads(raw)) if raw else None
+
+
+def epochs(store: Store, database_id: str) -> list[CaptureState]:
+    """Every capture ever started (a base and the changes after it), oldest first.
+
+    A new epoch begins with `cdc start`, and by itself when the schema changed (DDL is not
+    in the stream) or the slot was lost; restores pick the epoch that covers their time.
+    """
+    prefix = _key(store, database_id, "epochs") + "/"
+    return [CaptureState(**json.loads(store.read_small(k) or b"{}"))
+            for k in sorted(store.list_keys(prefix))]
+
+
+def _put_json(store: Store, key: str, value: dict[str, Any]) -> None:
+    store.s3.put_object(Bucket=store.url.bucket, Key=key, Body=json.dumps(value).encode(),
+                        ContentType="application/json")
+
+
+SCHEMA = """
+SELECT md5(coalesce(string_agg(format('%s.%s:%s', n.nspname, c.relname, (
+         SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ','
+                           ORDER BY a.attnum)
+         FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
+           AND NOT a.attisdropped)), ';' ORDER BY n.nspname, c.relname), ''))
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_%'
+"""
+
+
+def _schema_in(conn: ConnectionInfo, snapshot: str) -> str:
+    """The schema fingerprint as the base sees it: read in the slot's exported snapshot."""
+    db = connect(conn)
+    try:
+        db.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        with db.cursor() as cur:
+            cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
+        return schema_fingerprint(db)
+    finally:
+        db.close()
+
+
+def schema_fingerprint(db: Any) -> str:
+    """What a replay must find in place: every table's columns, names and types."""
+    with db.cursor() as cur:
+        cur.execute(SCHEMA)
+        return str(cur.fetchone()[0])
 
 
 def start(conn: ConnectionInfo, store: Store, request: BackupRequest) -> tuple[CaptureState,
@@ -107,6 +157,7 @@ def start(conn: ConnectionInfo, store: Store, request: BackupRequest) -> tuple[C
     slot = slot_name(conn)
     plugin, repl, start_lsn, snapshot = _create_slot(conn, slot)
     try:
+        schema = _schema_in(conn, snapshot)
         # The exported snapshot lives while this connection stays idle: the base is taken
         # in it, so it holds exactly the transactions before the slot's first change.
         try:
@@ -117,10 +168,11 @@ def start(conn: ConnectionInfo, store: Store, request: BackupRequest) -> tuple[C
     finally:
         repl.close()
     state = CaptureState(slot=slot, plugin=plugin, base=base.backup_id, start_lsn=start_lsn,
-                         publication=_publication(slot) if plugin == "pgoutput" else "")
-    store.s3.put_object(Bucket=store.url.bucket, Key=_key(store, database_id, "state.json"),
-                        Body=json.dumps(asdict(state)).encode(),
-                        ContentType="application/json")
+                         publication=_publication(slot) if plugin == "pgoutput" else "",
+                         base_at=base.snapshot_at, schema=schema)
+    _put_json(store, _key(store, database_id, "epochs", f"{lsn_key(start_lsn)}.json"),
+              asdict(state))
+    _put_json(store, _key(store, database_id, "state.json"), asdict(state))
     log.info("change capture of %s started: slot %s at %s, base %s", database_id, slot,
              start_lsn, base.backup_id)
     return state, base
@@ -199,10 +251,26 @@ class Segment:
     sha256: str
 
 
+@dataclass(frozen=True)
+class CaptureRun:
+    """What one capture run did."""
+
+    segment: Segment | None       # the transactions it stored, if any
+    slot: dict[str, Any]          # the slot's health (slot_status) before the run
+    restarted: str = ""           # why it started a new epoch ("" when it did not)
+    lost: bool = False            # the slot was gone: changes since the last run are lost
+
+
 def run(conn: ConnectionInfo, store: Store, database_id: str,
-        after_upload: Callable[[Segment], None] = lambda segment: None) -> Segment | None:
+        after_upload: Callable[[Segment], None] = lambda segment: None,
+        max_retained_wal: int | None = None) -> CaptureRun:
     """One capture run: store the slot's committed transactions, then advance the slot.
 
+    A slot that is gone (dropped by hand, or invalidated for holding too much WAL) starts a
+    new epoch: a new slot and base, and the run reports the loss. So does a slot that holds
+    more than `max_retained_wal` bytes, which is dropped before it fills the disk. After
+    storing, a schema that changed since the base starts a new epoch too: DDL is not in
+    the stream, and later changes must be replayed onto a base that has it.
     `after_upload` runs between the segment's commit and the slot's advance (tests crash
     there on purpose).
     """
@@ -213,19 +281,108 @@ def run(conn: ConnectionInfo, store: Store, database_id: str,
     db = connect(conn)
     try:
         db.autocommit = True
+        health = slot_status(db, state.slot)
+        if health.get("wal_status") in (None, "lost"):
+            reason = (f"the replication slot {state.slot} is gone" if not health
+                      else f"the replication slot {state.slot} was invalidated (wal_status lost)")
+            return CaptureRun(None, health, _restart(conn, store, database_id, state, reason),
+                              lost=True)
+        if max_retained_wal is not None and health["retained_wal_bytes"] > max_retained_wal:
+            reason = (f"the slot held {health['retained_wal_bytes']} bytes of WAL, over the "
+                      f"limit of {max_retained_wal}")
+            return CaptureRun(None, health, _restart(conn, store, database_id, state, reason),
+                              lost=True)
         transactions, end_lsn = _transactions(_peek(db, state))
-        if not transactions:
-            return None
-        segment = _write_segment(store, database_id, transactions, end_lsn)
-        after_upload(segment)
-        with db.cursor() as cur:
-            cur.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
-                        (state.slot, end_lsn))
+        segment = None
+        if transactions:
+            segment = _write_segment(store, database_id, transactions, end_lsn)
+            after_upload(segment)
+            with db.cursor() as cur:
+                cur.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
+                            (state.slot, end_lsn))
+            log.info("captured %d transaction(s) up to %s into %s", segment.transactions,
+                     end_lsn, segment.key)
+        schema_now = schema_fingerprint(db)
     finally:
         db.close()
-    log.info("captured %d transaction(s) up to %s into %s", segment.transactions, end_lsn,
-             segment.key)
-    return segment
+    if schema_now != state.schema:
+        return CaptureRun(segment, health, _restart(conn, store, database_id, state,
+                                                    "the schema changed"))
+    return CaptureRun(segment, health)
+
+
+def slot_status(db: Any, slot: str) -> dict[str, Any]:
+    """The slot's health: {} when there is no such slot."""
+    with db.cursor() as cur:
+        cur.execute("""
+            SELECT active, wal_status, safe_wal_size,
+                   pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,
+                   confirmed_flush_lsn::text
+            FROM pg_replication_slots WHERE slot_name = %s""", (slot,))
+        row = cur.fetchone()
+    if row is None:
+        return {}
+    active, wal_status, safe, retained, flushed = row
+    return {"active": active, "wal_status": wal_status, "safe_wal_size": safe,
+            "retained_wal_bytes": int(retained or 0), "confirmed_flush_lsn": flushed}
+
+
+def _restart(conn: ConnectionInfo, store: Store, database_id: str, state: CaptureState,
+             reason: str) -> str:
+    """End the epoch (its slot and publication), start the next one; return the reason."""
+    log.warning("change capture of %s starts a new epoch: %s", database_id, reason)
+    drop(conn, store, database_id)
+    start(conn, store, BackupRequest(database_id=database_id, retention="weekly",
+                                     label=f"change capture base: {reason}"[:200],
+                                     trigger="schedule"))
+    return reason
+
+
+def drop(conn: ConnectionInfo, store: Store, database_id: str) -> CaptureState | None:
+    """Stop capturing: drop the slot (freeing its WAL) and its publication. What was
+    captured stays restorable (the epochs and segments remain)."""
+    state = read_state(store, database_id)
+    if state is None:
+        return None
+    _drop_slot(conn, state.slot)
+    if state.publication:
+        _admin(conn, f"DROP PUBLICATION IF EXISTS {state.publication}", "")
+    store.delete_key(_key(store, database_id, "state.json"))
+    return state
+
+
+def tables_without_identity(db: Any) -> list[str]:
+    """Tables whose UPDATE and DELETE cannot be replayed: no primary key and no replica
+    identity (or REPLICA IDENTITY NOTHING)."""
+    with db.cursor() as cur:
+        cur.execute("""
+            SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+              AND n.nspname NOT LIKE 'pg\\_%'
+              AND (c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS (
+                   SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
+            ORDER BY 1""")
+        return [r[0] for r in cur.fetchall()]
+
+
+def status(conn: ConnectionInfo, store: Store, database_id: str) -> dict[str, Any]:
+    """What `cdc status` prints and the capture function reports as metrics."""
+    state = read_state(store, database_id)
+    db = connect(conn)
+    try:
+        db.autocommit = True
+        found = {"started": state is not None,
+                 "slot": slot_status(db, state.slot) if state else {},
+                 "tables_without_identity": tables_without_identity(db)}
+    finally:
+        db.close()
+    if state is not None:
+        found.update(plugin=state.plugin, base=state.base, start_lsn=state.start_lsn)
+    captured = segments(store, database_id)
+    if captured:
+        found["last_commit_captured"] = captured[-1].last_commit_time
+    return found
 
 
 def _peek(db: Any, state: CaptureState) -> list[tuple[str, dict[str, Any]]]:
@@ -295,13 +452,15 @@ def segments(store: Store, database_id: str) -> list[Segment]:
     return [Segment(**json.loads(store.read_small(k) or b"{}")) for k in keys]
 
 
-def transactions_until(store: Store, database_id: str, state: CaptureState,
-                       when: datetime) -> Iterator[dict[str, Any]]:
-    """Each captured transaction after the base and committed at or before `when`, once,
-    in commit order."""
+def transactions_until(store: Store, database_id: str, epoch: CaptureState,
+                       when: datetime, until_lsn: str = "") -> Iterator[dict[str, Any]]:
+    """Each transaction captured in `epoch` (after its base, before `until_lsn`, the next
+    epoch's start) and committed at or before `when`: once each, in commit order."""
     applied: set[str] = set()
-    start = lsn_int(state.start_lsn)
+    start, end = lsn_int(epoch.start_lsn), lsn_int(until_lsn) if until_lsn else None
     for segment in segments(store, database_id):
+        if lsn_int(segment.end_lsn) <= start:
+            continue
         if parse_time(segment.first_commit_time) > when:
             break
         raw = store.read_small(segment.key)
@@ -310,9 +469,10 @@ def transactions_until(store: Store, database_id: str, state: CaptureState,
                              "restore to a time before it, or from the base alone")
         for line in gzip.decompress(raw).splitlines():
             txn = json.loads(line)
-            if txn["commit_lsn"] in applied or lsn_int(txn["commit_lsn"]) < start:
+            commit = lsn_int(txn["commit_lsn"])
+            if txn["commit_lsn"] in applied or commit < start:
                 continue  # delivered twice (a run that died before advancing), or in the base
-            if parse_time(txn["commit_time"]) > when:
+            if parse_time(txn["commit_time"]) > when or (end is not None and commit >= end):
                 return
             applied.add(txn["commit_lsn"])
             yield txn
@@ -387,22 +547,27 @@ def _value(column: dict[str, Any]) -> sql.Composed:
 
 def restore_to_time(store: Store, database_id: str, target: ConnectionInfo,
                     when: datetime) -> tuple[Manifest, int]:
-    """The capture's base, then every captured transaction committed at or before `when`."""
+    """The base of the epoch that covers `when`, then every transaction it captured up to
+    `when`. Returns the base and how many transactions were replayed."""
     from .restore import run_restore  # restore.py does not need cdc; this one needs it late
-    state = read_state(store, database_id)
-    if state is None:
-        raise ConfigError(f"no change capture of {database_id} in {store.url}",
-                          "restore a backup instead (`supabackup restore --at BACKUP_ID`)")
-    base = next((m for m in store.manifests(database_id) if m.backup_id == state.base), None)
+    history = epochs(store, database_id)
+    covering = [i for i, e in enumerate(history) if parse_time(e.base_at) <= when]
+    if not covering:
+        raise ConfigError(f"no change capture of {database_id} covers {when.isoformat()}",
+                          "restore a backup instead, or a later time"
+                          + (f" (capture starts at {history[0].base_at})" if history else ""))
+    index = covering[-1]
+    epoch = history[index]
+    until = history[index + 1].start_lsn if index + 1 < len(history) else ""
+    base = next((m for m in store.manifests(database_id) if m.backup_id == epoch.base), None)
     if base is None:
-        raise StoreError(f"the capture's base backup {state.base} is gone",
-                         "start change capture again (`supabackup cdc drop`, `cdc start`)")
-    if parse_time(base.snapshot_at) > when:
-        raise ConfigError(f"{when.isoformat()} is before the capture's base "
-                          f"({base.snapshot_at})", "choose a later time, or restore a backup")
+        raise StoreError(f"the capture's base backup {epoch.base} is gone",
+                         "restore a later time, or a backup")
     run_restore(store, base, target)
-    count = replay(target, transactions_until(store, database_id, state, when))
+    count = replay(target, transactions_until(store, database_id, epoch, when, until))
     _bump_sequences(target)
+    log.info("restored %s to %s: base %s and %d transaction(s)", database_id, when.isoformat(),
+             base.backup_id, count)
     return base, count
 
 
