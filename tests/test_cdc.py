@@ -6,6 +6,7 @@ on the pinned PostgreSQL 17, which has no wal2json (the fallback). wal_level=log
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -15,6 +16,7 @@ import pytest
 from supabackup import cdc
 from supabackup.backup import BackupRequest
 from supabackup.dburl import ConnectionInfo
+from supabackup.errors import ConfigError
 from supabackup.manifest import parse_time
 from supabackup.store import Store
 
@@ -197,3 +199,47 @@ def test_status_reports_retained_wal_and_tables_that_cannot_be_replayed(
     assert limited.lost and "over the limit of 1" in limited.restarted
     assert cdc.drop(_conn(logical, db), store, base.database_id) is not None
     assert cdc.status(_conn(logical, db), store, base.database_id)["slot"] == {}
+
+
+def test_the_command_line_captures_and_restores_to_a_point_in_time(
+        logical: Cluster, local_s3: Any) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    exe = str(Path(sys.executable).with_name("supabackup"))
+    bucket = f"cdc-cli-{logical.plugin}"  # type: ignore[attr-defined]
+    local_s3.create_bucket(bucket)
+    env = {**os.environ, **local_s3.env(), "SUPABACKUP_STORE": f"s3://{bucket}/pitr"}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([exe, *args], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    db = _fresh(logical, "cdc_cli")
+    url = logical.url(db)
+    assert "base backup" in cli("cdc", "start", "--database-url", url)
+    logical.execute(ROUNDS[0], db)
+    when = _now(logical, db)
+    expected = table_fingerprints(url)
+    time.sleep(0.05)
+    logical.execute(ROUNDS[1], db)  # after the point in time: must not be restored
+    assert "transaction(s)" in cli("cdc", "run", "--database-url", url)
+    status = json.loads(cli("cdc", "status", "--database-url", url))
+    assert status["slot"]["wal_status"] and status["tables_without_identity"] == []
+    logical.drop_database("cdc_cli_restored")
+    logical.create_database("cdc_cli_restored")
+    out = cli("restore", "--target-url", logical.url("cdc_cli_restored"), "--at", when.isoformat())
+    assert "captured transaction(s)" in out
+    assert table_fingerprints(logical.url("cdc_cli_restored")) == expected
+    assert "dropped slot" in cli("cdc", "drop", "--database-url", url)
+
+
+def test_replication_through_a_supabase_pooler_is_refused_naming_the_direct_host() -> None:
+    conn = ConnectionInfo.from_url(
+        "postgresql://postgres.abcdefghijklmnop:pw@aws-0-eu-west-1.pooler.supabase.com:5432/postgres")
+    with pytest.raises(ConfigError, match="cannot carry logical replication.*"
+                                          "db.abcdefghijklmnop.supabase.co"):
+        cdc.require_direct(conn)

@@ -147,9 +147,23 @@ def schema_fingerprint(db: Any) -> str:
         return str(cur.fetchone()[0])
 
 
+def require_direct(conn: ConnectionInfo) -> ConnectionInfo:
+    """Replication cannot go through Supabase's poolers: refuse them, naming the host to use."""
+    if conn.is_supabase and "pooler." in conn.host:
+        ref = conn.project_ref or "<project-ref>"
+        raise ConfigError(
+            f"{conn.host} is Supabase's connection pooler, which cannot carry logical "
+            "replication",
+            f"change capture needs the direct connection: db.{ref}.supabase.co:5432, user "
+            "postgres (IPv6; from IPv4 networks only with the IPv4 add-on, or from dual-stack "
+            "VPC subnets, see the README)")
+    return conn
+
+
 def start(conn: ConnectionInfo, store: Store, request: BackupRequest) -> tuple[CaptureState,
                                                                              Manifest]:
     """Create the slot and take the aligned base backup; record both."""
+    require_direct(conn)
     database_id = request.database_of(conn)
     if read_state(store, database_id) is not None:
         raise ConfigError(f"change capture of {database_id} is already started",
@@ -274,6 +288,7 @@ def run(conn: ConnectionInfo, store: Store, database_id: str,
     `after_upload` runs between the segment's commit and the slot's advance (tests crash
     there on purpose).
     """
+    require_direct(conn)
     state = read_state(store, database_id)
     if state is None:
         raise ConfigError(f"change capture of {database_id} is not started",

@@ -13,17 +13,18 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 
-from . import __version__
+from . import __version__, cdc
 from .backup import KINDS, BackupRequest
 from .catalog import resolve_database_id, select_backup
 from .dburl import ConnectionInfo
 from .errors import ConfigError, SupabackupError, VerifyFailed
-from .manifest import RETENTION_CLASSES
+from .manifest import RETENTION_CLASSES, parse_time
 from .notify import Notifier, human_bytes, human_duration
 from .profiles import NAMES as PROFILE_NAMES
 from .restore import RestoreOptions, describe_plan
-from .run import backup_and_report, restore_and_report, verify_and_report
+from .run import backup_and_report, capture_and_report, restore_and_report, verify_and_report
 from .store import Store, StoreURL
 from .verify import VerifyReport
 
@@ -78,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="supabase: into a fresh Supabase project, skipping what it "
                               "already has (default: postgres, into an empty database)")
     sns_flag(restore)
+    capture = sub.add_parser("cdc", help="change capture, for restores to any point in time")
+    capture.add_argument("action", choices=("start", "run", "status", "drop"),
+                         help="start: create the slot and its base backup; run: store what "
+                              "the slot holds (as the schedule does); status; drop")
+    capture.add_argument("--database-url", default=os.environ.get("SUPABACKUP_DATABASE_URL"),
+                         help="a direct connection (replication cannot use a pooler)")
+    store_flag(capture)
+    capture.add_argument("--max-retained-wal", type=int, metavar="BYTES",
+                         help="run: drop the slot and start over (a new base) when it holds "
+                              "more WAL than this, before it fills the disk")
+    sns_flag(capture)
+
     verify = sub.add_parser("verify", help="re-read backups and prove they are whole")
     store_flag(verify)
     verify.add_argument("--backup", help="one BACKUP_ID and the chain it relies on "
@@ -139,7 +152,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
     options = RestoreOptions(tables=tuple(t.strip() for arg in args.tables
                                           for t in arg.split(",") if t.strip()),
                              profile=args.profile)
-    manifest = select_backup(store, resolve_database_id(store, args.database_id), args.at)
+    database_id = resolve_database_id(store, args.database_id)
+    when = _point_in_time(args.at)
+    if when is not None and cdc.epochs(store, database_id):
+        if options.tables or options.profile != "postgres" or args.dry_run:
+            raise ConfigError("a restore to a point in time takes no --tables, --profile or "
+                              "--dry-run", "restore a backup with them instead")
+        base, count = cdc.restore_to_time(store, database_id, target, when)
+        print(f"restored {database_id} as of {when.isoformat()} into {target.display()}: "
+              f"base {base.backup_id} and {count} captured transaction(s)")
+        return 0
+    manifest = select_backup(store, database_id, args.at)
     if args.dry_run:
         for line in describe_plan(store, manifest, options):
             print(line)
@@ -148,6 +171,44 @@ def cmd_restore(args: argparse.Namespace) -> int:
     for line in report.lines():
         print(line)
     return 0
+
+
+def cmd_cdc(args: argparse.Namespace) -> int:
+    conn = ConnectionInfo.from_url(require(args.database_url, "--database-url",
+                                           "SUPABACKUP_DATABASE_URL"))
+    store = Store(StoreURL.parse(require(args.store, "--store", "SUPABACKUP_STORE")))
+    database_id = args.database_id or conn.database_id
+    if args.action == "start":
+        state, base = cdc.start(conn, store, BackupRequest(database_id=database_id,
+                                                           retention="weekly", trigger="cli",
+                                                           label="change capture base"))
+        print(f"capturing {database_id} through slot {state.slot} ({state.plugin}) from "
+              f"{state.start_lsn}; base backup {base.backup_id}")
+    elif args.action == "run":
+        result = capture_and_report(conn, store, database_id, Notifier(args.sns_topic_arn),
+                                    args.max_retained_wal)
+        segment = result.segment
+        print(f"stored {segment.transactions} transaction(s), the last committed at "
+              f"{segment.last_commit_time}" if segment else "nothing new to store")
+        if result.restarted:
+            print(f"started a new epoch: {result.restarted}")
+    elif args.action == "status":
+        print(json.dumps(cdc.status(conn, store, database_id), indent=2, default=str))
+    else:
+        dropped = cdc.drop(conn, store, database_id)
+        print(f"dropped slot {dropped.slot}; what was captured stays restorable" if dropped
+              else f"change capture of {database_id} was not started")
+    return 0
+
+
+def _point_in_time(at: str) -> datetime | None:
+    """--at as a time (not latest, not a backup id), or None."""
+    if at == "latest" or at.endswith(("-full", "-incr")):
+        return None
+    try:
+        return parse_time(at)
+    except ValueError:
+        return None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -178,7 +239,7 @@ def _print_verify(report: VerifyReport) -> None:
 
 
 COMMANDS = {"backup": cmd_backup, "list": cmd_list, "restore": cmd_restore,
-            "verify": cmd_verify}
+            "verify": cmd_verify, "cdc": cmd_cdc}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import time
 
+from . import cdc
 from .backup import BackupRequest, run_backup
+from .cdc import CaptureRun
 from .dburl import ConnectionInfo
 from .errors import DuplicateRun, SupabackupError, VerifyFailed
 from .manifest import Manifest
@@ -104,3 +106,32 @@ def restore_and_report(store: Store, manifest: Manifest, target: ConnectionInfo,
                              headline=f"{manifest.backup_id} into {target.display()}",
                              details={"backup_id": manifest.backup_id, "lines": report.lines()}))
     return report
+
+
+def capture_and_report(conn: ConnectionInfo, store: Store, database_id: str,
+                       notifier: Notifier, max_retained_wal: int | None = None) -> CaptureRun:
+    """One change-capture run. It runs every minute, so SNS hears only what needs a person:
+    a failed run, a lost slot (changes since the last run cannot be restored) and a new
+    epoch after a schema change."""
+    started = time.monotonic()
+    try:
+        result = cdc.run(conn, store, database_id, max_retained_wal=max_retained_wal)
+    except BaseException as exc:
+        notifier.publish(Outcome(kind="capture", database=database_id, error=exc,
+                                 scrub=conn.redact, duration_seconds=time.monotonic() - started))
+        raise
+    if result.lost:
+        notifier.publish(Outcome(
+            kind="capture", database=database_id, duration_seconds=time.monotonic() - started,
+            error=cdc.CaptureError(f"{result.restarted}: changes since the last capture run "
+                                   "cannot be restored; a new base was taken",
+                                   "check what dropped or invalidated the slot (max_slot_wal_"
+                                   "keep_size, a manual drop); restores after the new base "
+                                   "are whole again"),
+            details={"slot": result.slot}))
+    elif result.restarted:
+        notifier.publish(Outcome(kind="capture", database=database_id,
+                                 duration_seconds=time.monotonic() - started,
+                                 headline=f"{result.restarted}: a new base was taken",
+                                 details={"slot": result.slot}))
+    return result
