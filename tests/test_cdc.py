@@ -243,3 +243,36 @@ def test_replication_through_a_supabase_pooler_is_refused_naming_the_direct_host
     with pytest.raises(ConfigError, match="cannot carry logical replication.*"
                                           "db.abcdefghijklmnop.supabase.co"):
         cdc.require_direct(conn)
+
+
+def test_the_capture_function_starts_runs_and_reports_the_slot(
+        logical: Cluster, s3: Any, inbox: Any, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    import boto3
+    from supabackup.handlers import capture as capture_handler
+    from supabackup.handlers import common
+
+    from .conftest import BUCKET, FakeContext, load_event
+    db = _fresh(logical, "cdc_lambda")
+    secrets = boto3.client("secretsmanager", region_name="us-east-1")
+    arn = secrets.create_secret(Name="supabackup/direct", SecretString=json.dumps({
+        "host": "127.0.0.1", "port": logical.port, "username": "postgres",
+        "password": "devkit-superuser-pw", "dbname": db, "sslmode": "disable"}))["ARN"]
+    monkeypatch.setenv("SUPABACKUP_STORE", f"s3://{BUCKET}/prod")
+    monkeypatch.setenv("SUPABACKUP_CAPTURE_SECRET_ARN", arn)
+    monkeypatch.setenv("SUPABACKUP_SNS_TOPIC_ARN", inbox.topic_arn)
+    monkeypatch.setattr(common, "clients", {"s3": s3, "secretsmanager": secrets,
+                                            "sns": inbox.sns})
+    started = capture_handler.handler(load_event("capture-start.json"), FakeContext())
+    assert started["plugin"] == logical.plugin  # type: ignore[attr-defined]
+    logical.execute(ROUNDS[0], db)
+    capfd.readouterr()
+    ran = capture_handler.handler(load_event("capture-scheduled.json"), FakeContext())
+    assert ran["transactions"] == 1 and not ran["lost"]  # one statement string, one commit
+    emf = [json.loads(line) for line in capfd.readouterr().out.splitlines()
+           if line.startswith('{"_aws"')][-1]
+    assert emf["kind"] == "capture" and emf["RetainedWalBytes"][0] >= 0
+    assert emf["CapturedTransactions"] in ([1.0], 1.0)
+    status = capture_handler.handler(load_event("capture-status.json"), FakeContext())
+    assert status["started"] and status["last_commit_captured"]
+    assert inbox.messages() == []  # a good run sends nothing

@@ -33,7 +33,12 @@ from moto import mock_aws
 from samtranslator.translator.transform import transform
 from supabackup.budget import MARGIN
 from supabackup.dburl import ConnectionInfo
-from supabackup.events import parse_backup_event, parse_restore_event, parse_verify_event
+from supabackup.events import (
+    parse_backup_event,
+    parse_capture_event,
+    parse_restore_event,
+    parse_verify_event,
+)
 from supabackup.manifest import RETENTION_CLASSES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,6 +49,7 @@ REGION = "us-east-1"
 EXISTING_SECRET = f"arn:aws:secretsmanager:{REGION}:123456789012:secret:supabase-db-AbCdEf"
 DRILL_SECRET = f"arn:aws:secretsmanager:{REGION}:123456789012:secret:scratch-db-GhIjKl"
 TARGET_SECRET = f"arn:aws:secretsmanager:{REGION}:123456789012:secret:restore-db-MnOpQr"
+CAPTURE_SECRET = f"arn:aws:secretsmanager:{REGION}:123456789012:secret:direct-db-StUvWx"
 
 # cfn-lint runs with every rule, informational and experimental ones included, in every
 # region. Errors and warnings fail the test; these informational findings are accepted:
@@ -235,7 +241,7 @@ def test_translates_with_every_architecture_and_an_existing_secret() -> None:
     for arch in ("arm64", "x86_64"):
         out = translate({"Architecture": arch, "DatabaseSecretArn": EXISTING_SECRET})
         functions = of_type(out, "AWS::Lambda::Function")
-        assert set(functions) == set(FUNCTIONS)
+        assert set(functions) == {*FUNCTIONS, "CaptureFunction"}
         assert all(f["Properties"]["ReservedConcurrentExecutions"] == 1
                    for f in functions.values())
 
@@ -265,7 +271,9 @@ def schedules(cfn: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for resource in cfn["Resources"].values():
         if resource["Type"] == "AWS::Scheduler::Schedule":
             sent = json.loads(resource["Properties"]["Target"]["Input"])
-            found[sent.get("kind", "verify")] = resource["Properties"]
+            function = resource["Properties"]["Target"]["Arn"]["Fn::GetAtt"][0]
+            found[sent.get("kind") or function.removesuffix("Function").lower()] = \
+                resource["Properties"]
     return found
 
 
@@ -273,6 +281,7 @@ def schedules(cfn: dict[str, Any]) -> dict[str, dict[str, Any]]:
     ("full", "cron(0 3 ? * SUN *)", "ScheduleState", "BackupFunction"),
     ("incremental", "cron(0 3 ? * MON-SAT *)", "IncrementalScheduleState", "BackupFunction"),
     ("verify", "cron(0 5 ? * SUN *)", "VerifyScheduleState", "VerifyFunction"),
+    ("capture", "rate(1 minute)", "CaptureScheduleState", "CaptureFunction"),
 ])
 def test_the_schedules_run_weekly_fulls_daily_incrementals_and_weekly_verify(
         cfn: dict[str, Any], kind: str, cron: str, state: str, function: str) -> None:
@@ -285,7 +294,8 @@ def test_the_schedules_run_weekly_fulls_daily_incrementals_and_weekly_verify(
     assert "Name" not in props  # CloudFormation names it: two stacks must not clash
     target = props["Target"]
     assert target["Arn"] == {"Fn::GetAtt": [function, "Arn"]}
-    assert target["RetryPolicy"]["MaximumRetryAttempts"] >= 1
+    # capture runs every minute: the next run is its retry
+    assert target["RetryPolicy"]["MaximumRetryAttempts"] >= (0 if kind == "capture" else 1)
     queue_id = target["DeadLetterConfig"]["Arn"]["Fn::GetAtt"][0]
     queue = cfn["Resources"][queue_id]
     assert queue["Type"] == "AWS::SQS::Queue"
@@ -321,7 +331,7 @@ def test_the_verify_schedule_sends_the_sample_and_drills() -> None:
 
 
 PARSERS = {"backup": parse_backup_event, "verify": parse_verify_event,
-           "restore": parse_restore_event}
+           "restore": parse_restore_event, "capture": parse_capture_event}
 
 
 def test_the_sample_events_are_valid_requests() -> None:
@@ -334,7 +344,10 @@ def test_the_sample_events_are_valid_requests() -> None:
 def test_failed_asynchronous_runs_go_to_the_dead_letter_queue(cfn: dict[str, Any]) -> None:
     configs = {c["Properties"]["FunctionName"]["Ref"]: c["Properties"]
                for c in of_type(cfn, "AWS::Lambda::EventInvokeConfig").values()}
-    assert set(configs) == {"BackupFunction", "VerifyFunction"}  # the scheduled ones
+    assert set(configs) == {"BackupFunction", "VerifyFunction", "CaptureFunction"}
+    # capture runs every minute and its next run picks up where a failed one stopped
+    capture = configs.pop("CaptureFunction")
+    assert capture["MaximumRetryAttempts"] == 0 and not capture.get("DestinationConfig")
     for props in configs.values():
         assert props["MaximumRetryAttempts"] <= 2
         queue_id = props["DestinationConfig"]["OnFailure"]["Destination"]["Fn::GetAtt"][0]
@@ -348,6 +361,7 @@ def test_failed_asynchronous_runs_go_to_the_dead_letter_queue(cfn: dict[str, Any
     ("BackupFunction", "supabackup.handlers.backup.handler"),
     ("VerifyFunction", "supabackup.handlers.verify.handler"),
     ("RestoreFunction", "supabackup.handlers.restore.handler"),
+    ("CaptureFunction", "supabackup.handlers.capture.handler"),
 ])
 def test_the_functions(cfn: dict[str, Any], sam: dict[str, Any], function: str,
                        handler: str) -> None:
@@ -401,11 +415,13 @@ def test_the_function_environment(cfn: dict[str, Any]) -> None:
 @pytest.mark.parametrize("function, variable, parameter", [
     ("VerifyFunction", "SUPABACKUP_DRILL_SECRET_ARN", "DrillSecretArn"),
     ("RestoreFunction", "SUPABACKUP_RESTORE_SECRET_ARN", "RestoreTargetSecretArn"),
+    ("CaptureFunction", "SUPABACKUP_CAPTURE_SECRET_ARN", "CaptureSecretArn"),
 ])
-def test_verify_and_restore_read_their_own_secret_only(cfn: dict[str, Any], function: str,
-                                                       variable: str, parameter: str) -> None:
+def test_verify_restore_and_capture_read_their_own_secret_only(
+        cfn: dict[str, Any], function: str, variable: str, parameter: str) -> None:
     env = cfn["Resources"][function]["Properties"]["Environment"]["Variables"]
-    assert set(env) == COMMON_ENV | {variable}
+    extra = {"SUPABACKUP_MAX_RETAINED_WAL"} if function == "CaptureFunction" else set()
+    assert set(env) == COMMON_ENV | {variable} | extra
     assert env[variable] == {"Ref": parameter}
     assert default(cfn, env[variable]) == ""  # optional: the handler then does without
     # Neither may read the source database's secret.
@@ -591,7 +607,10 @@ def test_the_key_policy(cfn: dict[str, Any]) -> None:
     assert [s["Action"] for s in root] == ["kms:*"]
     [roles] = [s for s in statements if "AWS" in s["Principal"]
                and isinstance(s["Principal"]["AWS"], list)]
-    assert roles["Principal"]["AWS"] == [{"Fn::GetAtt": [f"{f}Role", "Arn"]} for f in FUNCTIONS]
+    assert roles["Principal"]["AWS"] == [
+        *({"Fn::GetAtt": [f"{f}Role", "Arn"]} for f in FUNCTIONS),
+        {"Fn::If": ["HasCapture", {"Fn::GetAtt": ["CaptureFunctionRole", "Arn"]},
+                    {"Ref": "AWS::NoValue"}]}]
     assert set(roles["Action"]) == {"kms:Decrypt", "kms:GenerateDataKey"}
     # Alarms publish to the encrypted topic.
     assert any(s["Principal"] == {"Service": "cloudwatch.amazonaws.com"} for s in statements)
@@ -693,6 +712,29 @@ def test_the_missed_backup_alarm_watches_what_the_handler_emits(cfn: dict[str, A
     assert alarm["AlarmActions"] == [{"Ref": "NotificationTopic"}]
 
 
+def test_the_capture_alarms_watch_what_its_handler_emits(cfn: dict[str, Any]) -> None:
+    retained = cfn["Resources"]["RetainedWalAlarm"]
+    errors = cfn["Resources"]["CaptureErrorsAlarm"]
+    assert retained["Condition"] == errors["Condition"] == "HasCapture"
+    alarm = retained["Properties"]
+    metrics = EphemeralMetrics(namespace="supabackup", service="supabackup")
+    metrics.add_dimension(name="kind", value="capture")
+    metrics.add_metric(name="RetainedWalBytes", unit=MetricUnit.Bytes, value=1)
+    emf: dict[str, Any] = dict(metrics.serialize_metric_set())
+    [directive] = emf["_aws"]["CloudWatchMetrics"]
+    assert (alarm["Namespace"], alarm["MetricName"]) == (directive["Namespace"],
+                                                         "RetainedWalBytes")
+    assert {d["Name"]: d["Value"] for d in alarm["Dimensions"]} == {
+        name: emf[name] for name in directive["Dimensions"][0]}
+    assert alarm["Threshold"] == {"Ref": "RetainedWalAlarmBytes"}
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert errors["Properties"]["Dimensions"] == [
+        {"Name": "FunctionName", "Value": {"Ref": "CaptureFunction"}}]
+    # the capture function is made only with a direct connection's secret
+    assert cfn["Resources"]["CaptureFunction"]["Condition"] == "HasCapture"
+    assert cfn["Parameters"]["CaptureSecretArn"]["Default"] == ""
+
+
 # ------------------------------------------------------------------ outputs
 
 
@@ -735,7 +777,7 @@ def test_the_stack_deploys_into_moto() -> None:
     # holds an Fn::If whose false branch is AWS::NoValue (CloudFormation can); that branch
     # is linted and checked on the translated template above.
     parameters = {"DatabaseSecretArn": EXISTING_SECRET, "DrillSecretArn": DRILL_SECRET,
-                  "RestoreTargetSecretArn": TARGET_SECRET}
+                  "RestoreTargetSecretArn": TARGET_SECRET, "CaptureSecretArn": CAPTURE_SECRET}
     template = translate(parameters)
     env = {"AWS_DEFAULT_REGION": REGION, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing"}
@@ -776,7 +818,9 @@ def test_the_stack_deploys_into_moto() -> None:
         lam = boto3.client("lambda", region_name=REGION)
         for function, variable, arn in [("Verify", "SUPABACKUP_DRILL_SECRET_ARN", DRILL_SECRET),
                                         ("Restore", "SUPABACKUP_RESTORE_SECRET_ARN",
-                                         TARGET_SECRET)]:
+                                         TARGET_SECRET),
+                                        ("Capture", "SUPABACKUP_CAPTURE_SECRET_ARN",
+                                         CAPTURE_SECRET)]:
             config = lam.get_function(FunctionName=outputs[f"{function}FunctionName"])
             variables = config["Configuration"]["Environment"]["Variables"]
             assert variables[variable] == arn

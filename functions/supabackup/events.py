@@ -24,6 +24,8 @@ VERIFY_FIELDS: dict[str, type] = {"trigger": str, "backup_id": str, "drill": boo
                                   "database_id": str}
 RESTORE_FIELDS: dict[str, type] = {"at": str, "tables": list, "profile": str, "dry_run": bool,
                                    "database_id": str}
+CAPTURE_FIELDS: dict[str, type] = {"trigger": str, "action": str}
+CAPTURE_ACTIONS = ("run", "start", "status")
 TRIGGERS = ("schedule", "manual")
 TYPE_NAMES = {str: "string", bool: "boolean (true or false)", list: "list"}
 
@@ -102,3 +104,13 @@ def parse_restore_event(event: Any) -> RestoreRequest:
                                                  profile=event.get("profile") or "postgres"),
                           dry_run=bool(event.get("dry_run")),
                           database_id=event.get("database_id"))
+
+
+def parse_capture_event(event: Any) -> str:
+    """The change-capture action an event asks for: run (the schedule's), start or status."""
+    event = _checked(event, CAPTURE_FIELDS, '{"action": "status"}')
+    action = event.get("action") or "run"
+    if action not in CAPTURE_ACTIONS:
+        raise ConfigError(f"unknown capture action {action!r}",
+                          f"use one of: {', '.join(CAPTURE_ACTIONS)}")
+    return str(action)
