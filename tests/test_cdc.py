@@ -276,3 +276,23 @@ def test_the_capture_function_starts_runs_and_reports_the_slot(
     status = capture_handler.handler(load_event("capture-status.json"), FakeContext())
     assert status["started"] and status["last_commit_captured"]
     assert inbox.messages() == []  # a good run sends nothing
+
+
+def test_a_lost_slot_is_an_alert_on_sns_and_a_good_run_says_nothing(
+        logical: Cluster, store: Store, inbox: Any) -> None:
+    from supabackup.notify import Notifier
+    from supabackup.run import capture_and_report
+    db = _fresh(logical, "cdc_alert")
+    state, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    notifier = Notifier(inbox.topic_arn, inbox.sns)
+    logical.execute(ROUNDS[0], db)
+    capture_and_report(_conn(logical, db), store, base.database_id, notifier)
+    assert inbox.messages() == []
+    logical.execute(f"SELECT pg_drop_replication_slot('{state.slot}')", db)
+    time.sleep(1.1)  # backup ids have one-second resolution: the new base needs its own
+    capture_and_report(_conn(logical, db), store, base.database_id, notifier)
+    (alert,) = inbox.messages()
+    assert alert["MessageAttributes"]["status"]["Value"] == "failed"
+    assert alert["MessageAttributes"]["kind"]["Value"] == "capture"
+    assert "failed: changes lost" in alert["Subject"]
+    assert "is gone" in alert["Message"]["error"]

@@ -123,8 +123,8 @@ def capture_and_report(conn: ConnectionInfo, store: Store, database_id: str,
     if result.lost:
         notifier.publish(Outcome(
             kind="capture", database=database_id, duration_seconds=time.monotonic() - started,
-            error=cdc.CaptureError(f"{result.restarted}: changes since the last capture run "
-                                   "cannot be restored; a new base was taken",
+            error=cdc.CaptureError(f"changes lost since the last capture run: "
+                                   f"{result.restarted}; a new base was taken",
                                    "check what dropped or invalidated the slot (max_slot_wal_"
                                    "keep_size, a manual drop); restores after the new base "
                                    "are whole again"),
