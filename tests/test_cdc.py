@@ -129,6 +129,12 @@ def test_a_run_that_dies_before_advancing_the_slot_duplicates_nothing(
     assert again is not None and again.transactions == 2
     assert len(cdc.segments(store, base.database_id)) == 2
     assert cdc.run(_conn(logical, db), store, base.database_id).segment is None  # advanced
+    # each stored transaction carries its xid, commit LSN and commit time
+    import gzip
+    raw = store.read_small(again.key)
+    assert raw is not None
+    first = json.loads(gzip.decompress(raw).splitlines()[0])
+    assert int(first["xid"]) > 0 and "/" in first["commit_lsn"] and first["commit_time"]
     when = _now(logical, db)
     assert _restore_at(logical, store, base.database_id, when, "cdc_crash_restored") == \
         table_fingerprints(logical.url(db))

@@ -54,7 +54,7 @@ PLUGINS = ("wal2json", "pgoutput")
 PEEK = {
     "wal2json": "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_changes(%s, NULL,"
                 " %s, 'format-version', '2', 'include-timestamp', '1', 'include-lsn', '1',"
-                " 'include-transaction', '1')",
+                " 'include-xids', '1', 'include-transaction', '1')",
     "pgoutput": "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_binary_changes(%s,"
                 " NULL, %s, 'proto_version', '1', 'publication_names', %s)",
 }
@@ -430,8 +430,8 @@ def _transactions(changes: list[tuple[str, dict[str, Any]]]
     for _lsn, change in changes:
         action = change["action"]
         if action == "B":
-            current = {"commit_lsn": change["lsn"], "commit_time": change["timestamp"],
-                       "changes": []}
+            current = {"xid": str(change.get("xid", "")), "commit_lsn": change["lsn"],
+                       "commit_time": change["timestamp"], "changes": []}
         elif action == "C":
             if current is not None:
                 current["end_lsn"] = change["nextlsn"]

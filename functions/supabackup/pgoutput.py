@@ -81,8 +81,8 @@ def changes(rows: Iterable[tuple[str, str, bytes]],
         r = _Reader(bytes(data))
         kind = chr(r.take("!B"))
         if kind == "B":
-            final_lsn, ts, _ = r.take("!Q"), r.take("!q"), r.take("!I")
-            out.append((lsn, {"action": "B", "lsn": lsn_text(final_lsn),
+            final_lsn, ts, xid = r.take("!Q"), r.take("!q"), r.take("!I")
+            out.append((lsn, {"action": "B", "lsn": lsn_text(final_lsn), "xid": xid,
                               "timestamp": timestamp_text(ts)}))
         elif kind == "C":
             r.take("!B")
