@@ -43,7 +43,7 @@ from .backup import BackupRequest, run_backup
 from .dburl import ConnectionInfo
 from .errors import ConfigError, StoreError, SupabackupError
 from .manifest import Manifest, parse_time
-from .snapshot import connect
+from .snapshot import connect, run_statement
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -220,16 +220,8 @@ def _create_slot(conn: ConnectionInfo, slot: str) -> tuple[str, Any, str, str]:
 
 
 def _admin(conn: ConnectionInfo, statement: str, hint: str) -> None:
-    db = connect(conn)
-    try:
-        db.autocommit = True
-        with db.cursor() as cur:
-            cur.execute(statement)
-    except psycopg2.Error as exc:
-        raise CaptureError(f"{statement.split(' FOR ')[0]} on {conn.display()} failed: "
-                           f"{conn.redact(' '.join(str(exc).split()))}", hint) from None
-    finally:
-        db.close()
+    run_statement(conn, statement, fail=lambda detail: CaptureError(
+        f"{statement.split(' FOR ')[0]} on {conn.display()} failed: {detail}", hint))
 
 
 def _replication_connection(conn: ConnectionInfo) -> Any:
@@ -244,14 +236,8 @@ def _replication_connection(conn: ConnectionInfo) -> Any:
 
 
 def _drop_slot(conn: ConnectionInfo, slot: str) -> None:
-    db = connect(conn)
-    try:
-        db.autocommit = True
-        with db.cursor() as cur:
-            cur.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+    run_statement(conn, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
                         " WHERE slot_name = %s", (slot,))
-    finally:
-        db.close()
 
 
 @dataclass(frozen=True)

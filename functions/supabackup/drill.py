@@ -21,7 +21,6 @@ import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import psycopg2
 from psycopg2 import sql
 
 from .changes import table_contents
@@ -29,7 +28,7 @@ from .dburl import ConnectionInfo
 from .errors import RestoreFailed
 from .manifest import Manifest
 from .restore import RestoreReport, drop_roles, run_restore
-from .snapshot import connect
+from .snapshot import connect, run_statement
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -114,17 +113,8 @@ def compare(manifest: Manifest, restored: ConnectionInfo, report: DrillReport) -
 
 
 def _admin(server: ConnectionInfo, statement: sql.Composable, what: str, hint: str) -> None:
-    conn = connect(server)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(statement)
-    except psycopg2.Error as exc:
-        detail = server.redact(" ".join(str(exc).split()))
-        raise RestoreFailed(f"the drill could not {what} on {server.display()}: {detail}",
-                            hint) from None
-    finally:
-        conn.close()
+    run_statement(server, statement, fail=lambda detail: RestoreFailed(
+        f"the drill could not {what} on {server.display()}: {detail}", hint))
 
 
 def _drop_database(server: ConnectionInfo, name: str) -> None:

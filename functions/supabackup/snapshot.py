@@ -10,15 +10,17 @@ held for the whole run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
 
 import psycopg2
 import psycopg2.extensions
+from psycopg2 import sql
 
 from .dburl import ConnectionInfo
-from .errors import ConnectionFailed, RunInProgress
+from .errors import ConnectionFailed, RunInProgress, SupabackupError
 
 # A session-level advisory lock whose key is derived from the database's name.
 ADVISORY_LOCK = ("SELECT pg_try_advisory_lock(hashtextextended('supabackup ' || "
@@ -45,6 +47,25 @@ def connect(conn: ConnectionInfo) -> psycopg2.extensions.connection:
         detail = conn.redact(" ".join(str(exc).split()))
         raise ConnectionFailed(f"cannot connect to {conn.display()}: {detail}",
                                connection_hint(detail, conn)) from None
+
+
+def run_statement(conn: ConnectionInfo, statement: str | sql.Composable,
+                  params: tuple[object, ...] = (),
+                  fail: Callable[[str], SupabackupError] | None = None) -> None:
+    """One statement on a connection of its own, in autocommit (CREATE DATABASE, a
+    replication slot's drop, ...). A server error becomes `fail(detail)`, its detail
+    password-free, or propagates as it is."""
+    db = connect(conn)
+    try:
+        db.autocommit = True
+        with db.cursor() as cur:
+            cur.execute(statement, params or None)
+    except psycopg2.Error as exc:
+        if fail is None:
+            raise
+        raise fail(conn.redact(" ".join(str(exc).split()))) from None
+    finally:
+        db.close()
 
 
 def connection_hint(detail: str, conn: ConnectionInfo) -> str:
