@@ -1,9 +1,11 @@
-"""Run a backup, a verify or a restore and report how it ended: shared by the CLI and Lambda.
+"""Run a backup, a verify, a restore or a capture run and report how it ended: shared by
+the CLI and Lambda.
 
 This is the one place that records every run's outcome: it times the run, publishes one
 SNS message whatever happens (with what the retention pass after a good backup changed,
-what verify found, what a restore read), and re-raises the failure for the caller to map
-to an exit status (CLI) or a failed invocation (Lambda).
+what verify found, what a restore read; a capture run, every minute, only when a person
+is needed), and re-raises the failure for the caller to map to an exit status (CLI) or a
+failed invocation (Lambda).
 """
 
 from __future__ import annotations
