@@ -302,3 +302,21 @@ def test_a_lost_slot_is_an_alert_on_sns_and_a_good_run_says_nothing(
     assert alert["MessageAttributes"]["kind"]["Value"] == "capture"
     assert "failed: changes lost" in alert["Subject"]
     assert "is gone" in alert["Message"]["error"]
+
+
+def test_a_start_that_fails_leaves_no_slot_holding_wal(logical: Cluster, store: Store,
+                                                      s3: Any) -> None:
+    from botocore.awsrequest import AWSResponse
+    from moto.core.botocore_stubber import MockRawResponse
+    from supabackup.errors import StoreError
+    db = _fresh(logical, "cdc_failed_start")
+    # the slot is made, then the base backup fails: S3 refuses the bucket's access check
+    s3.meta.events.register_first("before-send.s3.HeadBucket", lambda request, **_: AWSResponse(
+        request.url, 403, {}, MockRawResponse(b"")))
+    with pytest.raises(StoreError, match="access to bucket .* is denied"):
+        cdc.start(_conn(logical, db), store, BackupRequest())
+    slot = cdc.slot_name(_conn(logical, db))
+    assert logical.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = "
+                           f"'{slot}'", db) == [(0,)]
+    assert logical.execute("SELECT count(*) FROM pg_publication WHERE pubname = "
+                           f"'{slot}_all'", db) == [(0,)]

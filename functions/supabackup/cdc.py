@@ -171,22 +171,23 @@ def start(conn: ConnectionInfo, store: Store, request: BackupRequest) -> tuple[C
     slot = slot_name(conn)
     plugin, repl, start_lsn, snapshot = _create_slot(conn, slot)
     try:
-        schema = _schema_in(conn, snapshot)
         # The exported snapshot lives while this connection stays idle: the base is taken
         # in it, so it holds exactly the transactions before the slot's first change.
-        try:
-            base = run_backup(conn, store, replace(request, kind="full", snapshot=snapshot))
-        except BaseException:
-            _drop_slot(conn, slot)
-            raise
-    finally:
+        schema = _schema_in(conn, snapshot)
+        base = run_backup(conn, store, replace(request, kind="full", snapshot=snapshot))
         repl.close()
-    state = CaptureState(slot=slot, plugin=plugin, base=base.backup_id, start_lsn=start_lsn,
-                         publication=_publication(slot) if plugin == "pgoutput" else "",
-                         base_at=base.snapshot_at, schema=schema)
-    _put_json(store, _key(store, database_id, "epochs", f"{lsn_key(start_lsn)}.json"),
-              asdict(state))
-    _put_json(store, _key(store, database_id, "state.json"), asdict(state))
+        state = CaptureState(slot=slot, plugin=plugin, base=base.backup_id,
+                             start_lsn=start_lsn,
+                             publication=_publication(slot) if plugin == "pgoutput" else "",
+                             base_at=base.snapshot_at, schema=schema)
+        _put_json(store, _key(store, database_id, "epochs", f"{lsn_key(start_lsn)}.json"),
+                  asdict(state))
+        _put_json(store, _key(store, database_id, "state.json"), asdict(state))
+    except BaseException:
+        # A slot nobody reads holds WAL on the database: a start that fails leaves none.
+        repl.close()
+        _abandon(conn, slot, plugin)
+        raise
     log.info("change capture of %s started: slot %s at %s, base %s", database_id, slot,
              start_lsn, base.backup_id)
     return state, base
@@ -233,6 +234,18 @@ def _replication_connection(conn: ConnectionInfo) -> Any:
                            f"{conn.redact(' '.join(str(exc).split()))}",
                            "replication needs a direct connection (not a pooler) and a user "
                            "with REPLICATION") from None
+
+
+def _abandon(conn: ConnectionInfo, slot: str, plugin: str) -> None:
+    """Drop what a failed start created (best effort: the start's own error is the one
+    to report)."""
+    try:
+        _drop_slot(conn, slot)
+        if plugin == "pgoutput":
+            _admin(conn, f"DROP PUBLICATION IF EXISTS {_publication(slot)}", "")
+    except Exception as exc:  # noqa: BLE001 - never hide why the start failed
+        log.error("could not drop the slot %s of a failed start (drop it by hand): %s",
+                  slot, exc)
 
 
 def _drop_slot(conn: ConnectionInfo, slot: str) -> None:
