@@ -64,6 +64,7 @@ SCHEMA = """
                          account int REFERENCES accounts, note text, at timestamptz,
                          tags text[], doc jsonb);
     CREATE TABLE scratch (k text PRIMARY KEY, v int);
+    CREATE TABLE "O'Brien's items" (id serial PRIMARY KEY, "Label" text);
     INSERT INTO accounts SELECT g, 'owner ' || g, g * 10.5 FROM generate_series(1, 50) g;
 """
 
@@ -72,7 +73,8 @@ ROUNDS = [
          SELECT g, 'opened', '2026-01-01 00:00+00', ARRAY['a', 'b'], '{"x": 1}'
          FROM generate_series(1, 20) g;
        UPDATE accounts SET balance = balance + 1 WHERE id <= 10;
-       INSERT INTO scratch VALUES ('one', 1), ('two', 2);""",
+       INSERT INTO scratch VALUES ('one', 1), ('two', 2);
+       INSERT INTO "O'Brien's items" ("Label") VALUES ('a ''quoted'' label'), (NULL);""",
     """DELETE FROM events WHERE account > 15;
        UPDATE accounts SET owner = 'renamed ''quoted''' WHERE id = 3;
        INSERT INTO scratch VALUES ('three', 3);""",

@@ -600,7 +600,10 @@ def _bump_sequences(target: ConnectionInfo) -> None:
                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.refobjsubid
                 WHERE d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')""")
             for seq, column, table in cur.fetchall():
-                cur.execute(f"SELECT setval('{seq}', greatest((SELECT last_value FROM {seq}),"
-                            f" (SELECT max({column}) FROM {table})))")
+                # regclass text and quote_ident: names the server quoted itself
+                cur.execute(sql.SQL(
+                    "SELECT setval({}, greatest((SELECT last_value FROM {}),"
+                    " (SELECT max({}) FROM {})))").format(
+                    sql.Literal(seq), sql.SQL(seq), sql.SQL(column), sql.SQL(table)))
     finally:
         db.close()
