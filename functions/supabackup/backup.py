@@ -149,7 +149,9 @@ def _release(store: Store, lease: locks.Lease) -> None:
 
 def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, profile: Profile,
                 started: datetime, database_id: str, budget: Budget | None) -> Manifest:
-    history = store.manifests(database_id)
+    # Earlier backups are read only when needed: to chain from, or to predict the run's length.
+    needs_history = request.kind == "incremental" or budget is not None
+    history = store.manifests(database_id) if needs_history else []
     parent, escalation = (None, "")
     if request.kind == "incremental":
         parent, escalation = _parent_for(history, profile, started)

@@ -73,6 +73,12 @@ class Manifest:
         return {int(t["oid"]): TableState(**t) for t in self.tables}
 
     @property
+    def pg_dump_major(self) -> int:
+        """The major version of the pg_dump that made the archives: restore and verify
+        need a pg_restore at least as new."""
+        return int(self.pg_dump_version.split(".")[0])
+
+    @property
     def tables_dumped(self) -> int:
         return sum(1 for t in self.tables if t.get("reason"))
 

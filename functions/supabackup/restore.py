@@ -92,7 +92,7 @@ def run_restore(store: Store, manifest: Manifest, target: ConnectionInfo,
         supabase = SupabaseTarget.read(conn, manifest) if options.profile == "supabase" else None
         _check_empty(conn, target, supabase.ignored_schemas if supabase else ())
         server_version_num = conn.server_version
-        tools = find_tools(int(manifest.pg_dump_version.split(".")[0]), purpose="restore")
+        tools = find_tools(manifest.pg_dump_major, purpose="restore")
         roles_script = _read_small(store, manifest, manifest.object("roles")).decode()
         if supabase is not None:  # the project has its reserved roles; never touch them
             roles_script = drop_reserved(roles_script, supabase.is_reserved)
@@ -124,13 +124,18 @@ def run_restore(store: Store, manifest: Manifest, target: ConnectionInfo,
         drop_roles(target, report.roles_created)
         raise
     if selected is not None:
-        names = sorted(t.qualified for t in manifest.table_states.values() if t.oid in selected)
-        report.notes.append(f"table data restored for: {', '.join(names)} (other tables are "
-                            "empty; foreign keys of restored tables were added NOT VALID)")
+        report.notes.append(f"table data restored for: {_names(manifest, selected)} (other "
+                            "tables are empty; foreign keys of restored tables were added "
+                            "NOT VALID)")
     if supabase is not None:
         report.notes += supabase.notes()
     log.info("restored %s into %s", manifest.backup_id, target.display())
     return report
+
+
+def _names(manifest: Manifest, oids: set[int]) -> str:
+    return ", ".join(sorted(t.qualified for t in manifest.table_states.values()
+                            if t.oid in oids))
 
 
 def select_tables(manifest: Manifest, names: Iterable[str]) -> set[int] | None:
@@ -349,8 +354,7 @@ def describe_plan(store: Store, manifest: Manifest, options: RestoreOptions | No
                 lines.append(f"  {step.manifest.backup_id}/{obj.name}  {obj.size} bytes  "
                              f"{step.what}")
     if selected is not None:
-        names = sorted(t.qualified for t in manifest.table_states.values() if t.oid in selected)
-        lines.append(f"  table data of: {', '.join(names)} only")
+        lines.append(f"  table data of: {_names(manifest, selected)} only")
     return lines
 
 

@@ -60,7 +60,7 @@ class TocEntry:
 
 def read_toc(store: Store, manifest: Manifest) -> list[TocEntry]:
     """The entries of a backup's archive, read from S3 (only its head is fetched)."""
-    tools = find_tools(int(manifest.pg_dump_version.split(".")[0]), purpose="restore")
+    tools = find_tools(manifest.pg_dump_major, purpose="restore")
     proc = subprocess.Popen([tools.path("pg_restore"), "--list"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     out: list[bytes] = []

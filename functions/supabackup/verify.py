@@ -177,7 +177,7 @@ def _read_through(store: Store, manifest: Manifest, name: str,
     """Stream an object once: its size, its sha256 and, for an archive, pg_restore's verdict."""
     proc = None
     if archive:
-        tools = find_tools(int(manifest.pg_dump_version.split(".")[0]), purpose="verify")
+        tools = find_tools(manifest.pg_dump_major, purpose="verify")
         proc = subprocess.Popen([tools.path("pg_restore"), "--file=/dev/null"],
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
