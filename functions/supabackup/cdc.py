@@ -1,26 +1,45 @@
 """Change capture through a logical replication slot: the groundwork of point-in-time restore.
 
     cdc start: create the slot with an exported snapshot -> take the base full backup in
-               that very snapshot (no gap, no overlap) -> record the state
-    cdc run:   peek the slot's committed transactions (wal2json, format-version 2) -> write
-               them as one gzip'd segment -> write its index entry (the commit marker, like
-               a manifest) -> only then advance the slot
+               that very snapshot (no gap, no overlap) -> record the epoch
+    cdc run:   check the schema (every object's definition) and read the sequences, at a
+               WAL position L -> peek the slot's committed transactions -> write them as one
+               gzip'd segment -> write its index entry (the commit marker, like a manifest)
+               -> advance the slot -> record that the epoch covers everything committed
+               before L (its progress)
     restore:   the base, then every captured transaction committed at or before the time,
-               each atomically, in commit order, each once (by commit LSN)
+               each atomically, in commit order, each once (by commit LSN) (replay.py), then
+               sequences as the run before the time read them
 
 Delivery is at least once: a run that dies after writing its segment but before advancing
 the slot leaves those transactions in the slot, and the next run stores them again.
 Replay de-duplicates by commit LSN, so a transaction is applied once whatever the store
 holds twice.
 
-Store layout, under <database-id>/cdc/:
-    state.json                          slot, plugin, base backup, the slot's start LSN
-    segments/<end-lsn>.jsonl.gz         one JSON line per transaction
-    index/<end-lsn>.json                commit times, LSNs, size and sha256 of a segment
+What a restore to a time can and cannot give exactly:
+- A time later than the epoch's progress (what capture has stored and checked) is refused:
+  capture has not seen it yet.
+- DDL is not in the stream. A run that finds the definitions changed ends the epoch at its
+  last check and starts a new one (a new slot and base); a time between the two cannot be
+  rebuilt (the DDL's moment is unknown) and is refused, naming the times on either side.
+- Values are decoded and replayed under one set of output settings (output.py), so the
+  source's DateStyle, extra_float_digits, search_path and the like cannot change them.
+- What the stream does not carry is named in the restore's output, never silently old:
+  tables without a replica identity (their updates and deletes), unlogged tables, large
+  objects, and sequences when the time falls after the last read of them.
+- pgoutput needs a publication. FOR ALL TABLES publishing updates and deletes would make
+  the source reject the application's UPDATE and DELETE on tables without a replica
+  identity, so capture publishes inserts and truncates of all tables, and updates and
+  deletes only of the tables that have an identity: starting capture never changes what
+  the application can write.
 
-What this module does not do yet (issue 7): the pgoutput fallback where wal2json is
-missing, schema-change detection (DDL is not in the stream), WAL-retention metrics and
-limits, lost-slot recovery, the Lambda function and its schedule.
+Store layout, under <database-id>/cdc/:
+    state.json                          the epoch now running (slot, plugin, base)
+    epochs/<start-lsn>.json             every epoch ever started
+    progress/<start-lsn>.json           how far each epoch is covered, and why it ended
+    segments/<end-lsn>.jsonl.gz         one JSON line per transaction
+    index/<end-lsn>.json                commit times, LSNs, size and sha256 of a segment,
+                                        and the check of the run that stored it
 """
 
 from __future__ import annotations
@@ -30,31 +49,40 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extras
 from psycopg2 import sql
 
-from . import pgoutput
+from . import output, pgoutput
 from .backup import BackupRequest, run_backup
 from .dburl import ConnectionInfo
+from .definitions import definitions_fingerprint
 from .errors import ConfigError, StoreError, SupabackupError
-from .manifest import Manifest, parse_time
+from .manifest import Manifest, iso, parse_time
+from .replay import ReplayFailed, replay
 from .snapshot import connect, run_statement
 from .store import Store
 
 log = logging.getLogger(__name__)
 
+__all__ = ["CaptureError", "ReplayFailed", "restore_to_time", "run", "start"]
+
+# wal2json 2.6+: numbers as strings. Without it wal2json writes NaN and +-Infinity of
+# float and numeric columns as JSON null, which cannot be told from NULL (see _peek).
+EXACT_NUMBERS = ", 'numeric-data-types-as-string', '1'"
+AMBIGUOUS_NULL_TYPES = ("real", "double precision", "numeric")
 MAX_CHANGES = 100_000  # per run: bounded memory; the next run goes on from there
 # wal2json where the server has it; else pgoutput, built in, which needs a publication.
 PLUGINS = ("wal2json", "pgoutput")
 PEEK = {
     "wal2json": "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_changes(%s, NULL,"
                 " %s, 'format-version', '2', 'include-timestamp', '1', 'include-lsn', '1',"
-                " 'include-xids', '1', 'include-transaction', '1')",
+                " 'include-xids', '1', 'include-transaction', '1'{})",
     "pgoutput": "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_binary_changes(%s,"
                 " NULL, %s, 'proto_version', '1', 'publication_names', %s)",
 }
@@ -85,66 +113,129 @@ class CaptureState:
     plugin: str
     base: str          # the full backup taken in the slot's exported snapshot
     start_lsn: str     # the slot's consistent point: changes after it are not in the base
-    publication: str = ""  # pgoutput's (FOR ALL TABLES); wal2json needs none
+    publication: str = ""  # pgoutput's publications, comma-separated; wal2json needs none
     base_at: str = ""      # the base's snapshot time
-    schema: str = ""       # fingerprint of the tables' definitions when the base was taken
+    schema: str = ""       # definitions fingerprint when the base was taken
+
+
+@dataclass(frozen=True)
+class Check:
+    """What a run read before peeking: everything committed before `lsn` is in the slot,
+    and was committed under the definitions `schema`."""
+
+    lsn: str
+    at: str
+    schema: str
+    sequences: dict[str, list[Any]] = field(default_factory=dict)  # name: [last_value, is_called]
+    large_objects: int = 0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far an epoch is covered: restores reach times up to `verified_at`."""
+
+    verified_lsn: str
+    verified_at: str
+    sequences: dict[str, list[Any]] = field(default_factory=dict)
+    sequences_at: str = ""
+    large_objects: int = 0
+    ended: str = ""   # why the epoch ended ("" while it runs)
 
 
 def _key(store: Store, database_id: str, *parts: str) -> str:
     return store.key(database_id, "cdc", *parts)
 
 
+def _read_json(store: Store, key: str, what: str) -> dict[str, Any] | None:
+    raw = store.read_small(key)
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+        if not isinstance(value, dict):
+            raise ValueError("not an object")
+        return value
+    except ValueError as exc:
+        raise StoreError(f"{what} {key} is damaged ({exc})",
+                         "restore from a backup, or `supabackup cdc drop` and start again"
+                         ) from None
+
+
 def read_state(store: Store, database_id: str) -> CaptureState | None:
     """The capture now running, if any."""
-    raw = store.read_small(_key(store, database_id, "state.json"))
-    return CaptureState(**json.loads(raw)) if raw else None
+    raw = _read_json(store, _key(store, database_id, "state.json"), "capture state")
+    return CaptureState(**raw) if raw else None
 
 
 def epochs(store: Store, database_id: str) -> list[CaptureState]:
     """Every capture ever started (a base and the changes after it), oldest first.
 
-    A new epoch begins with `cdc start`, and by itself when the schema changed (DDL is not
-    in the stream) or the slot was lost; restores pick the epoch that covers their time.
+    A new epoch begins with `cdc start`, and by itself when the definitions changed (DDL
+    is not in the stream) or the slot was lost; restores pick the epoch that covers their
+    time.
     """
     prefix = _key(store, database_id, "epochs") + "/"
-    return [CaptureState(**json.loads(store.read_small(k) or b"{}"))
+    return [CaptureState(**(_read_json(store, k, "capture epoch") or {}))
             for k in sorted(store.list_keys(prefix))]
 
 
+def read_progress(store: Store, database_id: str, epoch: CaptureState) -> Progress | None:
+    raw = _read_json(store, _progress_key(store, database_id, epoch), "capture progress")
+    return Progress(**raw) if raw else None
+
+
+def _progress_key(store: Store, database_id: str, epoch: CaptureState) -> str:
+    return _key(store, database_id, "progress", f"{lsn_key(epoch.start_lsn)}.json")
+
+
 def _put_json(store: Store, key: str, value: dict[str, Any]) -> None:
-    store.s3.put_object(Bucket=store.url.bucket, Key=key, Body=json.dumps(value).encode(),
-                        ContentType="application/json")
+    store.put_small(key, json.dumps(value).encode(), "application/json")
 
 
-SCHEMA = """
-SELECT md5(coalesce(string_agg(format('%s.%s:%s', n.nspname, c.relname, (
-         SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ','
-                           ORDER BY a.attnum)
-         FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
-           AND NOT a.attisdropped)), ';' ORDER BY n.nspname, c.relname), ''))
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND n.nspname NOT LIKE 'pg\\_%'
-"""
+def _checked(db: Any) -> Check:
+    """The run's check, read at one WAL position (see Check)."""
+    with db.cursor() as cur:
+        # Decoding reads up to the flushed WAL: a commit before this point is in the slot,
+        # and it is visible to the statements below, which read the definitions after it.
+        cur.execute("SELECT pg_current_wal_flush_lsn()::text, clock_timestamp()")
+        lsn, at = cur.fetchone()
+        schema = definitions_fingerprint(cur)
+        sequences = _sequences(cur)
+        cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
+        large_objects = int(cur.fetchone()[0])
+    return Check(lsn=lsn, at=iso(at), schema=schema, sequences=sequences,
+                 large_objects=large_objects)
 
 
-def _schema_in(conn: ConnectionInfo, snapshot: str) -> str:
-    """The schema fingerprint as the base sees it: read in the slot's exported snapshot."""
+def _sequences(cur: Any) -> dict[str, list[Any]]:
+    """[last_value, is_called] of every sequence the user may read: the stream has none."""
+    cur.execute("""
+        SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind = 'S' AND c.relpersistence = 'p'
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+          AND CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(c.oid, 'SELECT') END
+        ORDER BY 1""")
+    names = [r[0] for r in cur.fetchall()]
+    if not names:
+        return {}
+    cur.execute(sql.SQL(" UNION ALL ").join(
+        sql.SQL("SELECT {}, last_value, is_called FROM {}").format(sql.Literal(n), sql.SQL(n))
+        for n in names))  # regclass text: names the server quoted itself
+    return {name: [int(value), bool(called)] for name, value, called in cur.fetchall()}
+
+
+def _schema_in(conn: ConnectionInfo, snapshot: str) -> tuple[str, list[str]]:
+    """The definitions fingerprint as the base sees it, and the tables with a replica
+    identity: read in the slot's exported snapshot."""
     db = connect(conn)
     try:
         db.set_session(isolation_level="REPEATABLE READ", readonly=True)
         with db.cursor() as cur:
             cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
-        return schema_fingerprint(db)
+            output.pin(cur, local=True)
+            return definitions_fingerprint(cur), _identity_tables(cur)
     finally:
         db.close()
-
-
-def schema_fingerprint(db: Any) -> str:
-    """What a replay must find in place: every table's columns, names and types."""
-    with db.cursor() as cur:
-        cur.execute(SCHEMA)
-        return str(cur.fetchone()[0])
 
 
 def require_direct(conn: ConnectionInfo) -> ConnectionInfo:
@@ -169,19 +260,24 @@ def start(conn: ConnectionInfo, store: Store, request: BackupRequest) -> tuple[C
         raise ConfigError(f"change capture of {database_id} is already started",
                           "use `supabackup cdc run`, or `supabackup cdc drop` to start over")
     slot = slot_name(conn)
-    plugin, repl, start_lsn, snapshot = _create_slot(conn, slot)
+    plugin, repl, start_lsn, snapshot, published = _create_slot(conn, slot)
     try:
         # The exported snapshot lives while this connection stays idle: the base is taken
         # in it, so it holds exactly the transactions before the slot's first change.
-        schema = _schema_in(conn, snapshot)
+        schema, identity = _schema_in(conn, snapshot)
+        if plugin == "pgoutput" and identity != published:
+            raise CaptureError("tables changed while capture started (the publication of "
+                               "updates and deletes does not match them)", "run cdc start again")
         base = run_backup(conn, store, replace(request, kind="full", snapshot=snapshot))
         repl.close()
         state = CaptureState(slot=slot, plugin=plugin, base=base.backup_id,
                              start_lsn=start_lsn,
-                             publication=_publication(slot) if plugin == "pgoutput" else "",
-                             base_at=base.snapshot_at, schema=schema)
+                             publication=",".join(_publications(slot)) if plugin == "pgoutput"
+                             else "", base_at=base.snapshot_at, schema=schema)
         _put_json(store, _key(store, database_id, "epochs", f"{lsn_key(start_lsn)}.json"),
                   asdict(state))
+        _put_json(store, _progress_key(store, database_id, state),
+                  asdict(Progress(verified_lsn=start_lsn, verified_at=base.snapshot_at)))
         _put_json(store, _key(store, database_id, "state.json"), asdict(state))
     except BaseException:
         # A slot nobody reads holds WAL on the database: a start that fails leaves none.
@@ -193,28 +289,63 @@ def start(conn: ConnectionInfo, store: Store, request: BackupRequest) -> tuple[C
     return state, base
 
 
-def _publication(slot: str) -> str:
-    return f"{slot}_all"
+def _publications(slot: str) -> tuple[str, str]:
+    """(inserts and truncates of every table, updates and deletes of tables with an identity)."""
+    return f"{slot}_all", f"{slot}_keyed"
 
 
-def _create_slot(conn: ConnectionInfo, slot: str) -> tuple[str, Any, str, str]:
-    """(plugin, the open replication connection, start LSN, exported snapshot)."""
+def _identity_tables(cur: Any) -> list[str]:
+    """Tables whose updates and deletes can be published: they have a replica identity."""
+    cur.execute("""
+        SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind = 'r' AND c.relpersistence = 'p'
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+          AND (c.relreplident IN ('f', 'i') OR (c.relreplident = 'd' AND EXISTS (
+               SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
+        ORDER BY 1""")
+    return [r[0] for r in cur.fetchall()]
+
+
+def _create_publications(conn: ConnectionInfo, slot: str) -> list[str]:
+    everything, keyed = _publications(slot)
+    hint = "pgoutput needs a publication FOR ALL TABLES, which takes a superuser"
+    _admin(conn, f"CREATE PUBLICATION {everything} FOR ALL TABLES "
+                 "WITH (publish = 'insert, truncate')", hint)
+    db = connect(conn)
+    try:
+        with db.cursor() as cur:
+            output.pin(cur)
+            tables = _identity_tables(cur)
+    finally:
+        db.close()
+    # A publication cannot be empty of tables: with none to list, it publishes nothing.
+    listed = f"FOR TABLE {', '.join(tables)} " if tables else ""
+    _admin(conn, f"CREATE PUBLICATION {keyed} {listed}WITH (publish = 'update, delete')", hint)
+    return tables
+
+
+def _drop_publications(conn: ConnectionInfo, slot: str) -> None:
+    for name in _publications(slot):
+        _admin(conn, f"DROP PUBLICATION IF EXISTS {name}", "")
+
+
+def _create_slot(conn: ConnectionInfo, slot: str) -> tuple[str, Any, str, str, list[str]]:
+    """(plugin, the open replication connection, start LSN, exported snapshot, and the
+    tables published for updates and deletes)."""
     failures = []
     for plugin in PLUGINS:
-        if plugin == "pgoutput":
-            _admin(conn, f"CREATE PUBLICATION {_publication(slot)} FOR ALL TABLES",
-                   "pgoutput needs a publication FOR ALL TABLES, which takes a superuser")
+        published = _create_publications(conn, slot) if plugin == "pgoutput" else []
         repl = _replication_connection(conn)
         try:
             with repl.cursor() as cur:
                 cur.execute(f"CREATE_REPLICATION_SLOT {slot} LOGICAL {plugin} EXPORT_SNAPSHOT")
                 _, start_lsn, snapshot, _ = cur.fetchone()
-            return plugin, repl, start_lsn, snapshot
+            return plugin, repl, start_lsn, snapshot, published
         except psycopg2.Error as exc:
             repl.close()
             failures.append(f"{plugin}: {conn.redact(' '.join(str(exc).split()))}")
             if plugin == "pgoutput":
-                _admin(conn, f"DROP PUBLICATION IF EXISTS {_publication(slot)}", "")
+                _drop_publications(conn, slot)
     raise CaptureError(f"cannot create the replication slot {slot} ({'; '.join(failures)})",
                        "the user needs REPLICATION, the server wal_level=logical, and a free "
                        "replication slot (max_replication_slots)")
@@ -222,7 +353,8 @@ def _create_slot(conn: ConnectionInfo, slot: str) -> tuple[str, Any, str, str]:
 
 def _admin(conn: ConnectionInfo, statement: str, hint: str) -> None:
     run_statement(conn, statement, fail=lambda detail: CaptureError(
-        f"{statement.split(' FOR ')[0]} on {conn.display()} failed: {detail}", hint))
+        f"{statement.split(' FOR ')[0].split(' WITH ')[0]} on {conn.display()} failed: "
+        f"{detail}", hint))
 
 
 def _replication_connection(conn: ConnectionInfo) -> Any:
@@ -242,7 +374,7 @@ def _abandon(conn: ConnectionInfo, slot: str, plugin: str) -> None:
     try:
         _drop_slot(conn, slot)
         if plugin == "pgoutput":
-            _admin(conn, f"DROP PUBLICATION IF EXISTS {_publication(slot)}", "")
+            _drop_publications(conn, slot)
     except Exception as exc:  # noqa: BLE001 - never hide why the start failed
         log.error("could not drop the slot %s of a failed start (drop it by hand): %s",
                   slot, exc)
@@ -262,6 +394,9 @@ class Segment:
     last_commit_time: str
     size: int
     sha256: str
+    checked_at: str = ""     # the run's check (Check): sequences as they were then
+    sequences: dict[str, list[Any]] = field(default_factory=dict)
+    large_objects: int = 0
 
 
 @dataclass(frozen=True)
@@ -272,20 +407,20 @@ class CaptureRun:
     slot: dict[str, Any]          # the slot's health (slot_status) before the run
     restarted: str = ""           # why it started a new epoch ("" when it did not)
     lost: bool = False            # the slot was gone: changes since the last run are lost
+    covered_through: datetime | None = None  # restores now reach times up to this one
 
 
 def run(conn: ConnectionInfo, store: Store, database_id: str,
         after_upload: Callable[[Segment], None] = lambda segment: None,
         max_retained_wal: int | None = None) -> CaptureRun:
-    """One capture run: store the slot's committed transactions, then advance the slot.
+    """One capture run: check, store the slot's committed transactions, advance the slot.
 
     A slot that is gone (dropped by hand, or invalidated for holding too much WAL) starts a
     new epoch: a new slot and base, and the run reports the loss. So does a slot that holds
-    more than `max_retained_wal` bytes, which is dropped before it fills the disk. After
-    storing, a schema that changed since the base starts a new epoch too: DDL is not in
-    the stream, and later changes must be replayed onto a base that has it.
-    `after_upload` runs between the segment's commit and the slot's advance (tests crash
-    there on purpose).
+    more than `max_retained_wal` bytes, which is dropped before it fills the disk, and
+    definitions that changed since the base (DDL is not in the stream: later changes must
+    be replayed onto a base that has it). `after_upload` runs between the segment's commit
+    and the slot's advance (tests crash there on purpose).
     """
     require_direct(conn)
     state = read_state(store, database_id)
@@ -295,34 +430,68 @@ def run(conn: ConnectionInfo, store: Store, database_id: str,
     db = connect(conn)
     try:
         db.autocommit = True
+        with db.cursor() as cur:
+            output.pin(cur)  # values decode in this session: as replay will read them
         health = slot_status(db, state.slot)
+        reason = ""
         if health.get("wal_status") in (None, "lost"):
             reason = (f"the replication slot {state.slot} is gone" if not health
                       else f"the replication slot {state.slot} was invalidated (wal_status lost)")
-            return CaptureRun(None, health, _restart(conn, store, database_id, state, reason),
-                              lost=True)
-        if max_retained_wal is not None and health["retained_wal_bytes"] > max_retained_wal:
+        elif max_retained_wal is not None and health["retained_wal_bytes"] > max_retained_wal:
             reason = (f"the slot held {health['retained_wal_bytes']} bytes of WAL, over the "
                       f"limit of {max_retained_wal}")
-            return CaptureRun(None, health, _restart(conn, store, database_id, state, reason),
-                              lost=True)
-        transactions, end_lsn = _transactions(_peek(db, state))
+        check = None if reason else _checked(db)
+        if check is not None and check.schema != state.schema:
+            reason = "the schema changed"
+        if reason:
+            db.close()
+            return _restarted(conn, store, database_id, state, reason, health,
+                              lost=reason != "the schema changed")
+        assert check is not None
+        rows = _peek(db, state)
+        transactions, end_lsn = _transactions(rows)
         segment = None
         if transactions:
-            segment = _write_segment(store, database_id, transactions, end_lsn)
+            segment = _write_segment(store, database_id, transactions, end_lsn, check)
             after_upload(segment)
             with db.cursor() as cur:
                 cur.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
                             (state.slot, end_lsn))
             log.info("captured %d transaction(s) up to %s into %s", segment.transactions,
                      end_lsn, segment.key)
-        schema_now = schema_fingerprint(db)
     finally:
         db.close()
-    if schema_now != state.schema:
-        return CaptureRun(segment, health, _restart(conn, store, database_id, state,
-                                                    "the schema changed"))
-    return CaptureRun(segment, health)
+    progress = _progress_after(check, transactions, end_lsn, complete=len(rows) < MAX_CHANGES)
+    _put_json(store, _progress_key(store, database_id, state), asdict(progress))
+    return CaptureRun(segment, health, covered_through=parse_time(progress.verified_at))
+
+
+def _progress_after(check: Check, transactions: list[dict[str, Any]], end_lsn: str,
+                    complete: bool) -> Progress:
+    """What the epoch covers after a run: all before the check, or, when the peek stopped
+    at MAX_CHANGES, up to the last whole transaction it stored."""
+    if complete or not transactions or lsn_int(end_lsn) >= lsn_int(check.lsn):
+        return Progress(verified_lsn=check.lsn, verified_at=check.at, sequences=check.sequences,
+                        sequences_at=check.at, large_objects=check.large_objects)
+    return Progress(verified_lsn=end_lsn, verified_at=transactions[-1]["commit_time"],
+                    sequences=check.sequences, sequences_at=check.at,
+                    large_objects=check.large_objects)
+
+
+def _restarted(conn: ConnectionInfo, store: Store, database_id: str, state: CaptureState,
+               reason: str, health: dict[str, Any], lost: bool) -> CaptureRun:
+    """End the epoch at its last check, start the next one; the run that did it."""
+    log.warning("change capture of %s starts a new epoch: %s", database_id, reason)
+    previous = read_progress(store, database_id, state) or Progress(state.start_lsn,
+                                                                     state.base_at)
+    _put_json(store, _progress_key(store, database_id, state),
+              asdict(replace(previous, ended=reason)))
+    drop(conn, store, database_id)
+    new_state, base = start(conn, store, BackupRequest(
+        database_id=database_id, retention="weekly",
+        label=f"change capture base: {reason}"[:200], trigger="schedule"))
+    return CaptureRun(None, health, reason, lost=lost,
+                      covered_through=parse_time(base.snapshot_at))
 
 
 def slot_status(db: Any, slot: str) -> dict[str, Any]:
@@ -341,43 +510,48 @@ def slot_status(db: Any, slot: str) -> dict[str, Any]:
             "retained_wal_bytes": int(retained or 0), "confirmed_flush_lsn": flushed}
 
 
-def _restart(conn: ConnectionInfo, store: Store, database_id: str, state: CaptureState,
-             reason: str) -> str:
-    """End the epoch (its slot and publication), start the next one; return the reason."""
-    log.warning("change capture of %s starts a new epoch: %s", database_id, reason)
-    drop(conn, store, database_id)
-    start(conn, store, BackupRequest(database_id=database_id, retention="weekly",
-                                     label=f"change capture base: {reason}"[:200],
-                                     trigger="schedule"))
-    return reason
-
-
 def drop(conn: ConnectionInfo, store: Store, database_id: str) -> CaptureState | None:
-    """Stop capturing: drop the slot (freeing its WAL) and its publication. What was
+    """Stop capturing: drop the slot (freeing its WAL) and its publications. What was
     captured stays restorable (the epochs and segments remain)."""
     state = read_state(store, database_id)
     if state is None:
         return None
     _drop_slot(conn, state.slot)
-    if state.publication:
-        _admin(conn, f"DROP PUBLICATION IF EXISTS {state.publication}", "")
+    for name in filter(None, state.publication.split(",")):
+        _admin(conn, f"DROP PUBLICATION IF EXISTS {name}", "")
     store.delete_key(_key(store, database_id, "state.json"))
     return state
 
 
-def tables_without_identity(db: Any) -> list[str]:
-    """Tables whose UPDATE and DELETE cannot be replayed: no primary key and no replica
-    identity (or REPLICA IDENTITY NOTHING)."""
+def not_replayable(db: Any) -> list[str]:
+    """What a restore to a time cannot bring to that time, one line each with why:
+    `cdc start` and `cdc status` warn about it, and restores name it."""
     with db.cursor() as cur:
         cur.execute("""
-            SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
-            JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+            SELECT format('%I.%I', n.nspname, c.relname), c.relpersistence,
+                   c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS (
+                       SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind = 'r' AND c.relpersistence <> 't'
+              AND n.nspname NOT IN ('pg_catalog', 'information_schema')
               AND n.nspname NOT LIKE 'pg\\_%'
-              AND (c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS (
-                   SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
             ORDER BY 1""")
-        return [r[0] for r in cur.fetchall()]
+        tables = cur.fetchall()
+        cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
+        large_objects = int(cur.fetchone()[0])
+    lines = [f"{name}: unlogged, so not in the change stream" for name, persistence, _ in tables
+             if persistence == "u"]
+    lines += [f"{name}: no replica identity, so its updates and deletes are not in the change "
+              "stream (give it a primary key, or REPLICA IDENTITY FULL)"
+              for name, persistence, keyless in tables if keyless and persistence == "p"]
+    if large_objects:
+        lines.append(f"large objects ({large_objects}): not in the change stream")
+    return lines
+
+
+def tables_without_identity(db: Any) -> list[str]:
+    """Tables whose UPDATE and DELETE cannot be replayed."""
+    return [line.split(":")[0] for line in not_replayable(db) if "no replica identity" in line]
 
 
 def status(conn: ConnectionInfo, store: Store, database_id: str) -> dict[str, Any]:
@@ -386,13 +560,19 @@ def status(conn: ConnectionInfo, store: Store, database_id: str) -> dict[str, An
     db = connect(conn)
     try:
         db.autocommit = True
+        inexact = not_replayable(db)
         found = {"started": state is not None,
                  "slot": slot_status(db, state.slot) if state else {},
-                 "tables_without_identity": tables_without_identity(db)}
+                 "tables_without_identity": [line.split(":")[0] for line in inexact
+                                             if "no replica identity" in line],
+                 "not_replayable": inexact}
     finally:
         db.close()
     if state is not None:
         found.update(plugin=state.plugin, base=state.base, start_lsn=state.start_lsn)
+        progress = read_progress(store, database_id, state)
+        if progress is not None:
+            found["covered_through"] = progress.verified_at
     captured = segments(store, database_id)
     if captured:
         found["last_commit_captured"] = captured[-1].last_commit_time
@@ -404,9 +584,16 @@ def _peek(db: Any, state: CaptureState) -> list[tuple[str, dict[str, Any]]]:
     plugin; the slot does not move."""
     with db.cursor() as cur:
         if state.plugin == "wal2json":
-            cur.execute(PEEK["wal2json"], (state.slot, MAX_CHANGES))
-            return [(lsn, json.loads(data, parse_int=str, parse_float=str))
-                    for lsn, _xid, data in cur.fetchall()]
+            try:
+                cur.execute(PEEK["wal2json"].format(EXACT_NUMBERS), (state.slot, MAX_CHANGES))
+                exact = True
+            except psycopg2.errors.InvalidParameterValue:  # wal2json before 2.6
+                cur.execute(PEEK["wal2json"].format(""), (state.slot, MAX_CHANGES))
+                exact = False
+            changes = [(lsn, _from_wal2json(json.loads(data, parse_int=str, parse_float=str,
+                                                       parse_constant=str), exact))
+                       for lsn, _xid, data in cur.fetchall()]
+            return changes
         cur.execute(PEEK["pgoutput"], (state.slot, MAX_CHANGES, state.publication))
         rows = cur.fetchall()
         names: dict[tuple[int, int], str] = {}
@@ -418,6 +605,26 @@ def _peek(db: Any, state: CaptureState) -> list[tuple[str, dict[str, Any]]]:
             return names[(oid, typmod)]
 
         return pgoutput.changes(rows, type_name)
+
+
+def _from_wal2json(change: dict[str, Any], exact_numbers: bool) -> dict[str, Any]:
+    """wal2json's change as the text each value's output function gave.
+
+    wal2json writes a bytea value without its leading \\x, and (before 2.6) NaN and
+    +-Infinity of float and numeric columns as null: the first is put back, the second
+    marked "ambiguous" by column, since it cannot be told from NULL. (Type names are not
+    wal2json's to give either: it names "char" char, which is character(1); replay takes
+    the target's own column types.)
+    """
+    unsure = set()
+    for part in ("columns", "identity"):
+        for column in change.get(part, []):
+            if column["type"] == "bytea" and column["value"] is not None:
+                column["value"] = "\\x" + column["value"]
+            elif (column["value"] is None and not exact_numbers
+                  and column["type"].startswith(AMBIGUOUS_NULL_TYPES)):
+                unsure.add(column["name"])
+    return {**change, "ambiguous": sorted(unsure)} if unsure else change
 
 
 def _transactions(changes: list[tuple[str, dict[str, Any]]]
@@ -443,19 +650,18 @@ def _transactions(changes: list[tuple[str, dict[str, Any]]]
 
 
 def _write_segment(store: Store, database_id: str, transactions: list[dict[str, Any]],
-                   end_lsn: str) -> Segment:
+                   end_lsn: str, check: Check) -> Segment:
     body = gzip.compress(b"".join(json.dumps(t).encode() + b"\n" for t in transactions))
     key = _key(store, database_id, "segments", f"{lsn_key(end_lsn)}.jsonl.gz")
     segment = Segment(key=key, end_lsn=end_lsn, transactions=len(transactions),
                       first_commit_time=transactions[0]["commit_time"],
                       last_commit_time=transactions[-1]["commit_time"], size=len(body),
-                      sha256=hashlib.sha256(body).hexdigest())
-    store.s3.put_object(Bucket=store.url.bucket, Key=key, Body=body)
+                      sha256=hashlib.sha256(body).hexdigest(), checked_at=check.at,
+                      sequences=check.sequences, large_objects=check.large_objects)
+    store.put_small(key, body)
     # The index entry is written last: a segment without one does not count.
-    store.s3.put_object(Bucket=store.url.bucket,
-                        Key=_key(store, database_id, "index", f"{lsn_key(end_lsn)}.json"),
-                        Body=json.dumps(asdict(segment)).encode(),
-                        ContentType="application/json")
+    _put_json(store, _key(store, database_id, "index", f"{lsn_key(end_lsn)}.json"),
+              asdict(segment))
     return segment
 
 
@@ -463,15 +669,15 @@ def segments(store: Store, database_id: str) -> list[Segment]:
     """Every committed segment, in LSN order."""
     prefix = _key(store, database_id, "index") + "/"
     keys = sorted(k for k in store.list_keys(prefix) if k.endswith(".json"))
-    return [Segment(**json.loads(store.read_small(k) or b"{}")) for k in keys]
+    return [Segment(**(_read_json(store, k, "capture index entry") or {})) for k in keys]
 
 
 def transactions_until(store: Store, database_id: str, epoch: CaptureState,
-                       when: datetime, until_lsn: str = "") -> Iterator[dict[str, Any]]:
-    """Each transaction captured in `epoch` (after its base, before `until_lsn`, the next
-    epoch's start) and committed at or before `when`: once each, in commit order."""
+                       when: datetime, until_lsn: str) -> Iterator[dict[str, Any]]:
+    """Each transaction captured in `epoch` (after its base, before `until_lsn`, where its
+    coverage ends) and committed at or before `when`: once each, in commit order."""
     applied: set[str] = set()
-    start, end = lsn_int(epoch.start_lsn), lsn_int(until_lsn) if until_lsn else None
+    start, end = lsn_int(epoch.start_lsn), lsn_int(until_lsn)
     for segment in segments(store, database_id):
         if lsn_int(segment.end_lsn) <= start:
             continue
@@ -486,83 +692,35 @@ def transactions_until(store: Store, database_id: str, epoch: CaptureState,
             commit = lsn_int(txn["commit_lsn"])
             if txn["commit_lsn"] in applied or commit < start:
                 continue  # delivered twice (a run that died before advancing), or in the base
-            if parse_time(txn["commit_time"]) > when or (end is not None and commit >= end):
+            if parse_time(txn["commit_time"]) > when or commit >= end:
                 return
             applied.add(txn["commit_lsn"])
             yield txn
 
 
-def replay(target: ConnectionInfo, transactions: Iterator[dict[str, Any]]) -> int:
-    """Apply captured transactions to `target`, each in its own transaction.
+@dataclass
+class PointInTimeReport:
+    """What a restore to a time did, and what it could not bring to that time."""
 
-    Triggers stay off (session_replication_role = replica): the stream already holds
-    what they did at the source, and firing them again would do it twice.
-    """
-    db = connect(target)
-    count = 0
-    try:
-        with db.cursor() as cur:
-            cur.execute("SET session_replication_role = replica")
-            db.commit()
-            for txn in transactions:
-                for change in txn["changes"]:
-                    cur.execute(_statement(change))
-                db.commit()
-                count += 1
-    except psycopg2.Error as exc:
-        db.rollback()
-        raise CaptureError(f"replaying the captured changes into {target.display()} failed: "
-                           f"{target.redact(' '.join(str(exc).split()))}",
-                           "the target holds the base and the transactions before the one "
-                           "named; check it") from None
-    finally:
-        db.close()
-    return count
+    when: datetime
+    base: Manifest
+    transactions: int = 0
+    covered_through: str = ""
+    inexact: list[str] = field(default_factory=list)  # "what: why", each named for the user
+    notes: list[str] = field(default_factory=list)
 
-
-def _statement(change: dict[str, Any]) -> sql.Composed:
-    table = sql.Identifier(change["schema"], change["table"])
-    action = change["action"]
-    if action == "T":
-        return sql.SQL("TRUNCATE {}").format(table)
-    if action == "I":
-        cols = change["columns"]
-        # the row's own values, identity columns included (GENERATED ALWAYS too)
-        return sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})").format(
-            table, sql.SQL(", ").join(sql.Identifier(c["name"]) for c in cols),
-            sql.SQL(", ").join(_value(c) for c in cols))
-    identity = change.get("identity")
-    if not identity:
-        raise CaptureError(f"{change['schema']}.{change['table']} has no replica identity",
-                           "give the table a primary key (or REPLICA IDENTITY FULL)")
-    where = sql.SQL(" AND ").join(
-        sql.SQL("{} IS NOT DISTINCT FROM {}").format(sql.Identifier(c["name"]), _value(c))
-        for c in identity)
-    if action == "D":
-        return sql.SQL("DELETE FROM {} WHERE {}").format(table, where)
-    # Key columns that keep their value are left out of SET: an identity column GENERATED
-    # ALWAYS may not be assigned at all, and it cannot have changed at the source either.
-    keys = {c["name"]: c["value"] for c in identity}
-    sets = sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c["name"]), _value(c))
-                              for c in change["columns"]
-                              if keys.get(c["name"], object()) != c["value"])
-    if not sets.seq:
-        return sql.Composed([sql.SQL("SELECT 1")])  # nothing but the key, and it kept its value
-    return sql.SQL("UPDATE {} SET {} WHERE {}").format(table, sets, where)
-
-
-def _value(column: dict[str, Any]) -> sql.Composed:
-    value = column["value"]
-    if isinstance(value, bool):
-        value = "true" if value else "false"
-    # The type name is the server's own (format_type), as wal2json wrote it.
-    return sql.SQL("{}::{}").format(sql.Literal(value), sql.SQL(column["type"]))
+    def lines(self) -> list[str]:
+        out = [f"restored {self.base.database_id} as of {self.when.isoformat()}: base "
+               f"{self.base.backup_id} and {self.transactions} captured transaction(s)"]
+        out += self.notes
+        out += [f"NOT AS OF {self.when.isoformat()}: {line}" for line in self.inexact]
+        return out
 
 
 def restore_to_time(store: Store, database_id: str, target: ConnectionInfo,
-                    when: datetime) -> tuple[Manifest, int]:
+                    when: datetime) -> PointInTimeReport:
     """The base of the epoch that covers `when`, then every transaction it captured up to
-    `when`. Returns the base and how many transactions were replayed."""
+    `when`; refuses a time capture cannot give exactly, names what it could not bring."""
     from .restore import run_restore  # restore.py does not need cdc; this one needs it late
     history = epochs(store, database_id)
     covering = [i for i, e in enumerate(history) if parse_time(e.base_at) <= when]
@@ -572,38 +730,155 @@ def restore_to_time(store: Store, database_id: str, target: ConnectionInfo,
                           + (f" (capture starts at {history[0].base_at})" if history else ""))
     index = covering[-1]
     epoch = history[index]
-    until = history[index + 1].start_lsn if index + 1 < len(history) else ""
+    progress = read_progress(store, database_id, epoch)
+    if progress is None:
+        raise StoreError(f"the progress record of the capture epoch {epoch.start_lsn} is "
+                         "missing", "restore a backup, or a time in another epoch")
+    _refuse_uncovered(database_id, when, progress, history[index + 1:index + 2])
     base = next((m for m in store.manifests(database_id) if m.backup_id == epoch.base), None)
     if base is None:
         raise StoreError(f"the capture's base backup {epoch.base} is gone",
                          "restore a later time, or a backup")
-    run_restore(store, base, target)
-    count = replay(target, transactions_until(store, database_id, epoch, when, until))
-    _bump_sequences(target)
+    report = PointInTimeReport(when=when, base=base, covered_through=progress.verified_at)
+    restored = run_restore(store, base, target)
+    report.notes += restored.notes
+    report.inexact += _not_replayable_in(target, _large_objects_seen(store, database_id,
+                                                                     epoch, progress))
+    replayed = replay(target, transactions_until(store, database_id, epoch, when,
+                                                 progress.verified_lsn))
+    report.transactions = replayed.transactions
+    report.inexact += [f"{table}: a float or numeric value that wal2json decoded as null may "
+                       "have been NaN or +-Infinity (wal2json before 2.6 cannot tell them "
+                       "apart; it was restored as NULL)" for table in sorted(replayed.ambiguous)]
+    report.inexact += _set_sequences(target, _sequences_for(store, database_id, epoch,
+                                                            progress, when), when)
+    report.notes += _refresh_matviews(target)
     log.info("restored %s to %s: base %s and %d transaction(s)", database_id, when.isoformat(),
-             base.backup_id, count)
-    return base, count
+             base.backup_id, report.transactions)
+    return report
 
 
-def _bump_sequences(target: ConnectionInfo) -> None:
-    """Sequences are not in the change stream: move each column's sequence past the
-    largest value replayed into it, so the restored database can take new rows."""
+def _refuse_uncovered(database_id: str, when: datetime, progress: Progress,
+                      following: list[CaptureState]) -> None:
+    if when <= parse_time(progress.verified_at):
+        return
+    if following:
+        raise CaptureError(
+            f"{when.isoformat()} cannot be restored exactly: change capture of {database_id} "
+            f"has no record between {progress.verified_at} and {following[0].base_at} "
+            f"({progress.ended or 'a new epoch began'})",
+            f"choose a time at or before {progress.verified_at}, or at or after "
+            f"{following[0].base_at}")
+    raise CaptureError(
+        f"change capture of {database_id} covers times up to {progress.verified_at}; "
+        f"{when.isoformat()} is later",
+        "run `supabackup cdc run` and try again, or choose an earlier time")
+
+
+def _not_replayable_in(target: ConnectionInfo, large_objects_later: int) -> list[str]:
+    """What the restored base holds that replay cannot bring forward (see not_replayable),
+    and large objects when capture saw some after the base."""
+    db = connect(target)
+    try:
+        db.autocommit = True
+        lines = [line.replace(": ", ": as of the base; ", 1) for line in not_replayable(db)]
+    finally:
+        db.close()
+    if large_objects_later and not any(line.startswith("large objects") for line in lines):
+        lines.append(f"large objects: as of the base, which had none; capture saw "
+                     f"{large_objects_later} since (they are not in the change stream)")
+    return lines
+
+
+def _large_objects_seen(store: Store, database_id: str, epoch: CaptureState,
+                        progress: Progress) -> int:
+    """The most large objects any run of `epoch` saw."""
+    start = lsn_int(epoch.start_lsn)
+    return max([progress.large_objects] + [s.large_objects for s in segments(store, database_id)
+                                           if lsn_int(s.end_lsn) > start])
+
+
+def _sequences_for(store: Store, database_id: str, epoch: CaptureState, progress: Progress,
+                   when: datetime) -> tuple[str, dict[str, list[Any]]]:
+    """(when they were read, values) of the newest read of the sequences at or before
+    `when` in `epoch`; ("", {}) when no run read them since the base, which holds them."""
+    reads = [(s.checked_at, s.sequences) for s in segments(store, database_id)
+             if lsn_int(s.end_lsn) > lsn_int(epoch.start_lsn) and s.checked_at]
+    if progress.sequences_at:
+        reads.append((progress.sequences_at, progress.sequences))
+    earlier = [r for r in reads if parse_time(r[0]) <= when]
+    return max(earlier, key=lambda r: parse_time(r[0])) if earlier else ("", {})
+
+
+def _set_sequences(target: ConnectionInfo, read: tuple[str, dict[str, list[Any]]],
+                   when: datetime) -> list[str]:
+    """Set every sequence as the newest read before `when` found it. When that read is
+    not at `when` itself, the values are older than the time asked for: each sequence a
+    column uses is moved past the largest value replayed into it (so the next insert does
+    not collide), and the sequences are named. Returns the lines that name them."""
+    read_at, values = read
+    exact = bool(read_at) and parse_time(read_at) == when
+    moved = []
     db = connect(target)
     try:
         db.autocommit = True
         with db.cursor() as cur:
-            cur.execute("""
-                SELECT s.oid::regclass::text, quote_ident(a.attname), c.oid::regclass::text
-                FROM pg_depend d
-                JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
-                JOIN pg_class c ON c.oid = d.refobjid
-                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.refobjsubid
-                WHERE d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')""")
-            for seq, column, table in cur.fetchall():
+            output.pin(cur)
+            for name, (value, called) in values.items():
+                cur.execute("SELECT to_regclass(%s)", (name,))
+                if cur.fetchone()[0] is not None:
+                    cur.execute("SELECT setval(%s, %s, %s)", (name, value, called))
+            for seq, column, table in ([] if exact else _column_sequences(cur)):
                 # regclass text and quote_ident: names the server quoted itself
                 cur.execute(sql.SQL(
-                    "SELECT setval({}, greatest((SELECT last_value FROM {}),"
-                    " (SELECT max({}) FROM {})))").format(
-                    sql.Literal(seq), sql.SQL(seq), sql.SQL(column), sql.SQL(table)))
+                    "SELECT setval({seq}, x.m) FROM (SELECT max({col}) AS m FROM {table}) x,"
+                    " {relation} s WHERE x.m > s.last_value"
+                    " OR (x.m = s.last_value AND NOT s.is_called)").format(
+                    seq=sql.Literal(seq), col=sql.SQL(column), table=sql.SQL(table),
+                    relation=sql.SQL(seq)))
+                if cur.fetchall():
+                    moved.append(seq)
     finally:
         db.close()
+    if exact:
+        return []
+    source = f"as a capture run read them at {read_at}" if read_at else "as of the base"
+    return [f"sequences: {source}, not at the time asked for (the change stream does not "
+            "carry them)" + (f"; moved past the values replayed into their columns: "
+                             f"{', '.join(moved)}" if moved else "")]
+
+
+def _column_sequences(cur: Any) -> list[tuple[str, str, str]]:
+    """(sequence, column, table) for every column whose default or identity uses one."""
+    cur.execute("""
+        SELECT DISTINCT s.oid::regclass::text, quote_ident(a.attname), c.oid::regclass::text
+        FROM pg_depend d
+        JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
+        JOIN pg_attrdef ad ON d.classid = 'pg_attrdef'::regclass AND ad.oid = d.objid
+        JOIN pg_class c ON c.oid = ad.adrelid
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ad.adnum
+        UNION
+        SELECT s.oid::regclass::text, quote_ident(a.attname), c.oid::regclass::text
+        FROM pg_depend d
+        JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+        JOIN pg_class c ON c.oid = d.refobjid
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.refobjsubid
+        WHERE d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')""")
+    return list(cur.fetchall())
+
+
+def _refresh_matviews(target: ConnectionInfo) -> list[str]:
+    """Materialized views rebuilt from the replayed tables, as a restore of a backup does."""
+    db = connect(target)
+    try:
+        db.autocommit = True
+        with db.cursor() as cur:
+            cur.execute("SELECT oid::regclass::text FROM pg_class WHERE relkind = 'm'"
+                        " AND relispopulated ORDER BY oid")
+            names = [r[0] for r in cur.fetchall()]
+            for name in names:
+                cur.execute(f"REFRESH MATERIALIZED VIEW {name}")  # quoted by the server
+    finally:
+        db.close()
+    return ([f"materialized views rebuilt from the restored tables: {', '.join(names)}"]
+            if names else [])

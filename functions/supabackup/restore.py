@@ -56,12 +56,14 @@ class RestoreReport:
     roles_existing: list[str] = field(default_factory=list)
     backups: list[str] = field(default_factory=list)  # whose archives were read
     notes: list[str] = field(default_factory=list)    # what the options changed
+    inexact: list[str] = field(default_factory=list)  # what is not as the backup held it
 
     def lines(self) -> list[str]:
         out = [f"restored {self.backup_id} into {self.target} ({self.bytes} bytes read)"]
         if len(self.backups) > 1:
             out.append(f"table data from: {', '.join(self.backups)}")
         out += self.notes
+        out += [f"NOT AS BACKED UP: {line}" for line in self.inexact]
         if self.roles_created:
             out.append(f"created roles: {', '.join(self.roles_created)} (without passwords)")
         if self.roles_existing:

@@ -172,6 +172,14 @@ class Store:
             raise store_error(exc, key) from None
         return True
 
+    def put_small(self, key: str, body: bytes, content_type: str = "") -> None:
+        """Put a small object whole (capture's segments, index entries and records)."""
+        extra = {"ContentType": content_type} if content_type else {}
+        try:
+            self.s3.put_object(Bucket=self.url.bucket, Key=key, Body=body, **extra)
+        except (ClientError, BotoCoreError) as exc:
+            raise store_error(exc, key) from None
+
     def read_small(self, key: str) -> bytes | None:
         """A small object's bytes, or None when there is none."""
         try:

@@ -1,0 +1,256 @@
+"""The differential harness: a generated source, a random workload, and a strict comparison
+of the source at each point with a restore to that point.
+
+Two modes:
+- "cdc": change capture (`cdc start`, a `cdc run` after each step) and a restore to the
+  time each run covered (`restore --at`), with the plugin the server has;
+- "incremental": a full backup, then an incremental after each step, each restored.
+
+A difference between the source at T and the restore at T is a failure unless the restore
+named that object as inexact (its report's `inexact` lines), and every error a restore
+raises must be one of ours (a SupabackupError, one clear line). A case also checks the
+boundaries: a time later than capture covers is refused, and so is a time inside a schema
+change's window; the restored database takes the same next writes as the source.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg2
+from supabackup import cdc
+from supabackup.backup import BackupRequest, run_backup
+from supabackup.dburl import ConnectionInfo
+from supabackup.errors import SupabackupError
+from supabackup.manifest import new_backup_id
+from supabackup.restore import run_restore
+from supabackup.store import Store
+
+from devkit.pg import Cluster
+
+from .catalogue import SETTINGS
+from .picture import Picture, differences, picture
+from .source import Source
+
+MODES = ("cdc", "incremental")
+
+
+@dataclass
+class CaseResult:
+    mode: str
+    seed: int
+    steps: int
+    points: int = 0                  # restores compared
+    named: list[str] = field(default_factory=list)     # what restores said was inexact
+    refused: list[str] = field(default_factory=list)   # boundaries refused, as expected
+    problems: list[str] = field(default_factory=list)  # silent differences, wrong errors
+    log: list[str] = field(default_factory=list)       # the case's SQL, to reproduce it
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        head = (f"{self.mode} seed {self.seed}: {self.points} restores over {self.steps} "
+                f"steps, {len(self.named)} named inexact, {len(self.refused)} refused")
+        return head + "".join(f"\n  PROBLEM {p}" for p in self.problems)
+
+
+_names = itertools.count()
+
+
+def _fresh_db(cluster: Cluster, prefix: str) -> str:
+    name = f"{prefix}_{next(_names)}"
+    cluster.drop_database(name)
+    cluster.create_database(name)
+    return name
+
+
+def _conn(cluster: Cluster, db: str) -> ConnectionInfo:
+    return ConnectionInfo.from_url(cluster.url(db))
+
+
+def _key_name(key: str) -> str:
+    """What a restore names for a picture entry: schema.name, or "large objects"."""
+    if "LARGE OBJECT" in key or "BLOB" in key:
+        return "large objects"
+    if key.startswith("MATERIALIZED VIEW ROWS "):
+        return key.removeprefix("MATERIALIZED VIEW ROWS ")
+    _, schema, name = key.rsplit(" ", 2) if key.count(" ") >= 2 else ("", "", key)
+    return f"{schema}.{name}"
+
+
+def _judge(result: CaseResult, what: str, expected: Picture, restored: Picture,
+           inexact: list[str]) -> None:
+    result.points += 1
+    said = " | ".join(inexact)
+    for key, lines in differences(expected, restored).items():
+        name = _key_name(key)
+        if name in said or name.replace('"', "") in said:
+            result.named.append(f"{what}: {key}")
+            continue
+        result.problems.append(f"{what}: {key} differs silently: {'; '.join(lines)}")
+
+
+def _vary_target(source: Source, cluster: Cluster, db: str) -> None:
+    """The target's own settings differ from the source's: a restore must not care."""
+    rng = source.rng
+    for name in rng.sample(sorted(SETTINGS), 2):
+        cluster.execute(f'ALTER DATABASE "{db}" SET {name} = {rng.choice(SETTINGS[name])}')
+
+
+def _server_now(cluster: Cluster, db: str) -> datetime:
+    return cluster.execute("SELECT clock_timestamp()", db)[0][0]  # type: ignore[no-any-return]
+
+
+def _next_writes(cluster: Cluster, source_db: str, restored_db: str) -> list[str]:
+    """The next value of every sequence, and the next default row: the same on both."""
+    def take(db: str) -> list[Any]:
+        conn = psycopg2.connect(cluster.url(db))
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT format('%I.%I', schemaname, sequencename) FROM pg_sequences"
+                            " ORDER BY 1")
+                names = [r[0] for r in cur.fetchall()]
+                values = []
+                for name in names:
+                    cur.execute("SELECT nextval(%s)", (name,))
+                    values.append((name, cur.fetchone()[0]))
+                cur.execute("INSERT INTO public.numbered (note) VALUES ('next') RETURNING id")
+                values.append(("numbered default id", cur.fetchone()[0]))
+                return values
+        finally:
+            conn.close()
+
+    a, b = take(source_db), take(restored_db)
+    return [f"next write differs: {x} at the source, {y} restored"
+            for x, y in zip(a, b, strict=False) if x != y] + (
+        [f"sequences differ: {len(a)} at the source, {len(b)} restored"] if len(a) != len(b)
+        else [])
+
+
+def run_case(mode: str, cluster: Cluster, store: Store, seed: int, steps: int = 4,
+             ddl_every: int = 3, tables: int = 4) -> CaseResult:
+    """One seeded case; never raises for what it finds (that goes to `problems`)."""
+    rng = random.Random(seed)
+    result = CaseResult(mode, seed, steps)
+    source_db = _fresh_db(cluster, f"diff_{mode[:3]}_{seed}")
+    source = Source(cluster.url(source_db), rng)
+    targets: list[str] = []
+    try:
+        source.build(tables)
+        source.vary_database_settings(source_db)
+        if mode == "cdc":
+            _cdc_case(cluster, store, source, source_db, result, steps, ddl_every, targets)
+        else:
+            _incremental_case(cluster, store, source, source_db, result, steps, ddl_every,
+                              targets)
+    except Exception as exc:  # noqa: BLE001 - a case reports what broke, it does not stop
+        result.problems.append(f"{type(exc).__name__}: {' '.join(str(exc).split())[:600]}")
+    finally:
+        result.log = source.log
+        for db in [*targets, source_db]:
+            cluster.drop_database(db)
+    return result
+
+
+def _restore_point(cluster: Cluster, source: Source, prefix: str, targets: list[str]) -> str:
+    db = _fresh_db(cluster, prefix)
+    targets.append(db)
+    _vary_target(source, cluster, db)
+    return db
+
+
+def _cdc_case(cluster: Cluster, store: Store, source: Source, db: str, result: CaseResult,
+              steps: int, ddl_every: int, targets: list[str]) -> None:
+    conn = _conn(cluster, db)
+    database_id = f"diff-{db}"
+    cdc.start(conn, store, BackupRequest(database_id=database_id))
+    base_time = time.monotonic()
+    points: list[tuple[datetime, Picture]] = []
+    windows: list[datetime] = []  # times between a schema change and the new base
+    try:
+        for i in range(steps):
+            ddl = ddl_every > 0 and i % ddl_every == ddl_every - 1
+            if ddl and time.monotonic() - base_time < 1.1:
+                time.sleep(1.1)  # backup ids have one-second resolution
+            source.step(ddl=ddl)
+            if ddl:
+                windows.append(_server_now(cluster, db))
+            run = cdc.run(conn, store, database_id)
+            if run.restarted:
+                base_time = time.monotonic()
+            points.append((run.covered_through, picture(cluster.url(db), source=True)))
+        for i, (when, expected) in enumerate(points):
+            target = _restore_point(cluster, source, f"diff_at_{i}", targets)
+            try:
+                report = cdc.restore_to_time(store, database_id, _conn(cluster, target), when)
+            except SupabackupError as exc:
+                result.problems.append(f"restore at step {i} ({when.isoformat()}) failed: {exc}")
+                continue
+            _judge(result, f"restore at step {i}", expected,
+                   picture(cluster.url(target), source=False), report.inexact)
+            if i == len(points) - 1:
+                result.problems += _next_writes(cluster, db, target)
+        _boundaries(cluster, store, source, database_id, points, windows, result, targets)
+    finally:
+        cdc.drop(conn, store, database_id)
+
+
+def _boundaries(cluster: Cluster, store: Store, source: Source, database_id: str,
+                points: list[tuple[datetime, Picture]], windows: list[datetime],
+                result: CaseResult, targets: list[str]) -> None:
+    """Times capture cannot restore exactly are refused, with one clear line."""
+    later = points[-1][0] + timedelta(hours=1)
+    for what, when in [("a time later than capture covers", later),
+                       *[("a time inside a schema change's window", w) for w in windows]]:
+        target = _restore_point(cluster, source, "diff_refused", targets)
+        try:
+            report = cdc.restore_to_time(store, database_id, _conn(cluster, target), when)
+        except SupabackupError as exc:
+            result.refused.append(f"{what}: {str(exc).splitlines()[0]}")
+            continue
+        result.problems.append(f"{what} ({when.isoformat()}) was restored, not refused "
+                               f"(base {report.base.backup_id})")
+
+
+_ticks = itertools.count(1)
+
+
+def _incremental_case(cluster: Cluster, store: Store, source: Source, db: str,
+                      result: CaseResult, steps: int, ddl_every: int,
+                      targets: list[str]) -> None:
+    conn = _conn(cluster, db)
+    database_id = f"diff-{db}"
+    epoch = datetime(2026, 11, 1, tzinfo=UTC) + timedelta(days=next(_ticks))
+
+    def backup(kind: str, n: int) -> Any:
+        backup_id = new_backup_id(epoch + timedelta(seconds=n), kind)
+        return run_backup(conn, store, BackupRequest(kind=kind, database_id=database_id,
+                                                     backup_id=backup_id))
+
+    backup("full", 0)
+    points = []
+    for i in range(steps):
+        source.step(ddl=ddl_every > 0 and i % ddl_every == ddl_every - 1)
+        manifest = backup("incremental", i + 1)
+        if manifest.kind != "incremental":
+            result.problems.append(f"step {i}: escalated to a full backup ({manifest.escalation})")
+        points.append((manifest, picture(cluster.url(db), source=True)))
+    for i, (manifest, expected) in enumerate(points):
+        target = _restore_point(cluster, source, f"diff_incr_{i}", targets)
+        try:
+            report = run_restore(store, manifest, _conn(cluster, target))
+        except SupabackupError as exc:
+            result.problems.append(f"restore of {manifest.backup_id} failed: {exc}")
+            continue
+        _judge(result, f"restore of {manifest.backup_id}", expected,
+               picture(cluster.url(target), source=False), report.inexact)
+        if i == len(points) - 1:
+            result.problems += _next_writes(cluster, db, target)

@@ -1,0 +1,233 @@
+"""Replay captured transactions into a restored base: each once, each exactly.
+
+    pin the output settings -> triggers off (replica mode, and the ALWAYS and REPLICA
+    ones disabled by name) -> each transaction in a transaction of its own, every row
+    change touching exactly one row -> triggers back as they were
+
+Why each rule:
+- Values arrive as the source's text, decoded under output.STABLE; they are parsed under
+  the same settings, so a date, a float, a bytea, a money amount, a regclass reads back as
+  the value it was, whatever the source or target database sets for its sessions.
+- The stream already holds what triggers did at the source. session_replication_role =
+  replica stops ordinary triggers (and foreign-key checks), but triggers set ENABLE ALWAYS
+  still fire in it and ENABLE REPLICA ones fire only in it: those are disabled for the
+  replay and set back to their mode afterwards.
+- One change is one row. UPDATE and DELETE find their row by the replica identity: the key
+  (with `=`, so an index serves it) or, under REPLICA IDENTITY FULL, every column's text
+  (some types have no equality operator) and one row of equal ones by ctid (duplicates are
+  legal there, and a DELETE of one must not take its twins). ONLY, so an inheritance
+  parent's change does not touch its children. A change that finds no row means the target
+  is not what the source was: the replay stops and says so, never skips.
+- Columns the target computes itself (GENERATED ... STORED) are left out; it computes them
+  from the replayed values. Identity columns take the source's values (OVERRIDING SYSTEM
+  VALUE).
+- A TRUNCATE of several tables at once (a CASCADE, or tables linked by foreign keys) is
+  one statement again: truncated one by one, the first would fail on the foreign key.
+- Tables without a replica identity: only their inserts and truncates can be replayed
+  (updates and deletes are left out and counted); the caller names them as inexact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg2
+from psycopg2 import sql
+
+from . import output
+from .dburl import ConnectionInfo
+from .errors import SupabackupError
+from .snapshot import connect
+
+log = logging.getLogger(__name__)
+
+
+class ReplayFailed(SupabackupError):
+    """A captured transaction could not be applied: the target is not the database as of
+    the time asked for."""
+
+
+@dataclass(frozen=True)
+class TableShape:
+    full_identity: bool          # REPLICA IDENTITY FULL: rows are found by every column
+    generated: frozenset[str]    # columns the target computes (GENERATED ALWAYS AS ... STORED)
+    types: dict[str, str]        # column -> its type, as the target names it (qualified)
+    partitioned: bool = False    # TRUNCATE ONLY refuses a partitioned table
+    keyless: bool = False        # no replica identity: updates and deletes cannot be found
+
+
+@dataclass
+class Replayed:
+    transactions: int = 0
+    last_commit_time: str = ""
+    skipped: dict[str, int] = field(default_factory=dict)  # table -> updates/deletes left out
+    ambiguous: set[str] = field(default_factory=set)  # tables with nulls that may be NaN
+
+
+def replay(target: ConnectionInfo, transactions: Iterable[dict[str, Any]]) -> Replayed:
+    """Apply `transactions` to `target` in order, each in its own transaction."""
+    db = connect(target)
+    done = Replayed()
+    current: dict[str, Any] | None = None
+    try:
+        with db.cursor() as cur:
+            output.pin(cur)
+            cur.execute("SET session_replication_role = replica; SET row_security = off")
+            shapes = _shapes(cur)
+            triggers = _firing_triggers(cur)
+            _set_triggers(cur, triggers, enable=False)
+            db.commit()
+            try:
+                for current in transactions:
+                    for statement, table, expect_one in _statements(current, shapes, done):
+                        cur.execute(statement)
+                        if expect_one and cur.rowcount != 1:
+                            raise _Diverged(table, cur.rowcount)
+                    db.commit()
+                    done.transactions += 1
+                    done.last_commit_time = current["commit_time"]
+                current = None
+            finally:
+                db.rollback()
+                _set_triggers(cur, triggers, enable=True)
+                db.commit()
+    except (psycopg2.Error, _Diverged) as exc:
+        db.rollback()
+        raise _failure(target, exc, current, done) from None
+    finally:
+        db.close()
+    return done
+
+
+class _Diverged(Exception):
+    def __init__(self, table: str, rows: int) -> None:
+        super().__init__(f"a change to {table} found {rows} rows where the source had one")
+
+
+def _failure(target: ConnectionInfo, exc: BaseException, txn: dict[str, Any] | None,
+             done: Replayed) -> ReplayFailed:
+    detail = target.redact(" ".join(str(exc).split()))
+    where = (f"transaction {txn.get('xid') or '?'} (commit LSN {txn['commit_lsn']}, committed "
+             f"{txn['commit_time']})" if txn else "setting up the replay")
+    holds = (f"the base and {done.transactions} transaction(s), through the one committed "
+             f"{done.last_commit_time}" if done.transactions else "the base only")
+    return ReplayFailed(f"replaying into {target.display()} failed at {where}: {detail}",
+                        f"the target holds {holds}; it is not the database as of the time "
+                        "asked for: drop it, and restore an earlier time or a backup")
+
+
+def _shapes(cur: Any) -> dict[tuple[str, str], TableShape]:
+    cur.execute("""
+        SELECT n.nspname, c.relname, c.relkind = 'p', c.relreplident = 'f',
+               c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS (
+                   SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)),
+               coalesce(array_agg(a.attname) FILTER (WHERE a.attgenerated <> ''), '{}'),
+               coalesce(json_object_agg(a.attname, format_type(a.atttypid, a.atttypmod))
+                        FILTER (WHERE a.attname IS NOT NULL), '{}')
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+        WHERE c.relkind IN ('r', 'p') GROUP BY 1, 2, 3, 4, 5""")
+    return {(s, t): TableShape(full, frozenset(gen), dict(types), partitioned, keyless)
+            for s, t, partitioned, full, keyless, gen, types in cur.fetchall()}
+
+
+def _firing_triggers(cur: Any) -> list[tuple[str, str, str]]:
+    """(table, trigger, mode) of user triggers that fire in replica mode: ALWAYS ('A') and
+    REPLICA ('R'). A partition's clone follows its parent's trigger."""
+    cur.execute("""
+        SELECT t.tgrelid::regclass::text, quote_ident(t.tgname), t.tgenabled FROM pg_trigger t
+        WHERE NOT t.tgisinternal AND t.tgparentid = 0 AND t.tgenabled IN ('A', 'R')
+        ORDER BY 1, 2""")
+    return list(cur.fetchall())
+
+
+def _set_triggers(cur: Any, triggers: list[tuple[str, str, str]], enable: bool) -> None:
+    for table, trigger, mode in triggers:
+        how = ({"A": "ENABLE ALWAYS", "R": "ENABLE REPLICA"}[mode] if enable else "DISABLE")
+        cur.execute(f"ALTER TABLE {table} {how} TRIGGER {trigger}")  # names quoted by the server
+
+
+def _statements(txn: dict[str, Any], shapes: dict[tuple[str, str], TableShape],
+                done: Replayed
+                ) -> Iterator[tuple[sql.Composable, str, bool]]:
+    """(statement, table, whether it must touch exactly one row) for each change."""
+    truncate: list[dict[str, Any]] = []
+    for change in [*txn["changes"], {"action": "end"}]:
+        if change["action"] == "T":
+            truncate.append(change)
+            continue
+        if truncate:  # ONLY: the stream names every table it emptied, children too
+            yield (sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(
+                sql.SQL("{}{}").format(
+                    sql.SQL("" if _shape(shapes, c).partitioned else "ONLY "),
+                    sql.Identifier(c["schema"], c["table"])) for c in truncate)), "", False)
+            truncate = []
+        if change["action"] == "end":
+            return
+        name = f"{change['schema']}.{change['table']}"
+        shape = _shape(shapes, change)
+        if change["action"] in ("U", "D") and shape.keyless:
+            done.skipped[name] = done.skipped.get(name, 0) + 1
+            continue
+        if change.get("ambiguous"):
+            done.ambiguous.add(name)
+        yield _row_statement(change, shape), name, True
+
+
+def _shape(shapes: dict[tuple[str, str], TableShape], change: dict[str, Any]) -> TableShape:
+    shape = shapes.get((change["schema"], change["table"]))
+    if shape is None:
+        raise _Diverged(f"{change['schema']}.{change['table']} (not in the target)", 0)
+    return shape
+
+
+def _row_statement(change: dict[str, Any], shape: TableShape) -> sql.Composable:
+    table = sql.Identifier(change["schema"], change["table"])
+    columns = [c for c in change.get("columns", []) if c["name"] not in shape.generated]
+    if change["action"] == "I":
+        return sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})").format(
+            table, sql.SQL(", ").join(sql.Identifier(c["name"]) for c in columns),
+            sql.SQL(", ").join(_value(c, shape) for c in columns))
+    identity = change.get("identity") or []
+    if not identity:
+        raise _Diverged(f"{change['schema']}.{change['table']} (no replica identity)", 0)
+    where = _where(table, identity, shape, frozenset(change.get("ambiguous", ())))
+    if change["action"] == "D":
+        return sql.SQL("DELETE FROM ONLY {} WHERE {}").format(table, where)
+    # Key columns that keep their value stay out of SET: an identity column GENERATED
+    # ALWAYS may not be assigned at all, and it cannot have changed at the source either.
+    old = {c["name"]: c["value"] for c in identity}
+    sets = [sql.SQL("{} = {}").format(sql.Identifier(c["name"]), _value(c, shape))
+            for c in columns if c["name"] not in old or old[c["name"]] != c["value"]]
+    if not sets:  # nothing but the key, and it kept its value: still one row must match
+        return sql.SQL("SELECT 1 FROM ONLY {} WHERE {}").format(table, where)
+    return sql.SQL("UPDATE ONLY {} SET {} WHERE {}").format(table, sql.SQL(", ").join(sets),
+                                                            where)
+
+
+def _where(table: sql.Composable, identity: list[dict[str, Any]], shape: TableShape,
+           unsure: frozenset[str]) -> sql.Composable:
+    if not shape.full_identity:  # a key: NOT NULL and unique, and its index serves `=`
+        return sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier(c["name"]),
+                                                               _value(c, shape)) for c in identity)
+    same = sql.SQL(" AND ").join(
+        sql.SQL("{}::text IS NOT DISTINCT FROM ({})::text").format(sql.Identifier(c["name"]),
+                                                                   _value(c, shape))
+        for c in identity if c["name"] not in shape.generated and c["name"] not in unsure)
+    return sql.SQL("ctid = (SELECT ctid FROM ONLY {} WHERE {} LIMIT 1)").format(table, same)
+
+
+def _value(column: dict[str, Any], shape: TableShape) -> sql.Composable:
+    """The column's value as a literal of the target's own column type: the type names a
+    plugin gives are not always exact (wal2json's "char" is character(1)), and the
+    target's are qualified (format_type under an empty search_path)."""
+    value = column["value"]
+    type_name = sql.SQL(shape.types.get(column["name"], column["type"]))
+    if value is None:
+        return sql.SQL("NULL::{}").format(type_name)
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    return sql.SQL("{}::{}").format(sql.Literal(str(value)), type_name)
