@@ -130,14 +130,15 @@ def test_a_run_that_dies_before_advancing_the_slot_duplicates_nothing(
     again = cdc.run(_conn(logical, db), store, base.database_id).segment
     assert again is not None and again.transactions == 2
     assert len(cdc.segments(store, base.database_id)) == 2
-    assert cdc.run(_conn(logical, db), store, base.database_id).segment is None  # advanced
+    last = cdc.run(_conn(logical, db), store, base.database_id)
+    assert last.segment is None and last.covered_through is not None  # advanced
     # each stored transaction carries its xid, commit LSN and commit time
     import gzip
     raw = store.read_small(again.key)
     assert raw is not None
     first = json.loads(gzip.decompress(raw).splitlines()[0])
     assert int(first["xid"]) > 0 and "/" in first["commit_lsn"] and first["commit_time"]
-    when = _now(logical, db)
+    when = last.covered_through
     assert _restore_at(logical, store, base.database_id, when, "cdc_crash_restored") == \
         table_fingerprints(logical.url(db))
 
@@ -154,13 +155,20 @@ def test_a_schema_change_starts_a_new_epoch_and_restores_work_on_both_sides(
     db = _fresh(logical, "cdc_ddl")
     _, base = cdc.start(_conn(logical, db), store, BackupRequest())
     logical.execute(ROUNDS[0], db)
-    before_ddl = (_now(logical, db), table_fingerprints(logical.url(db)))
+    checked = cdc.run(_conn(logical, db), store, base.database_id).covered_through
+    assert checked is not None
+    before_ddl = (checked, table_fingerprints(logical.url(db)))
     time.sleep(1.1)  # backup ids have one-second resolution: the new base needs its own
     # DDL in the middle of the stream, rows that use it, and a capture run
     logical.execute("ALTER TABLE scratch ADD COLUMN note text DEFAULT 'new';"
                     "INSERT INTO scratch VALUES ('with note', 4, 'hello')", db)
+    in_window = _now(logical, db)
     captured = cdc.run(_conn(logical, db), store, base.database_id)
     assert captured.restarted == "the schema changed" and not captured.lost
+    # a time between the last check and the new base: the DDL's moment is unknown
+    with pytest.raises(cdc.CaptureError, match="cannot be restored exactly") as refused:
+        _restore_at(logical, store, base.database_id, in_window, "cdc_ddl_window")
+    assert "choose a time at or before" in refused.value.hint
     epochs = cdc.epochs(store, base.database_id)
     assert len(epochs) == 2 and epochs[1].base != base.backup_id
     logical.execute(ROUNDS[1], db)
@@ -242,6 +250,16 @@ def test_the_command_line_captures_and_restores_to_a_point_in_time(
     out = cli("restore", "--target-url", logical.url("cdc_cli_restored"), "--at", when.isoformat())
     assert "captured transaction(s)" in out
     assert table_fingerprints(logical.url("cdc_cli_restored")) == expected
+    # a time capture has not reached yet is refused with one line, and nothing restored
+    logical.drop_database("cdc_cli_late")
+    logical.create_database("cdc_cli_late")
+    late = subprocess.run([exe, "restore", "--target-url", logical.url("cdc_cli_late"),
+                           "--at", (when + timedelta(hours=1)).isoformat()],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert late.returncode != 0 and "covers times up to" in late.stderr, late.stderr
+    assert len(late.stderr.strip().splitlines()) == 1
+    assert logical.execute("SELECT count(*) FROM pg_class WHERE relnamespace = "
+                           "'public'::regnamespace", "cdc_cli_late")[0][0] == 0
     assert "dropped slot" in cli("cdc", "drop", "--database-url", url)
 
 

@@ -88,11 +88,11 @@ def _key_name(key: str) -> str:
 def _judge(result: CaseResult, what: str, expected: Picture, restored: Picture,
            inexact: list[str]) -> None:
     result.points += 1
-    said = " | ".join(inexact)
     for key, lines in differences(expected, restored).items():
         name = _key_name(key)
-        if name in said or name.replace('"', "") in said:
-            result.named.append(f"{what}: {key}")
+        said = [line for line in inexact if name in line or name in line.replace('"', "")]
+        if said:
+            result.named.append(f"{what}: {key}: {said[0]}")
             continue
         result.problems.append(f"{what}: {key} differs silently: {'; '.join(lines)}")
 

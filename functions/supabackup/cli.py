@@ -24,7 +24,13 @@ from .manifest import RETENTION_CLASSES, parse_time
 from .notify import Notifier, human_bytes, human_duration
 from .profiles import NAMES as PROFILE_NAMES
 from .restore import RestoreOptions, describe_plan
-from .run import backup_and_report, capture_and_report, restore_and_report, verify_and_report
+from .run import (
+    backup_and_report,
+    capture_and_report,
+    restore_and_report,
+    restore_to_time_and_report,
+    verify_and_report,
+)
 from .store import Store, StoreURL
 from .verify import VerifyReport
 
@@ -158,9 +164,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if options.tables or options.profile != "postgres" or args.dry_run:
             raise ConfigError("a restore to a point in time takes no --tables, --profile or "
                               "--dry-run", "restore a backup with them instead")
-        base, count = cdc.restore_to_time(store, database_id, target, when)
-        print(f"restored {database_id} as of {when.isoformat()} into {target.display()}: "
-              f"base {base.backup_id} and {count} captured transaction(s)")
+        at_time = restore_to_time_and_report(store, database_id, target, when,
+                                             Notifier(args.sns_topic_arn))
+        for line in at_time.lines():
+            print(line)
         return 0
     manifest = select_backup(store, database_id, args.at)
     if args.dry_run:
@@ -184,6 +191,9 @@ def cmd_cdc(args: argparse.Namespace) -> int:
                                                            label="change capture base"))
         print(f"capturing {database_id} through slot {state.slot} ({state.plugin}) from "
               f"{state.start_lsn}; base backup {base.backup_id}")
+        for line in cdc.status(conn, store, database_id)["not_replayable"]:
+            print(f"warning: a restore to a time gives this as of the base only: {line}",
+                  file=sys.stderr)
     elif args.action == "run":
         result = capture_and_report(conn, store, database_id, Notifier(args.sns_topic_arn),
                                     args.max_retained_wal)

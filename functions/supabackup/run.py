@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 
 from . import cdc
 from .backup import BackupRequest, run_backup
@@ -107,6 +108,28 @@ def restore_and_report(store: Store, manifest: Manifest, target: ConnectionInfo,
                              duration_seconds=time.monotonic() - started,
                              headline=f"{manifest.backup_id} into {target.display()}",
                              details={"backup_id": manifest.backup_id, "lines": report.lines()}))
+    return report
+
+
+def restore_to_time_and_report(store: Store, database_id: str, target: ConnectionInfo,
+                               when: datetime, notifier: Notifier) -> cdc.PointInTimeReport:
+    """A restore to a time through change capture, said on SNS like any restore: what was
+    restored, and by name what could not be brought to that time; or why it failed."""
+    started = time.monotonic()
+    try:
+        report = cdc.restore_to_time(store, database_id, target, when)
+    except BaseException as exc:
+        notifier.publish(Outcome(kind="restore", database=database_id, error=exc,
+                                 scrub=target.redact,
+                                 duration_seconds=time.monotonic() - started,
+                                 details={"at": when.isoformat(), "target": target.display()}))
+        raise
+    headline = f"as of {when.isoformat()} into {target.display()}" + (
+        f"; {len(report.inexact)} thing(s) not as of that time" if report.inexact else "")
+    notifier.publish(Outcome(kind="restore", database=database_id,
+                             duration_seconds=time.monotonic() - started, headline=headline,
+                             details={"at": when.isoformat(), "base": report.base.backup_id,
+                                      "inexact": report.inexact, "lines": report.lines()}))
     return report
 
 
