@@ -11,7 +11,7 @@ PG17   := build/postgresql-17/.version
 # aws-sam-cli and checkov pin conflicting versions of shared packages: a venv each.
 TOOLS  := build/tools/sam/.installed build/tools/checkov/.installed
 
-.PHONY: setup test demo bench lint layer clean
+.PHONY: setup test demo bench lint layer clean fuzz
 
 setup: $(VENV)/.installed $(PG17)
 
@@ -35,6 +35,13 @@ build/tools/%/.installed: requirements-%.txt
 
 test: setup $(TOOLS)
 	$(BIN)/pytest
+
+# The differential harness for longer, with random seeds (or SEEDS=1,2,3): each failing
+# case is shrunk and written to build/fuzz/ with its seed and SQL.
+MINUTES ?= 10
+SEEDS   ?=
+fuzz: setup
+	$(BIN)/python -m devkit.differential --minutes $(MINUTES) $(if $(SEEDS),--seeds $(SEEDS))
 
 demo: setup
 	$(BIN)/python -m devkit.demo

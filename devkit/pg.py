@@ -149,3 +149,26 @@ class Cluster:
     @property
     def major(self) -> int:
         return int(self.execute("SHOW server_version_num")[0][0]) // 10000
+
+
+# A server for change capture: logical decoding, and commits flushed before it reads them.
+LOGICAL = {"wal_level": "logical", "max_replication_slots": "20", "max_wal_senders": "4",
+           "synchronous_commit": "on"}
+
+
+def knows_setting(bindir: Path, name: str) -> bool:
+    """Whether this server release has the setting (minor releases add some)."""
+    described = subprocess.run([*_as_server_user(), str(bindir / "postgres"),
+                                "--describe-config"], capture_output=True, text=True)
+    return any(line.split("\t", 1)[0] == name for line in described.stdout.splitlines())
+
+
+def logical_cluster(major: int) -> Cluster:
+    """A started server for capture. Where the release restricts which output plugins a
+    replication user may load (output_plugin_libraries, in newer minor releases), wal2json
+    joins the default list; older releases have no such setting and would refuse it."""
+    bindir = bindir_for(major)
+    settings = dict(LOGICAL)
+    if knows_setting(bindir, "output_plugin_libraries"):
+        settings["output_plugin_libraries"] = "'pgoutput, test_decoding, wal2json'"
+    return Cluster(bindir, settings=settings).start()

@@ -21,21 +21,13 @@ from supabackup.manifest import parse_time
 from supabackup.store import Store
 
 from devkit.compare import table_fingerprints
-from devkit.pg import Cluster, bindir_for
-
-SETTINGS = {"wal_level": "logical", "max_replication_slots": "20", "max_wal_senders": "4",
-            # commits must be flushed before logical decoding may read them
-            "synchronous_commit": "on"}
-# PostgreSQL 15.20 lets replication users load only the output plugins listed here.
-WAL2JSON = {"output_plugin_libraries": "wal2json"}
-
+from devkit.pg import Cluster, logical_cluster
 
 @pytest.fixture(scope="module", params=[(15, "wal2json"), (17, "pgoutput")],
                 ids=["pg15-wal2json", "pg17-pgoutput"])
 def logical(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     major, plugin = request.param
-    cluster = Cluster(bindir_for(major),
-                      settings={**SETTINGS, **(WAL2JSON if plugin == "wal2json" else {})}).start()
+    cluster = logical_cluster(major)  # wal_level=logical, adapted to the server's release
     cluster.plugin = plugin  # type: ignore[attr-defined]
     yield cluster
     cluster.stop()

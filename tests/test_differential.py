@@ -13,9 +13,8 @@ from collections.abc import Iterator
 import pytest
 from supabackup.store import Store
 
-from devkit.differential.__main__ import logical_cluster
 from devkit.differential.harness import run_case
-from devkit.pg import Cluster
+from devkit.pg import Cluster, logical_cluster
 
 SEEDS = (11, 12)
 STEPS = 4

@@ -23,26 +23,12 @@ import boto3
 from moto import mock_aws
 from supabackup.store import BOTO_CONFIG, MIB, Store, StoreURL
 
-from devkit.pg import Cluster, bindir_for
+from devkit.pg import Cluster, logical_cluster
 from devkit.s3 import FAKE_CREDENTIALS
 
 from .harness import MODES, CaseResult, run_case
 
-LOGICAL = {"wal_level": "logical", "max_replication_slots": "20", "max_wal_senders": "4",
-           "synchronous_commit": "on"}
 OUT = Path("build/fuzz")
-
-
-def logical_cluster(major: int) -> Cluster:
-    """A server for capture: wal2json on 15 (where Debian's package has it), else pgoutput."""
-    settings = dict(LOGICAL)
-    if major == 15:
-        settings["output_plugin_libraries"] = "wal2json"
-    try:
-        return Cluster(bindir_for(major), settings=settings).start()
-    except Exception:  # noqa: BLE001 - servers older than the setting reject it
-        settings.pop("output_plugin_libraries", None)
-        return Cluster(bindir_for(major), settings=settings).start()
 
 
 def shrink(result: CaseResult, cluster: Cluster, store: Store) -> CaseResult:
