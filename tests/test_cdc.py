@@ -23,6 +23,7 @@ from supabackup.store import Store
 from devkit.compare import table_fingerprints
 from devkit.pg import Cluster, logical_cluster
 
+
 @pytest.fixture(scope="module", params=[(15, "wal2json"), (17, "pgoutput")],
                 ids=["pg15-wal2json", "pg17-pgoutput"])
 def logical(request: pytest.FixtureRequest) -> Iterator[Cluster]:

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             store = Store(StoreURL.parse("s3://fuzz/cases"), client, min_part_size=5 * MIB)
             queue = list(seeds)
             while (queue if seeds else time.monotonic() < deadline):
-                seed = queue.pop(0) if seeds else random.randrange(1 << 30)
+                seed = queue.pop(0) if seeds else random.randrange(1 << 30)  # noqa: S311
                 for major, cluster in clusters.items():
                     for mode in args.modes.split(","):
                         result = run_case(mode, cluster, store, seed, steps=args.steps)

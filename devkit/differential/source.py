@@ -194,7 +194,7 @@ class Source:
             self._fixed_changes,
             self._truncate,
             self._large_object,
-            lambda: f"SELECT nextval('public.counter'), nextval('kinds.elsewhere')",
+            lambda: "SELECT nextval('public.counter'), nextval('kinds.elsewhere')",
             lambda: "REFRESH MATERIALIZED VIEW public.parent_summary",
         ]
 
@@ -229,7 +229,7 @@ class Source:
         target = f"{table.qualified}"
         sets = [f'"{column.name}" = {self._value(column.kind)}']
         if table.identity == "pk" and self.rng.random() < 0.3:  # a key that changes
-            sets.append(f"id = id + 100000")
+            sets.append("id = id + 100000")
         return f"UPDATE {target} SET {', '.join(sets)} WHERE {self._pick(target, 2)}"
 
     def _delete(self, table: Table) -> str:
@@ -310,7 +310,7 @@ class Source:
             lambda: self._drop_and_readd(table),
             lambda: [f"CREATE INDEX ON {table.qualified} ((1))"],
             lambda: [f"COMMENT ON TABLE {table.qualified} IS 'changed {self.next_id}'"],
-            lambda: [f"ALTER TABLE public.parent ALTER COLUMN name SET DEFAULT 'anon'"],
+            lambda: ["ALTER TABLE public.parent ALTER COLUMN name SET DEFAULT 'anon'"],
         ]
         if not self.renamed_enum:
             options.insert(0, self._rename_enum)

@@ -487,7 +487,7 @@ def _restarted(conn: ConnectionInfo, store: Store, database_id: str, state: Capt
     _put_json(store, _progress_key(store, database_id, state),
               asdict(replace(previous, ended=reason)))
     drop(conn, store, database_id)
-    new_state, base = start(conn, store, BackupRequest(
+    _, base = start(conn, store, BackupRequest(
         database_id=database_id, retention="weekly",
         label=f"change capture base: {reason}"[:200], trigger="schedule"))
     return CaptureRun(None, health, reason, lost=lost,
