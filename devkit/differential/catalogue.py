@@ -63,7 +63,7 @@ TYPES: tuple[TypeCase, ...] = (
                               "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'")),
     TypeCase("array", "integer[]", ("'{}'", "'{1,NULL,3}'", "'{{1,2},{3,4}}'",
                                     "'[0:1]={7,8}'")),
-    TypeCase("array", "text[]", ("'{\"a,b\",\"c\\\\\"d\",NULL,\"NULL\",\"\"}'", "'{}'",
+    TypeCase("array", "text[]", ("'{\"a,b\",\"c\\\"d\",NULL,\"NULL\",\"\"}'", "'{}'",
                                  "ARRAY[E'new\\nline', '}{']")),
     TypeCase("array", "kinds.mood[]", ("'{sad,happy}'", "'{}'")),
     TypeCase("composite", "kinds.pair", ("'(1,\"x,y\")'", "'(,)'", "ROW(NULL, 'q\"uote')")),

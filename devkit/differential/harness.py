@@ -136,7 +136,7 @@ def _next_writes(cluster: Cluster, source_db: str, restored_db: str) -> list[str
 
 
 def run_case(mode: str, cluster: Cluster, store: Store, seed: int, steps: int = 4,
-             ddl_every: int = 3, tables: int = 4) -> CaseResult:
+             ddl_every: int = 3, tables: int = 6) -> CaseResult:
     """One seeded case; never raises for what it finds (that goes to `problems`)."""
     rng = random.Random(seed)  # noqa: S311 - a seeded, replayable case, not a secret
     result = CaseResult(mode, seed, steps)

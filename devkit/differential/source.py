@@ -117,8 +117,15 @@ class Source:
 
     # --- building ------------------------------------------------------------------------
 
-    def build(self, table_count: int = 4) -> None:
+    def build(self, table_count: int = 6) -> None:
+        """The fixed structures, a table of every type under a key and one under REPLICA
+        IDENTITY FULL (rows found by every column's text, types without equality too), and
+        `table_count` random tables, the first of each identity in turn."""
         statements = [TYPES_SQL, FIXED_SQL]
+        every = [Column(f"t{j}_{case.family}", case) for j, case in enumerate(TYPES)]
+        for table in (Table("every_type_pk", "pk", every), Table("every_type_full", "full", every)):
+            self.tables.append(table)
+            statements.append(_create(table))
         for i in range(table_count):
             identity = IDENTITIES[i % len(IDENTITIES)] if i < len(IDENTITIES) else \
                 self.rng.choice(IDENTITIES)
