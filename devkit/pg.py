@@ -153,7 +153,7 @@ class Cluster:
 
 # A server for change capture: logical decoding, and commits flushed before it reads them.
 LOGICAL = {"wal_level": "logical", "max_replication_slots": "20", "max_wal_senders": "4",
-           "synchronous_commit": "on"}
+           "synchronous_commit": "on", "track_commit_timestamp": "on"}
 
 
 def knows_setting(bindir: Path, name: str) -> bool:

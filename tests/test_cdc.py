@@ -6,7 +6,11 @@ on the pinned PostgreSQL 17, which has no wal2json (the fallback). wal_level=log
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import itertools
 import json
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -18,6 +22,9 @@ from supabackup.backup import BackupRequest
 from supabackup.dburl import ConnectionInfo
 from supabackup.errors import ConfigError
 from supabackup.manifest import parse_time
+from supabackup.notify import Notifier
+from supabackup.replay import ReplayFailed
+from supabackup.run import restore_to_time_and_report
 from supabackup.store import Store
 
 from devkit.compare import table_fingerprints
@@ -333,3 +340,117 @@ def test_a_start_that_fails_leaves_no_slot_holding_wal(logical: Cluster, store: 
                            f"'{slot}'", db) == [(0,)]
     assert logical.execute("SELECT count(*) FROM pg_publication WHERE pubname = "
                            f"'{slot}_all'", db) == [(0,)]
+
+
+def test_an_epoch_change_under_concurrent_writers_restores_exactly_or_refuses(
+        logical: Cluster, store: Store) -> None:
+    # GIVEN a writer committing one row per transaction, without pause, while capture runs,
+    # a DDL ends the epoch and the next run takes a new slot and base
+    db = _fresh(logical, "cdc_busy")
+    logical.execute("CREATE TABLE ticks (id bigint PRIMARY KEY)", db)
+    _, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    stop = threading.Event()
+
+    def write() -> None:
+        conn = logical.connect(db)
+        with conn.cursor() as cur:
+            for i in itertools.count(1):
+                if stop.is_set():
+                    break
+                cur.execute("INSERT INTO ticks VALUES (%s)", (i,))
+        conn.close()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        time.sleep(0.3)
+        before = cdc.run(_conn(logical, db), store, base.database_id).covered_through
+        time.sleep(1.1)  # backup ids have one-second resolution: the new base needs its own
+        logical.execute("ALTER TABLE ticks ADD COLUMN note text", db)
+        time.sleep(0.2)
+        ended = cdc.run(_conn(logical, db), store, base.database_id)
+        time.sleep(0.3)
+        after = cdc.run(_conn(logical, db), store, base.database_id).covered_through
+    finally:
+        stop.set()
+        writer.join()
+    assert ended.restarted == "the schema changed" and before and after
+    new_base = parse_time(cdc.epochs(store, base.database_id)[-1].base_at)
+    committed = logical.execute("SELECT id, pg_xact_commit_timestamp(xmin) FROM ticks", db)
+    # WHEN times from the first base to the last run are restored, the window included
+    first = parse_time(base.snapshot_at)
+    times = [first + (after - first) * k / 9 for k in range(10)] + [before, new_base]
+    refused, exact = [], []
+    for i, when in enumerate(sorted(times)):
+        name = f"cdc_busy_{i}"
+        try:
+            restored = _restore_at(logical, store, base.database_id, when, name)
+        except cdc.CaptureError as exc:
+            refused.append(when)
+            assert "cannot be restored exactly" in exc.message
+            continue
+        # THEN every restored time holds exactly the rows committed by then
+        rows = {r[0] for r in logical.execute("SELECT id FROM ticks", name)}
+        assert rows == {i for i, at in committed if at <= when}, when
+        assert restored["public.ticks"][0] == len(rows)
+        exact.append(when)
+    # and only times between the last check before the DDL and the new base are refused
+    assert refused and all(before < when < new_base for when in refused)
+    assert len([w for w in exact if w <= before]) >= 2
+    assert len([w for w in exact if w >= new_base]) >= 2
+
+
+def test_a_replay_that_fails_names_the_transaction_and_what_the_target_holds(
+        logical: Cluster, store: Store) -> None:
+    # GIVEN captured transactions, the second of which no longer fits the target
+    db = _fresh(logical, "cdc_fail")
+    _, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    logical.execute("INSERT INTO scratch VALUES ('kept', 1)", db)
+    logical.execute("UPDATE scratch SET v = 2 WHERE k = 'kept'", db)
+    logical.execute("INSERT INTO scratch VALUES ('never', 3)", db)
+    run = cdc.run(_conn(logical, db), store, base.database_id)
+    assert run.segment is not None and run.covered_through is not None
+    lines = gzip.decompress(store.read_small(run.segment.key) or b"").splitlines()
+    second = json.loads(lines[1])
+    second["changes"][0]["identity"][0]["value"] = "gone"  # its row is not in the target
+    body = gzip.compress(b"\n".join([lines[0], json.dumps(second).encode(), *lines[2:]]) + b"\n")
+    store.put_small(run.segment.key, body)
+    index = run.segment.key.replace("/segments/", "/index/").replace(".jsonl.gz", ".json")
+    entry = json.loads(store.read_small(index) or b"{}")
+    store.put_small(index, json.dumps({**entry, "size": len(body),
+                                       "sha256": hashlib.sha256(body).hexdigest()}).encode())
+    # WHEN it is restored
+    with pytest.raises(ReplayFailed) as failed:
+        _restore_at(logical, store, base.database_id, run.covered_through, "cdc_fail_restored")
+    # THEN the error names the transaction, and says what the target holds now
+    assert f"transaction {second['xid']}" in failed.value.message
+    assert second["commit_lsn"] in failed.value.message
+    assert "found 0 rows where the source had one" in failed.value.message
+    assert "holds the base and 1 transaction(s)" in failed.value.hint
+    assert logical.execute("SELECT k, v FROM scratch", "cdc_fail_restored") == [("kept", 1)]
+
+
+def test_capture_never_changes_what_the_application_can_write_and_names_what_it_cannot_replay(
+        logical: Cluster, store: Store, inbox: Any) -> None:
+    # GIVEN a table without a replica identity, and capture started
+    db = _fresh(logical, "cdc_keyless")
+    logical.execute("CREATE TABLE log (line text); INSERT INTO log VALUES ('a'), ('b')", db)
+    _, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    # WHEN the application updates and deletes in it, as it did before capture
+    logical.execute("UPDATE log SET line = 'changed' WHERE line = 'a';"
+                    "DELETE FROM log WHERE line = 'b'; INSERT INTO log VALUES ('c')", db)
+    when = cdc.run(_conn(logical, db), store, base.database_id).covered_through
+    assert when is not None
+    # THEN its writes went through, and a restore to that time names the table and why,
+    # in its output and on SNS
+    target = "cdc_keyless_restored"
+    logical.drop_database(target)
+    logical.create_database(target)
+    report = restore_to_time_and_report(store, base.database_id, _conn(logical, target), when,
+                                        Notifier(inbox.topic_arn, inbox.sns))
+    named = [line for line in report.lines() if "NOT AS OF" in line]
+    assert len(named) == 1 and "public.log" in named[0] and "no replica identity" in named[0]
+    message = inbox.messages()[-1]["Message"]
+    assert any("public.log" in line for line in message["details"]["inexact"])
+    # its insert was replayed, the update and delete could not be
+    assert sorted(logical.execute("SELECT line FROM log", target)) == [("a",), ("b",), ("c",)]

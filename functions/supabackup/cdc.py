@@ -50,7 +50,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg2
@@ -195,10 +195,14 @@ def _put_json(store: Store, key: str, value: dict[str, Any]) -> None:
 def _checked(db: Any) -> Check:
     """The run's check, read at one WAL position (see Check)."""
     with db.cursor() as cur:
-        # Decoding reads up to the flushed WAL: a commit before this point is in the slot,
-        # and it is visible to the statements below, which read the definitions after it.
-        cur.execute("SELECT pg_current_wal_flush_lsn()::text, clock_timestamp()")
-        lsn, at = cur.fetchone()
+        # The time first, then the flushed WAL position (decoding reads up to it), then the
+        # definitions. A transaction committed by then is in the slot when the run peeks;
+        # one that sees a DDL the definitions below do not show started after they were
+        # read, so its commit time is later than `at`.
+        cur.execute("SELECT clock_timestamp()")
+        at = cur.fetchone()[0]
+        cur.execute("SELECT pg_current_wal_flush_lsn()::text")
+        lsn = cur.fetchone()[0]
         schema = definitions_fingerprint(cur)
         sequences = _sequences(cur)
         cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
@@ -473,7 +477,9 @@ def _progress_after(check: Check, transactions: list[dict[str, Any]], end_lsn: s
     if complete or not transactions or lsn_int(end_lsn) >= lsn_int(check.lsn):
         return Progress(verified_lsn=check.lsn, verified_at=check.at, sequences=check.sequences,
                         sequences_at=check.at, large_objects=check.large_objects)
-    return Progress(verified_lsn=end_lsn, verified_at=transactions[-1]["commit_time"],
+    # A later transaction (not stored yet) may share the last stored one's commit time.
+    before_last = parse_time(transactions[-1]["commit_time"]) - timedelta(microseconds=1)
+    return Progress(verified_lsn=end_lsn, verified_at=iso(before_last),
                     sequences=check.sequences, sequences_at=check.at,
                     large_objects=check.large_objects)
 
@@ -673,11 +679,16 @@ def segments(store: Store, database_id: str) -> list[Segment]:
 
 
 def transactions_until(store: Store, database_id: str, epoch: CaptureState,
-                       when: datetime, until_lsn: str) -> Iterator[dict[str, Any]]:
-    """Each transaction captured in `epoch` (after its base, before `until_lsn`, where its
-    coverage ends) and committed at or before `when`: once each, in commit order."""
+                       when: datetime, until_lsn: str = "") -> Iterator[dict[str, Any]]:
+    """The transactions of `epoch` (after its base, before `until_lsn`, the next epoch's
+    start) that make up the database as of `when`: once each, in commit (LSN) order, up
+    to the first one committed after `when`. That is PostgreSQL's own recovery_target_time
+    rule: the state is a prefix of the commit order, which is a state the database had.
+    (A commit time is taken just before the commit is written, so two commits may be in
+    one order by LSN and the other by time; the prefix rule keeps the state consistent.)"""
     applied: set[str] = set()
-    start, end = lsn_int(epoch.start_lsn), lsn_int(until_lsn)
+    start = lsn_int(epoch.start_lsn)
+    end = lsn_int(until_lsn) if until_lsn else None
     for segment in segments(store, database_id):
         if lsn_int(segment.end_lsn) <= start:
             continue
@@ -692,7 +703,7 @@ def transactions_until(store: Store, database_id: str, epoch: CaptureState,
             commit = lsn_int(txn["commit_lsn"])
             if txn["commit_lsn"] in applied or commit < start:
                 continue  # delivered twice (a run that died before advancing), or in the base
-            if parse_time(txn["commit_time"]) > when or commit >= end:
+            if parse_time(txn["commit_time"]) > when or (end is not None and commit >= end):
                 return
             applied.add(txn["commit_lsn"])
             yield txn
@@ -744,8 +755,9 @@ def restore_to_time(store: Store, database_id: str, target: ConnectionInfo,
     report.notes += restored.notes
     report.inexact += _not_replayable_in(target, _large_objects_seen(store, database_id,
                                                                      epoch, progress))
+    following = history[index + 1:index + 2]
     replayed = replay(target, transactions_until(store, database_id, epoch, when,
-                                                 progress.verified_lsn))
+                                                 following[0].start_lsn if following else ""))
     report.transactions = replayed.transactions
     report.inexact += [f"{table}: a float or numeric value that wal2json decoded as null may "
                        "have been NaN or +-Infinity (wal2json before 2.6 cannot tell them "
