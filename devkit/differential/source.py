@@ -172,6 +172,9 @@ class Source:
     def step(self, ddl: bool = False) -> list[str]:
         """One random step: a few transactions of DML (and with `ddl` one catalog change)."""
         transactions = [self._transaction() for _ in range(self.rng.randint(1, 4))]
+        # every type through the stream in every step: rows of the two every_type tables
+        transactions.append(";\n".join([self._insert(t, self.rng.randint(1, 3)) for t in
+                                         self.tables[:2]] + [self._update(self.tables[1])]))
         autocommit: list[str] = []
         if ddl:
             autocommit = self._ddl()
