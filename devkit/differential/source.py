@@ -139,11 +139,15 @@ class Source:
                  + [self._fixed_rows(4)])
 
     def vary_database_settings(self, dbname: str) -> list[str]:
-        """ALTER DATABASE ... SET some output settings: every later session inherits them,
-        the capture's and the backup's too."""
+        """ALTER DATABASE ... SET some output settings, and ALTER ROLE ... IN DATABASE one
+        more: every later session inherits them, the capture's and the backup's too."""
         chosen = self.rng.sample(sorted(SETTINGS), self.rng.randint(1, 4))
         statements = [f'ALTER DATABASE "{dbname}" SET {name} = {self.rng.choice(SETTINGS[name])}'
                       for name in chosen]
+        # and the role that capture and backups connect as, in this database only
+        role = self.rng.choice(sorted(set(SETTINGS) - set(chosen)))
+        statements.append(f'ALTER ROLE postgres IN DATABASE "{dbname}" SET {role} = '
+                          f"{self.rng.choice(SETTINGS[role])}")
         self.run(statements, settings=False, transaction=False)
         return statements
 

@@ -48,6 +48,7 @@ import gzip
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
@@ -63,7 +64,7 @@ from .backup import BackupRequest, run_backup
 from .dburl import ConnectionInfo
 from .definitions import definitions_fingerprint
 from .errors import ConfigError, StoreError, SupabackupError
-from .manifest import Manifest, iso, parse_time
+from .manifest import Manifest, iso, parse_time, utcnow
 from .replay import ReplayFailed, replay
 from .snapshot import connect, run_statement
 from .store import Store
@@ -493,6 +494,11 @@ def _restarted(conn: ConnectionInfo, store: Store, database_id: str, state: Capt
     _put_json(store, _progress_key(store, database_id, state),
               asdict(replace(previous, ended=reason)))
     drop(conn, store, database_id)
+    # Backup ids have one-second resolution: a base within a second of the last one would
+    # take its id, fail, and leave capture stopped.
+    wait = 1.1 - (utcnow() - parse_time(state.base_at)).total_seconds()
+    if wait > 0:
+        time.sleep(wait)
     _, base = start(conn, store, BackupRequest(
         database_id=database_id, retention="weekly",
         label=f"change capture base: {reason}"[:200], trigger="schedule"))
