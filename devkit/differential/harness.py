@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -181,17 +182,10 @@ def _cdc_case(cluster: Cluster, store: Store, source: Source, db: str, result: C
                 windows.append(_server_now(cluster, db))
             run = cdc.run(conn, store, database_id)
             points.append((run.covered_through, picture(cluster.url(db), source=True)))
-        for i, (when, expected) in enumerate(points):
-            target = _restore_point(cluster, source, f"diff_at_{i}", targets)
-            try:
-                report = cdc.restore_to_time(store, database_id, _conn(cluster, target), when)
-            except SupabackupError as exc:
-                result.problems.append(f"restore at step {i} ({when.isoformat()}) failed: {exc}")
-                continue
-            _judge(result, f"restore at step {i}", expected,
-                   picture(cluster.url(target), source=False), report.inexact)
-            if i == len(points) - 1:
-                result.problems += _next_writes(cluster, db, target)
+        _restore_each(cluster, source, db, result, targets, [
+            (f"restore at step {i} ({when.isoformat()})", expected,
+             lambda target, when=when: cdc.restore_to_time(store, database_id, target, when))
+            for i, (when, expected) in enumerate(points)])
         _boundaries(cluster, store, source, database_id, points, windows, result, targets)
     finally:
         cdc.drop(conn, store, database_id)
@@ -237,14 +231,25 @@ def _incremental_case(cluster: Cluster, store: Store, source: Source, db: str,
         if manifest.kind != "incremental":
             result.problems.append(f"step {i}: escalated to a full backup ({manifest.escalation})")
         points.append((manifest, picture(cluster.url(db), source=True)))
-    for i, (manifest, expected) in enumerate(points):
-        target = _restore_point(cluster, source, f"diff_incr_{i}", targets)
+    _restore_each(cluster, source, db, result, targets, [
+        (f"restore of {manifest.backup_id}", expected,
+         lambda target, manifest=manifest: run_restore(store, manifest, target))
+        for manifest, expected in points])
+
+
+def _restore_each(cluster: Cluster, source: Source, db: str, result: CaseResult,
+                  targets: list[str],
+                  points: list[tuple[str, Picture, Callable[[ConnectionInfo], Any]]]) -> None:
+    """Restore each point into a fresh database and judge it against the source's picture;
+    after the last, the next writes of both must agree too."""
+    for i, (what, expected, restore) in enumerate(points):
+        target = _restore_point(cluster, source, f"diff_{result.mode[:3]}_to_{i}", targets)
         try:
-            report = run_restore(store, manifest, _conn(cluster, target))
+            report = restore(_conn(cluster, target))
         except SupabackupError as exc:
-            result.problems.append(f"restore of {manifest.backup_id} failed: {exc}")
+            result.problems.append(f"{what} failed: {exc}")
             continue
-        _judge(result, f"restore of {manifest.backup_id}", expected,
-               picture(cluster.url(target), source=False), report.inexact)
+        _judge(result, what, expected, picture(cluster.url(target), source=False),
+               report.inexact)
         if i == len(points) - 1:
             result.problems += _next_writes(cluster, db, target)
