@@ -8,11 +8,15 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from collections.abc import Iterable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from supabackup import backup
 from supabackup.backup import BackupRequest, run_backup
+from supabackup.changes import Scanned, TableState
 from supabackup.dburl import ConnectionInfo
 from supabackup.dump import child_env
 from supabackup.errors import VerifyFailed
@@ -69,6 +73,10 @@ def test_drill_restores_the_newest_backup_and_every_table_matches(
     assert {t["fingerprint"].split(":")[0] for t in incr.tables} == {"r", "t"}
     assert report.drill.restore is not None
     assert report.drill.restore.backups == [full.backup_id, incr.backup_id]
+    # every table's fingerprint was read afresh, and no type of all_kinds hashes
+    # differently twice in a row: only the new table was dumped
+    assert {t["name"]: t["reason"] for t in incr.tables if t["reason"]} == {
+        "added_later": "new table"}
     assert report.drill.rows == sum(t["rows"] for t in incr.tables) > 0
     # AND the scratch database is gone
     assert _scratch_databases(cluster) == []
@@ -195,3 +203,41 @@ def test_drill_of_a_supabase_backup_on_a_plain_server(pg15: Cluster, new_db: Any
         # the drill leaves the server as it found it
         assert plain.execute("SELECT rolname FROM pg_roles ORDER BY 1") == roles_before
         assert _scratch_databases(plain) == []
+
+
+def test_drill_of_an_incremental_that_wrongly_kept_a_changed_table_fails_naming_it(
+        cluster: Cluster, new_db: Any, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN an incremental whose decision was wrong: it calls every table unchanged, past
+    # both change detection and the fingerprint check, though one table was updated
+    db = new_db(cluster)
+    cluster.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance numeric);"
+                    "INSERT INTO accounts SELECT g, g * 10 FROM generate_series(1, 100) g;"
+                    "CREATE TABLE audit (id int, note text);"
+                    "INSERT INTO audit SELECT g, 'x' FROM generate_series(1, 10) g", db)
+    conn = _conn(cluster, db)
+    full = run_backup(conn, store, BackupRequest(backup_id=new_backup_id(START, "full")))
+    cluster.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 42", db)
+    decide = backup.decide
+
+    def blind(scanned: Iterable[Scanned], previous: dict[int, TableState] | None,
+              backup_id: str) -> list[TableState]:
+        return [replace(t, reason="", held_in=previous[t.oid].held_in)
+                if previous and t.oid in previous else t
+                for t in decide(scanned, previous, backup_id)]
+
+    monkeypatch.setattr(backup, "decide", blind)
+    incr = run_backup(conn, store, BackupRequest(
+        kind="incremental", backup_id=new_backup_id(START + timedelta(days=1), "incremental")))
+    assert incr.kind == "incremental" and incr.tables_dumped == 0
+    # WHEN verify drills the incremental: every object is whole, so only the drill can tell
+    with pytest.raises(VerifyFailed) as failed:
+        verify_and_report(store, full.database_id, Notifier(None), drill=_conn(cluster))
+    # THEN it names the stale table, and only it: its restored rows are the full's, and
+    # the incremental recorded what its own snapshot held
+    assert "public.accounts: content differs" in failed.value.message
+    report = failed.value.report
+    assert [(f.backup_id, f.name) for f in report.findings] == [(incr.backup_id,
+                                                                  "public.accounts")]
+    assert report.findings[0].problem.startswith("content differs from the backup's snapshot")
+    assert report.drill is not None and report.drill.unfingerprinted == 0
+    assert _scratch_databases(cluster) == []

@@ -4,6 +4,13 @@
     pg_dump -> find the changed tables -> dump roles -> dump database (without the data of
     unchanged tables) -> write the manifest (last, conditionally)
 
+Every backup records, for every table, the exact row count and content fingerprint read in
+its own snapshot: a full backup reads them on one more connection alongside pg_dump; an
+incremental in its change-detection scan, which reads every table before pg_dump anyway
+and hashes the rows in the same pass. So an incremental reads no table twice, compares
+each fingerprint with the previous backup's (changes.decide), and its restore drill
+checks every table against the snapshot, also the tables it left where they are held.
+
 Failure handling sits in one place: any exception after the first upload discards
 everything the run wrote, so a failed run leaves no manifest and no orphaned upload.
 """
@@ -19,13 +26,13 @@ from datetime import datetime, timedelta
 from . import locks
 from .budget import Budget
 from .changes import (
+    CONTENT_CHANGED,
     XID_SPACE,
     BackgroundScan,
     TableState,
     decide,
     scan_tables,
     snapshot_xmin,
-    with_fingerprints,
 )
 from .dburl import ConnectionInfo
 from .dump import DumpProcess
@@ -96,8 +103,9 @@ MAX_CHAIN_AGE = timedelta(days=28)
 # xids are compared modulo 2^32 (see changes.py): a parent snapshot further back than this
 # cannot be compared with safely, so the run escalates.
 MAX_XID_DISTANCE = 1 << 30
-# Connections an incremental's change detection counts on, all in the run's snapshot: the
-# scan must end before pg_dump starts, and meanwhile nothing else uses the server.
+# Connections an incremental's change detection counts and fingerprints on, all in the
+# run's snapshot: the scan must end before pg_dump starts, and meanwhile nothing else
+# uses the server.
 SCAN_LANES = 2
 
 
@@ -171,11 +179,14 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
             scanned = scan_tables(session.connection, profile.exclude_schemas,
                                   parent.snapshot_xmin, connect=lambda: connect(conn),
                                   snapshot_id=session.snapshot_id, lanes=SCAN_LANES,
-                                  no_data=profile.exclude_table_data)
+                                  no_data=profile.exclude_table_data, fingerprint=True)
             tables = decide(scanned, parent.table_states, backup_id)
-            dumped: set[int] | None = {t.oid for t in tables if t.reason}
+            for table in tables:
+                if table.reason.startswith(CONTENT_CHANGED):
+                    log.warning("%s: %s although change detection found it unchanged; "
+                                "dumped", table.qualified, table.reason)
         else:  # a full backup dumps everything
-            tables, dumped = [], None
+            tables = []
         unchanged = [t for t in tables if not t.reason]
         log.info("backup %s of %s: %s, server %s, pg_dump %s, snapshot %s, %d tables "
                  "unchanged%s", backup_id, conn.display(), kind, session.server.version,
@@ -183,18 +194,20 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
                  f" (escalated: {escalation})" if escalation else "")
         writer = store.begin(database_id, backup_id)
         tags = {"retention": request.retention, "kind": kind}
-        # Count and fingerprint what pg_dump dumps, alongside it, in the same snapshot.
-        scan = BackgroundScan(lambda: connect(conn), session.snapshot_id,
-                              profile.exclude_schemas, profile.exclude_table_data, dumped)
-        if budget is not None:
+        # A full backup counts and fingerprints every table alongside pg_dump, in the same
+        # snapshot; an incremental did both in its change detection.
+        scan = (BackgroundScan(lambda: connect(conn), session.snapshot_id,
+                               profile.exclude_schemas, profile.exclude_table_data)
+                if parent is None else None)
+        if budget is not None and scan is not None:
             budget.on_expiry(scan.cancel)
         try:
             roles, platform_roles = _dump_roles(writer, tools, conn, profile, tags, budget)
             database, warnings = _dump_database(writer, tools, conn, profile, tags,
                                                 session.snapshot_id, session.server.database_size,
                                                 unchanged, budget)
-            tables = (with_fingerprints(tables, scan.result()) if parent is not None
-                      else decide(scan.result(), None, backup_id))
+            if scan is not None:
+                tables = decide(scan.result(), None, backup_id)
             manifest = Manifest(
                 backup_id=backup_id, database_id=database_id, kind=kind,
                 profile=profile.name, retention=request.retention, label=request.label,
@@ -215,7 +228,8 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
             writer.commit(manifest, tags)
         except BaseException:
             log.warning("backup %s failed; discarding what it wrote", backup_id)
-            scan.cancel()
+            if scan is not None:
+                scan.cancel()
             _discard(writer)
             raise
     log.info("backup %s committed: %d bytes", backup_id, manifest.total_bytes)

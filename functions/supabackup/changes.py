@@ -1,9 +1,9 @@
-"""Which tables changed since the previous backup: sound change detection.
+"""Which tables changed since the previous backup: sound change detection, proven twice.
 
 For every table, inside the run's own snapshot S2, one sequential scan reads its exact row
-count and how many of its visible rows were written by a transaction at or after the
-previous backup's snapshot S1 (`xmin` at or after S1's xmin). A table is unchanged only when
-the scan proves it; everything else is dumped.
+count, how many of its visible rows were written by a transaction at or after the
+previous backup's snapshot S1 (`xmin` at or after S1's xmin), and a content fingerprint of
+its rows. A table is unchanged only when the scan proves it; everything else is dumped.
 
 Why a table reported unchanged really is unchanged (the soundness argument):
 
@@ -16,35 +16,51 @@ Why a table reported unchanged really is unchanged (the soundness argument):
 
     Inserts and updates write rows with new xmins; deletes lower the count; TRUNCATE and
     rewrites change the relfilenode; ALTER TABLE changes the definition: each is caught.
-    Comparing with S1's xmin (not its xmax) also covers subtransactions of transactions
-    that were in progress at S1. "Newer than S1's xmin" is tested as 0 <= age(xmin) <=
-    age(S1's xmin) (see _threshold): every row written since S1 passes it; the only rows
-    that pass wrongly are old frozen rows whose raw 32-bit xmin happens to fall in that
-    window, which costs an unneeded dump, never a skipped one.
+    The definition (INVENTORY) is the table's kind, its live columns' names and types in
+    order, and the positions of its dropped columns: a column dropped and added again
+    with the same name and type (its values gone, or a fast DEFAULT in their place, with
+    no rewrite) leaves the live columns as they were, but its old position stays dropped
+    for good. Comparing with S1's xmin (not its xmax) also covers subtransactions of
+    transactions that were in progress at S1. "Newer than S1's xmin" is tested as 0 <=
+    age(xmin) <= age(S1's xmin) (see _threshold): every row written since S1 passes it;
+    the only rows that pass wrongly are old frozen rows whose raw 32-bit xmin happens to
+    fall in that window, which costs an unneeded dump, never a skipped one.
+
+The argument is about stored rows. The catalog can change what those rows mean without
+touching them: `ALTER TYPE mood RENAME VALUE` gives a stored enum value another label,
+`ALTER TYPE pair ADD ATTRIBUTE` gives every stored value of a composite column another
+text form, and so does anything else that changes a type's output but not the table.
+An older archive holds the old text, which would not restore to what the table holds
+now. Hence the second proof, by content: the fingerprint read in S2 must equal the one
+recorded for the table by the previous backup, or the table is dumped ("content
+changed"). It is independent of the first (no xmin, no catalog), so it also catches a
+table that a bug in the first calls unchanged.
 
 Statistics counters (pg_stat_user_tables) are recorded and serve as a fast path (a table
 whose counters moved is certainly changed), but never as proof: they lag, include aborted
 work, reset on crashes and pg_stat_reset, and miss TRUNCATE.
 
-Every table a backup dumps also gets a content fingerprint read in the same snapshot (see
-ROW_HASHES), so that a restore drill can prove the restored data is the data the snapshot
-held, table by table. A table an incremental proves unchanged keeps the fingerprint of the
-backup that holds its data: its rows are the same rows.
+Every backup records, for every table, the row count and fingerprint read in its own
+snapshot (see ROW_HASHES), so that a restore drill proves the restored data is the data
+the snapshot held, table by table, including the tables an incremental leaves where an
+older backup holds them: a wrong "unchanged" shows up there as a mismatch. The
+fingerprints are fresh in every backup rather than inherited, or refreshed on a rotating
+schedule, because the incremental's detection scan reads every row anyway: hashing them
+in the same pass costs server CPU, and no second read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import psycopg2.errors
 import psycopg2.extensions
 from psycopg2 import sql
-
-from .errors import DumpFailed
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +76,12 @@ class TableState:
     schema: str
     name: str
     relfilenode: int
-    definition: str      # sha256 of the columns (names, types, order) and kind
+    definition: str      # sha256 of the kind, the columns (names, types, order), dropped ones
     rows: int            # exact count in the backup's snapshot
     counters: int        # n_tup_ins + n_tup_upd + n_tup_del (a hint only)
     held_in: str         # backup id whose archive holds this table's data
     reason: str = ""     # why this backup dumped it ("" when unchanged)
-    fingerprint: str = ""  # content hash in the backup's snapshot (ROW_HASHES)
+    fingerprint: str = ""  # content hash in this backup's own snapshot (ROW_HASHES)
 
     @property
     def qualified(self) -> str:
@@ -75,17 +91,22 @@ class TableState:
         return asdict(self)
 
 
+# The definition hashes the live columns in order and, only when there are any, the
+# positions of dropped ones: a table that never lost a column keeps the hash it had
+# before dropped columns counted.
 INVENTORY = """
 SELECT c.oid, n.nspname, c.relname, c.relfilenode,
        encode(sha256(convert_to(c.relkind::text || ':' || coalesce(string_agg(
            a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
            || CASE WHEN a.attgenerated <> '' THEN ' generated' ELSE '' END,
-           ',' ORDER BY a.attnum), ''), 'UTF8')), 'hex'),
+           ',' ORDER BY a.attnum) FILTER (WHERE NOT a.attisdropped), '')
+           || coalesce(' dropped ' || string_agg(a.attnum::text, ',' ORDER BY a.attnum)
+                       FILTER (WHERE a.attisdropped), ''), 'UTF8')), 'hex'),
        coalesce(s.n_tup_ins + s.n_tup_upd + s.n_tup_del, -1), c.relpages,
-       coalesce(array_agg(a.atttypid) FILTER (WHERE a.attnum IS NOT NULL), '{}')
+       coalesce(array_agg(a.atttypid) FILTER (WHERE NOT a.attisdropped), '{}')
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
 LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
 WHERE c.relkind = 'r' AND c.relpersistence <> 't'
   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -151,20 +172,20 @@ def scan_tables(conn: psycopg2.extensions.connection, excluded_schemas: Iterable
                 since_xmin: int | None,
                 connect: Callable[[], psycopg2.extensions.connection] | None = None,
                 snapshot_id: str | None = None, lanes: int = 1, *,
-                no_data: Iterable[str] = (), only: set[int] | None = None,
-                fingerprint: bool = False) -> list[Scanned]:
+                no_data: Iterable[str] = (), fingerprint: bool = False) -> list[Scanned]:
     """Inventory every table in the current snapshot, with its exact count and new rows.
 
     new_rows is -1 when there is no previous snapshot to compare with. Tables in
-    `no_data` (schema.name: data the profile never dumps) are left out, and with `only`
-    every table whose oid is not in it. With `fingerprint`, each table's rows are hashed
-    too. With lanes > 1 (and connect, snapshot_id), the counting is shared with lanes - 1
-    more connections that import the same snapshot, the largest tables first.
+    `no_data` (schema.name: data the profile never dumps) are left out. With
+    `fingerprint`, each table's rows are hashed in the same pass. With lanes > 1 (and
+    connect, snapshot_id), the work is shared with lanes - 1 more connections that import
+    the same snapshot, the largest tables first; if this connection's share fails (a
+    cancel, say), the other lanes' queries are cancelled too.
     """
     with conn.cursor() as cur:
         cur.execute(INVENTORY, {"excluded": [schema_like(p) for p in excluded_schemas] or [""],
                                 "no_data": list(no_data) or [""]})
-        tables = [t for t in cur.fetchall() if only is None or t[0] in only]
+        tables = cur.fetchall()
         if fingerprint:  # which row hash each table may take (ROW_HASHES)
             stable = _binary_hash_is_stable(cur, {oid for t in tables for oid in t[7]})
             tables = [(*t[:7], ("r", "t") if stable.issuperset(t[7]) else ("t",))
@@ -179,15 +200,23 @@ def scan_tables(conn: psycopg2.extensions.connection, excluded_schemas: Iterable
         pages[lane] += max(1, t[6])
     counted: dict[int, Scanned] = {}
     errors: list[BaseException] = []
+    opened: list[psycopg2.extensions.connection] = []
+    stop = threading.Event()
     threads = [threading.Thread(target=_lane, daemon=True,
                                 args=(connect, snapshot_id, share, since_xmin, fingerprint,
-                                      counted, errors))
+                                      counted, errors, opened, stop))
                for share in shares[1:]]
     for thread in threads:
         thread.start()
     try:
         with conn.cursor() as cur:
             counted.update(_count(cur, shares[0], since_xmin, fingerprint))
+    except BaseException:
+        stop.set()
+        for other in list(opened):  # no query of the scan outlives it
+            with contextlib.suppress(psycopg2.Error):  # a lane that closed meanwhile
+                other.cancel()
+        raise
     finally:
         for thread in threads:
             thread.join()
@@ -211,27 +240,38 @@ def in_snapshot(connect: Callable[[], psycopg2.extensions.connection], snapshot_
 
 def _lane(connect: Callable[[], psycopg2.extensions.connection] | None, snapshot_id: str | None,
           tables: list[tuple], since_xmin: int | None, fingerprint: bool,
-          counted: dict[int, Scanned], errors: list[BaseException]) -> None:
+          counted: dict[int, Scanned], errors: list[BaseException],
+          opened: list[psycopg2.extensions.connection], stop: threading.Event) -> None:
+    assert connect is not None and snapshot_id is not None
+
+    def kept() -> psycopg2.extensions.connection:  # so that scan_tables can cancel it
+        opened.append(connect())
+        return opened[-1]
+
     try:
-        assert connect is not None and snapshot_id is not None
-        in_snapshot(connect, snapshot_id,
-                    lambda cur: counted.update(_count(cur, tables, since_xmin, fingerprint)))
+        in_snapshot(kept, snapshot_id,
+                    lambda cur: counted.update(_count(cur, tables, since_xmin, fingerprint,
+                                                      stop)))
     except BaseException as exc:  # noqa: BLE001 - raised by scan_tables in the caller
         errors.append(exc)
 
 
-def _count(cur: psycopg2.extensions.cursor, tables: list[tuple],
-           since_xmin: int | None, fingerprint: bool = False) -> dict[int, Scanned]:
+def _count(cur: psycopg2.extensions.cursor, tables: list[tuple], since_xmin: int | None,
+           fingerprint: bool = False, stop: threading.Event | None = None
+           ) -> dict[int, Scanned]:
     """Exact count, new rows (and fingerprint) of each table, in the cursor's transaction.
 
     FROM ONLY: a table's own rows, which are what pg_dump's COPY of it holds; an
-    inheritance parent's count must not move with its children.
+    inheritance parent's count must not move with its children. Once `stop` is set, no
+    further table is read (the caller has given up on the scan).
     """
     threshold = None if since_xmin is None else _threshold(cur, since_xmin)
     if fingerprint:
         cur.execute(STABLE_OUTPUT)
     result = {}
     for oid, schema, name, relfilenode, definition, counters, _pages, ways in tables:
+        if stop is not None and stop.is_set():
+            break
         table = sql.Identifier(schema, name)
         if since_xmin is None:
             new = sql.SQL("-1")
@@ -358,27 +398,28 @@ def _threshold(cur: psycopg2.extensions.cursor, since_xmin: int) -> int | None:
 
 
 class BackgroundScan:
-    """`scan_tables` with fingerprints, on a second connection that imports the run's snapshot.
+    """A full backup's `scan_tables` with fingerprints, on a second connection that imports
+    the run's snapshot.
 
     It runs alongside pg_dump rather than before it: a full backup dumps every table
-    whatever the scan finds, and an incremental has already decided what to dump. Both see
-    the same snapshot, so the counts and fingerprints are those of the archive. `only`
-    limits it to the tables an incremental dumps.
+    whatever the scan finds. Both see the same snapshot, so the counts and fingerprints
+    are those of the archive. (An incremental needs none: its change detection, which
+    must end before pg_dump starts, fingerprints every table in the same pass.)
     """
 
     def __init__(self, connect: Callable[[], psycopg2.extensions.connection],
                  snapshot_id: str, excluded_schemas: Iterable[str],
-                 no_data: Iterable[str] = (), only: set[int] | None = None) -> None:
+                 no_data: Iterable[str] = ()) -> None:
         self._result: list[Scanned] = []
         self._error: BaseException | None = None
         self._conn: psycopg2.extensions.connection | None = None
         self._thread = threading.Thread(
             target=self._run, daemon=True,
-            args=(connect, snapshot_id, list(excluded_schemas), list(no_data), only))
+            args=(connect, snapshot_id, list(excluded_schemas), list(no_data)))
         self._thread.start()
 
     def _run(self, connect: Callable[[], psycopg2.extensions.connection], snapshot_id: str,
-             excluded: list[str], no_data: list[str], only: set[int] | None) -> None:
+             excluded: list[str], no_data: list[str]) -> None:
         def kept() -> psycopg2.extensions.connection:  # so that cancel() can reach it
             self._conn = connect()
             return self._conn
@@ -386,7 +427,7 @@ class BackgroundScan:
         try:
             def work(cur: psycopg2.extensions.cursor) -> None:
                 self._result = scan_tables(cur.connection, excluded, None, no_data=no_data,
-                                           only=only, fingerprint=True)
+                                           fingerprint=True)
             in_snapshot(kept, snapshot_id, work)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
             self._error = exc
@@ -404,46 +445,45 @@ class BackgroundScan:
         return self._result
 
 
-def with_fingerprints(tables: list[TableState], scanned: list[Scanned]) -> list[TableState]:
-    """The tables an incremental dumped, with the fingerprints read alongside its pg_dump.
-
-    Both scans ran in the run's snapshot, so their counts agree; if they did not, the
-    snapshot was not shared and nothing about this backup could be trusted.
-    """
-    by_oid = {s.oid: s for s in scanned}
-    out = []
-    for table in tables:
-        if table.reason:
-            seen = by_oid[table.oid]
-            if seen.rows != table.rows:
-                raise DumpFailed(f"{table.qualified}: {seen.rows} rows alongside pg_dump, "
-                                 f"{table.rows} before it, in what should be one snapshot",
-                                 "nothing was stored; run the backup again")
-            table = replace(table, fingerprint=seen.fingerprint)
-        out.append(table)
-    return out
-
-
 def decide(scanned: Iterable[tuple], previous: dict[int, TableState] | None,
            backup_id: str) -> list[TableState]:
     """For each table: unchanged (data stays where it is held) or dumped here, and why.
 
     A pure function of the scan and the parent's table records, so it can be tested over
-    every kind of change without a server. An unchanged table keeps the fingerprint of the
-    backup that holds it.
+    every kind of change without a server. Every table records what the scan read in this
+    backup's snapshot, its fingerprint included, whether it is dumped or not: so the
+    drill compares a restore with the snapshot, never with an older backup's word.
     """
     states = []
     for seen in map(lambda t: Scanned(*t), scanned):
         before = (previous or {}).get(seen.oid)
-        reason = _reason(before, seen.schema, seen.name, seen.relfilenode, seen.definition,
-                         seen.counters, seen.rows, seen.new_rows)
+        reason = (_reason(before, seen.schema, seen.name, seen.relfilenode, seen.definition,
+                          seen.counters, seen.rows, seen.new_rows)
+                  or _content_reason(before, seen.fingerprint))
         states.append(TableState(
             oid=seen.oid, schema=seen.schema, name=seen.name, relfilenode=seen.relfilenode,
             definition=seen.definition, rows=seen.rows, counters=seen.counters,
             held_in=backup_id if reason else before.held_in,  # type: ignore[union-attr]
-            reason=reason,
-            fingerprint=seen.fingerprint if reason else before.fingerprint))  # type: ignore[union-attr]
+            reason=reason, fingerprint=seen.fingerprint))
     return states
+
+
+CONTENT_CHANGED = "content changed"
+
+
+def _content_reason(before: TableState | None, fingerprint: str) -> str:
+    """The second proof: a table change detection calls unchanged must hash as before.
+
+    `before.fingerprint` is what the previous backup read for the table, and (by this
+    same check, backup after backup) what the archive of `before.held_in` holds. A
+    different way of hashing (r or t) counts as different. Without a fingerprint on either
+    side (a manifest older than fingerprints) there is nothing to compare.
+    """
+    if before is None or not before.fingerprint or not fingerprint:
+        return ""
+    if fingerprint != before.fingerprint:
+        return f"{CONTENT_CHANGED} (fingerprint differs from {before.held_in})"
+    return ""
 
 
 def _reason(before: TableState | None, schema: str, name: str, relfilenode: int,

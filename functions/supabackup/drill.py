@@ -10,8 +10,12 @@ proves that those bytes are the database. The drill
 
 so it catches what no checksum can: an archive that is whole but does not hold what the
 snapshot held (a table altered between snapshot and dump, a restore that loses rows,
-an incremental that takes a table's data from the wrong backup). The drill's user needs
-CREATEDB and CREATEROLE on the drill server; the server must not be the production one.
+an incremental that takes a table's data from the wrong backup, or that called a changed
+table unchanged). The last is why every backup records every table's count and
+fingerprint as its own snapshot held them, also the tables an incremental leaves in an
+older archive: a recorded value inherited from that archive would agree with the stale
+restore and prove nothing. The drill's user needs CREATEDB and CREATEROLE on the drill
+server; the server must not be the production one.
 """
 
 from __future__ import annotations
