@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .compare import differences, table_fingerprints
-from .pg import Cluster, bindir_for
+from .pg import logical_cluster
 from .s3 import LocalS3
 
 SQL = Path(__file__).resolve().parent / "sql"
@@ -60,8 +60,7 @@ def main() -> int:
     print("supabackup demo: local PostgreSQL 17 + S3 endpoint on loopback\n")
     # wal_level=logical for change capture; commits flushed at once, so a capture run
     # right after a commit sees it
-    settings = {"wal_level": "logical", "synchronous_commit": "on"}
-    with Cluster(bindir_for(17), settings=settings) as cluster, LocalS3() as s3:
+    with logical_cluster(17) as cluster, LocalS3() as s3:
         s3.create_bucket("supabackup-demo")
         cluster.create_database("app")
         for name in ("supabase_platform.sql", "supabase_sample.sql"):

@@ -164,11 +164,13 @@ def knows_setting(bindir: Path, name: str) -> bool:
 
 
 def logical_cluster(major: int) -> Cluster:
-    """A started server for capture. Where the release restricts which output plugins a
-    replication user may load (output_plugin_libraries, in newer minor releases), wal2json
-    joins the default list; older releases have no such setting and would refuse it."""
+    """A server for capture, not started (`.start()`, or use it as a context manager).
+
+    Where the release restricts which output plugins a replication user may load
+    (output_plugin_libraries, in newer minor releases), wal2json joins the default list;
+    older releases have no such setting and would refuse it."""
     bindir = bindir_for(major)
     settings = dict(LOGICAL)
     if knows_setting(bindir, "output_plugin_libraries"):
         settings["output_plugin_libraries"] = "'pgoutput, test_decoding, wal2json'"
-    return Cluster(bindir, settings=settings).start()
+    return Cluster(bindir, settings=settings)

@@ -35,7 +35,7 @@ from devkit.pg import Cluster, logical_cluster
                 ids=["pg15-wal2json", "pg17-pgoutput"])
 def logical(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     major, plugin = request.param
-    cluster = logical_cluster(major)  # wal_level=logical, adapted to the server's release
+    cluster = logical_cluster(major).start()  # wal_level=logical, adapted to the release
     cluster.plugin = plugin  # type: ignore[attr-defined]
     yield cluster
     cluster.stop()

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.update(FAKE_CREDENTIALS)
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    clusters = {major: logical_cluster(int(major)) for major in map(int, args.servers.split(","))}
+    clusters = {major: logical_cluster(major).start()
+                for major in map(int, args.servers.split(","))}
     failed = 0
     ran = 0
     deadline = time.monotonic() + args.minutes * 60

@@ -202,14 +202,32 @@ def _checked(db: Any) -> Check:
         # read, so its commit time is later than `at`.
         cur.execute("SELECT clock_timestamp()")
         at = cur.fetchone()[0]
-        cur.execute("SELECT pg_current_wal_flush_lsn()::text")
-        lsn = cur.fetchone()[0]
+        lsn = _flushed_through_insert(cur)
         schema = definitions_fingerprint(cur)
         sequences = _sequences(cur)
         cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
         large_objects = int(cur.fetchone()[0])
     return Check(lsn=lsn, at=iso(at), schema=schema, sequences=sequences,
                  large_objects=large_objects)
+
+
+def _flushed_through_insert(cur: Any, patience: float = 2.0) -> str:
+    """The WAL position inserted by now, once it is flushed (decoding reads only flushed
+    WAL). With synchronous_commit off a commit is visible before it is flushed; the WAL
+    writer flushes it within a few hundred milliseconds. Past `patience`, the flushed
+    position as it is (the run then covers less)."""
+    cur.execute("SELECT pg_current_wal_insert_lsn()::text")
+    inserted = cur.fetchone()[0]
+    deadline = time.monotonic() + patience
+    while True:
+        cur.execute("SELECT pg_current_wal_flush_lsn()::text, pg_current_wal_flush_lsn() >= %s",
+                    (inserted,))
+        flushed, done = cur.fetchone()
+        if done:
+            return str(inserted)
+        if time.monotonic() > deadline:
+            return str(flushed)
+        time.sleep(0.01)
 
 
 def _sequences(cur: Any) -> dict[str, list[Any]]:
@@ -306,7 +324,8 @@ def _identity_tables(cur: Any) -> list[str]:
         WHERE c.relkind = 'r' AND c.relpersistence = 'p'
           AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
           AND (c.relreplident IN ('f', 'i') OR (c.relreplident = 'd' AND EXISTS (
-               SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
+               SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary
+                   AND i.indimmediate)))
         ORDER BY 1""")
     return [r[0] for r in cur.fetchall()]
 
@@ -453,7 +472,7 @@ def run(conn: ConnectionInfo, store: Store, database_id: str,
             return _restarted(conn, store, database_id, state, reason, health,
                               lost=reason != "the schema changed")
         assert check is not None
-        rows = _peek(db, state)
+        rows, peeked = _peek(db, state)
         transactions, end_lsn = _transactions(rows)
         segment = None
         if transactions:
@@ -466,7 +485,7 @@ def run(conn: ConnectionInfo, store: Store, database_id: str,
                      end_lsn, segment.key)
     finally:
         db.close()
-    progress = _progress_after(check, transactions, end_lsn, complete=len(rows) < MAX_CHANGES)
+    progress = _progress_after(check, transactions, end_lsn, complete=peeked < MAX_CHANGES)
     _put_json(store, _progress_key(store, database_id, state), asdict(progress))
     return CaptureRun(segment, health, covered_through=parse_time(progress.verified_at))
 
@@ -499,8 +518,10 @@ def _restarted(conn: ConnectionInfo, store: Store, database_id: str, state: Capt
     wait = 1.1 - (utcnow() - parse_time(state.base_at)).total_seconds()
     if wait > 0:
         time.sleep(wait)
+    profile = next((m.profile for m in store.manifests(database_id)
+                    if m.backup_id == state.base), None)
     _, base = start(conn, store, BackupRequest(
-        database_id=database_id, retention="weekly",
+        database_id=database_id, retention="weekly", profile=profile,
         label=f"change capture base: {reason}"[:200], trigger="schedule"))
     return CaptureRun(None, health, reason, lost=lost,
                       covered_through=parse_time(base.snapshot_at))
@@ -542,7 +563,8 @@ def not_replayable(db: Any) -> list[str]:
         cur.execute("""
             SELECT format('%I.%I', n.nspname, c.relname), c.relpersistence,
                    c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS (
-                       SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
+                       SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary
+                   AND i.indimmediate))
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind = 'r' AND c.relpersistence <> 't'
               AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -591,9 +613,10 @@ def status(conn: ConnectionInfo, store: Store, database_id: str) -> dict[str, An
     return found
 
 
-def _peek(db: Any, state: CaptureState) -> list[tuple[str, dict[str, Any]]]:
+def _peek(db: Any, state: CaptureState) -> tuple[list[tuple[str, dict[str, Any]]], int]:
     """(lsn, change) of what the slot holds, in wal2json's format-version 2 whatever the
-    plugin; the slot does not move."""
+    plugin, and how many rows the server returned (MAX_CHANGES of them: it stopped early;
+    pgoutput's Relation messages are rows but no change); the slot does not move."""
     with db.cursor() as cur:
         if state.plugin == "wal2json":
             try:
@@ -602,10 +625,10 @@ def _peek(db: Any, state: CaptureState) -> list[tuple[str, dict[str, Any]]]:
             except psycopg2.errors.InvalidParameterValue:  # wal2json before 2.6
                 cur.execute(PEEK["wal2json"].format(""), (state.slot, MAX_CHANGES))
                 exact = False
-            changes = [(lsn, _from_wal2json(json.loads(data, parse_int=str, parse_float=str,
-                                                       parse_constant=str), exact))
-                       for lsn, _xid, data in cur.fetchall()]
-            return changes
+            fetched = cur.fetchall()
+            return [(lsn, _from_wal2json(json.loads(data, parse_int=str, parse_float=str,
+                                                    parse_constant=str), exact))
+                    for lsn, _xid, data in fetched], len(fetched)
         cur.execute(PEEK["pgoutput"], (state.slot, MAX_CHANGES, state.publication))
         rows = cur.fetchall()
         names: dict[tuple[int, int], str] = {}
@@ -616,7 +639,7 @@ def _peek(db: Any, state: CaptureState) -> list[tuple[str, dict[str, Any]]]:
                 names[(oid, typmod)] = cur.fetchone()[0]
             return names[(oid, typmod)]
 
-        return pgoutput.changes(rows, type_name)
+        return pgoutput.changes(rows, type_name), len(rows)
 
 
 def _from_wal2json(change: dict[str, Any], exact_numbers: bool) -> dict[str, Any]:
@@ -762,14 +785,20 @@ def restore_to_time(store: Store, database_id: str, target: ConnectionInfo,
     report.inexact += _not_replayable_in(target, _large_objects_seen(store, database_id,
                                                                      epoch, progress))
     following = history[index + 1:index + 2]
+    # Only the tables whose data the base holds: what the profile leaves out stays out
+    # (Supabase's realtime.subscription, say), and a table created and dropped between two
+    # runs has no rows to bring back (what it did to other tables is in the stream).
+    held = {(t.schema, t.name) for t in base.table_states.values()} or None
     replayed = replay(target, transactions_until(store, database_id, epoch, when,
-                                                 following[0].start_lsn if following else ""))
+                                                 following[0].start_lsn if following else ""),
+                      held)
     report.transactions = replayed.transactions
     report.inexact += [f"{table}: a float or numeric value that wal2json decoded as null may "
                        "have been NaN or +-Infinity (wal2json before 2.6 cannot tell them "
                        "apart; it was restored as NULL)" for table in sorted(replayed.ambiguous)]
     report.inexact += _set_sequences(target, _sequences_for(store, database_id, epoch,
-                                                            progress, when), when)
+                                                            progress, when), when,
+                                     replayed.transactions)
     report.notes += _refresh_matviews(target)
     log.info("restored %s to %s: base %s and %d transaction(s)", database_id, when.isoformat(),
              base.backup_id, report.transactions)
@@ -829,13 +858,15 @@ def _sequences_for(store: Store, database_id: str, epoch: CaptureState, progress
 
 
 def _set_sequences(target: ConnectionInfo, read: tuple[str, dict[str, list[Any]]],
-                   when: datetime) -> list[str]:
+                   when: datetime, replayed: int) -> list[str]:
     """Set every sequence as the newest read before `when` found it. When that read is
     not at `when` itself, the values are older than the time asked for: each sequence a
     column uses is moved past the largest value replayed into it (so the next insert does
     not collide), and the sequences are named. Returns the lines that name them."""
     read_at, values = read
-    exact = bool(read_at) and parse_time(read_at) == when
+    # Read at the very time; or nothing replayed onto the base, whose values are pg_dump's
+    # own, as in any restore of a backup.
+    exact = (bool(read_at) and parse_time(read_at) == when) or (not read_at and not replayed)
     moved = []
     db = connect(target)
     try:
@@ -867,7 +898,8 @@ def _set_sequences(target: ConnectionInfo, read: tuple[str, dict[str, list[Any]]
 
 
 def _column_sequences(cur: Any) -> list[tuple[str, str, str]]:
-    """(sequence, column, table) for every column whose default or identity uses one."""
+    """(sequence, column, table) for every integer column whose default or identity uses
+    one (a text column may use one too, 'INV-' || nextval(...): there is no "past" it)."""
     cur.execute("""
         SELECT DISTINCT s.oid::regclass::text, quote_ident(a.attname), c.oid::regclass::text
         FROM pg_depend d
@@ -875,13 +907,15 @@ def _column_sequences(cur: Any) -> list[tuple[str, str, str]]:
         JOIN pg_attrdef ad ON d.classid = 'pg_attrdef'::regclass AND ad.oid = d.objid
         JOIN pg_class c ON c.oid = ad.adrelid
         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ad.adnum
+        WHERE a.atttypid IN (20, 21, 23)
         UNION
         SELECT s.oid::regclass::text, quote_ident(a.attname), c.oid::regclass::text
         FROM pg_depend d
         JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
         JOIN pg_class c ON c.oid = d.refobjid
         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.refobjsubid
-        WHERE d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')""")
+        WHERE d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+          AND a.atttypid IN (20, 21, 23)""")
     return list(cur.fetchall())
 
 
@@ -891,6 +925,7 @@ def _refresh_matviews(target: ConnectionInfo) -> list[str]:
     try:
         db.autocommit = True
         with db.cursor() as cur:
+            output.pin(cur)
             cur.execute("SELECT oid::regclass::text FROM pg_class WHERE relkind = 'm'"
                         " AND relispopulated ORDER BY oid")
             names = [r[0] for r in cur.fetchall()]

@@ -10,8 +10,9 @@ security, partitioning, owner, grants), columns by position (type, nullability, 
 identity, generation, collation, dropped ones too), constraints, indexes, triggers and
 their firing modes, rules, policies, views, functions, types (enum labels in order,
 domains, ranges), sequences' parameters and owners, schemas, extensions, comments, default
-privileges and event triggers. Planner statistics, relfilenodes and row counts are left
-out: VACUUM, ANALYZE and TRUNCATE change no definition.
+privileges, event triggers, inheritance, and whether a materialized view holds rows.
+Planner statistics, relfilenodes and row counts are left out: VACUUM, ANALYZE and
+TRUNCATE change no definition.
 
 It is read with output.STABLE pinned (names qualified, so the text is the same whatever
 the session's search_path).
@@ -28,21 +29,22 @@ SELECT md5(coalesce(string_agg(d, E'\\n' ORDER BY d), '')) FROM (
   SELECT concat_ws(' ', 'rel', c.oid::regclass::text, c.relkind, c.relpersistence,
          c.relreplident, c.relrowsecurity, c.relforcerowsecurity, c.reloptions::text,
          c.relacl::text, pg_get_userbyid(c.relowner), pg_get_expr(c.relpartbound, c.oid),
-         pg_get_partkeydef(c.oid), c.reloftype::regtype::text) AS d
+         pg_get_partkeydef(c.oid), c.reloftype::regtype::text, c.relispopulated) AS d
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
   WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f', 'c') AND {USER.format(n="n")}
   UNION ALL
   SELECT concat_ws(' ', 'col', a.attrelid::regclass::text, a.attnum, a.attname,
          format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attidentity, a.attgenerated,
          a.attisdropped, a.attcollation::regcollation::text, a.attacl::text,
-         pg_get_expr(ad.adbin, ad.adrelid))
+         a.attislocal, a.attinhcount, pg_get_expr(ad.adbin, ad.adrelid))
   FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
   JOIN pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
   WHERE a.attnum > 0 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c') AND {USER.format(n="n")}
   UNION ALL
   SELECT concat_ws(' ', 'con', co.conrelid::regclass::text, co.contypid::regtype::text,
-         co.conname, pg_get_constraintdef(co.oid), co.convalidated)
+         co.conname, pg_get_constraintdef(co.oid), co.convalidated, co.conislocal,
+         co.coninhcount)
   FROM pg_constraint co JOIN pg_namespace n ON n.oid = co.connamespace
   WHERE {USER.format(n="n")}
   UNION ALL
@@ -88,6 +90,9 @@ SELECT md5(coalesce(string_agg(d, E'\\n' ORDER BY d), '')) FROM (
           WHERE d.classid = 'pg_class'::regclass AND d.objid = s.seqrelid
             AND d.deptype IN ('a', 'i') LIMIT 1))
   FROM pg_sequence s
+  UNION ALL
+  SELECT concat_ws(' ', 'inherits', i.inhrelid::regclass::text, i.inhparent::regclass::text,
+         i.inhseqno) FROM pg_inherits i
   UNION ALL
   SELECT concat_ws(' ', 'schema', n.nspname, pg_get_userbyid(n.nspowner), n.nspacl::text)
   FROM pg_namespace n WHERE {USER.format(n="n")}

@@ -2,8 +2,9 @@
 
 The text a server gives for a value depends on the session: DateStyle, IntervalStyle,
 TimeZone, extra_float_digits (0 or less rounds floats), bytea_output, lc_monetary,
-xmloption; and a type's or a regclass value's name depends on search_path (a name is
-qualified only when the path does not find it). A database or a role may set any of them
+xmloption, array_nulls (off reads NULL in an array as a string); and a type's or a
+regclass value's name depends on search_path (a name is qualified only when the path does
+not find it). A database or a role may set any of them
 (ALTER DATABASE ... SET), and every session then inherits them. Change capture decodes
 values in its own session and replay parses them in another, on another server: both
 pin the same settings, so a value reads back as exactly the value it was. With an empty
@@ -22,6 +23,7 @@ STABLE = {
     "bytea_output": "hex",
     "lc_monetary": "C",
     "xmloption": "content",
+    "array_nulls": "on",
     "search_path": "",
 }
 

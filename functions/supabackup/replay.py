@@ -1,8 +1,9 @@
 """Replay captured transactions into a restored base: each once, each exactly.
 
     pin the output settings -> triggers off (replica mode, and the ALWAYS and REPLICA
-    ones disabled by name) -> each transaction in a transaction of its own, every row
-    change touching exactly one row -> triggers back as they were
+    ones disabled by name), identity columns settable -> each transaction in a
+    transaction of its own, every row change touching exactly one row -> triggers and
+    identities back as they were
 
 Why each rule:
 - Values arrive as the source's text, decoded under output.STABLE; they are parsed under
@@ -19,8 +20,11 @@ Why each rule:
   parent's change does not touch its children. A change that finds no row means the target
   is not what the source was: the replay stops and says so, never skips.
 - Columns the target computes itself (GENERATED ... STORED) are left out; it computes them
-  from the replayed values. Identity columns take the source's values (OVERRIDING SYSTEM
-  VALUE).
+  from the replayed values. Identity columns take the source's values: those GENERATED
+  ALWAYS are BY DEFAULT for the replay (an UPDATE may not set them otherwise) and ALWAYS
+  again afterwards.
+- Only the tables whose data the base holds: the rest was left out by the backup's profile,
+  or lived and died between two capture runs.
 - A TRUNCATE of several tables at once (a CASCADE, or tables linked by foreign keys) is
   one statement again: truncated one by one, the first would fail on the foreign key.
 - Tables without a replica identity: only their inserts and truncates can be replayed
@@ -67,8 +71,10 @@ class Replayed:
     ambiguous: set[str] = field(default_factory=set)  # tables with nulls that may be NaN
 
 
-def replay(target: ConnectionInfo, transactions: Iterable[dict[str, Any]]) -> Replayed:
-    """Apply `transactions` to `target` in order, each in its own transaction."""
+def replay(target: ConnectionInfo, transactions: Iterable[dict[str, Any]],
+           held: set[tuple[str, str]] | None = None) -> Replayed:
+    """Apply `transactions` to `target` in order, each in its own transaction; with `held`,
+    only the changes to those tables (schema, name), the ones whose data the base holds."""
     db = connect(target)
     done = Replayed()
     current: dict[str, Any] | None = None
@@ -77,12 +83,15 @@ def replay(target: ConnectionInfo, transactions: Iterable[dict[str, Any]]) -> Re
             output.pin(cur)
             cur.execute("SET session_replication_role = replica; SET row_security = off")
             shapes = _shapes(cur)
-            triggers = _firing_triggers(cur)
-            _set_triggers(cur, triggers, enable=False)
+            if held is not None:
+                shapes = {key: shape for key, shape in shapes.items() if key in held}
+            toggles = _firing_triggers(cur) + _always_identities(cur)
+            _toggle(cur, toggles, replaying=True)
             db.commit()
             try:
                 for current in transactions:
-                    for statement, table, expect_one in _statements(current, shapes, done):
+                    for statement, table, expect_one in _statements(current, shapes, done,
+                                                                    held):
                         cur.execute(statement)
                         if expect_one and cur.rowcount != 1:
                             raise _Diverged(table, cur.rowcount)
@@ -92,7 +101,7 @@ def replay(target: ConnectionInfo, transactions: Iterable[dict[str, Any]]) -> Re
                 current = None
             finally:
                 db.rollback()
-                _set_triggers(cur, triggers, enable=True)
+                _toggle(cur, toggles, replaying=False)
                 db.commit()
     except (psycopg2.Error, _Diverged) as exc:
         db.rollback()
@@ -123,7 +132,8 @@ def _shapes(cur: Any) -> dict[tuple[str, str], TableShape]:
     cur.execute("""
         SELECT n.nspname, c.relname, c.relkind = 'p', c.relreplident = 'f',
                c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS (
-                   SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)),
+                   SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary
+                   AND i.indimmediate)),
                coalesce(array_agg(a.attname) FILTER (WHERE a.attgenerated <> ''), '{}'),
                coalesce(json_object_agg(a.attname, format_type(a.atttypid, a.atttypmod))
                         FILTER (WHERE a.attname IS NOT NULL), '{}')
@@ -134,30 +144,49 @@ def _shapes(cur: Any) -> dict[tuple[str, str], TableShape]:
             for s, t, partitioned, full, keyless, gen, types in cur.fetchall()}
 
 
-def _firing_triggers(cur: Any) -> list[tuple[str, str, str]]:
-    """(table, trigger, mode) of user triggers that fire in replica mode: ALWAYS ('A') and
-    REPLICA ('R'). A partition's clone follows its parent's trigger."""
+# (ALTER TABLE clause for the replay, clause to put it back), per table: names quoted by
+# the server itself (regclass text, quote_ident).
+Toggle = tuple[str, str, str]
+
+
+def _firing_triggers(cur: Any) -> list[Toggle]:
+    """User triggers that fire in replica mode, ALWAYS ('A') and REPLICA ('R'): off for the
+    replay. A partition's clone follows its parent's trigger."""
     cur.execute("""
         SELECT t.tgrelid::regclass::text, quote_ident(t.tgname), t.tgenabled FROM pg_trigger t
         WHERE NOT t.tgisinternal AND t.tgparentid = 0 AND t.tgenabled IN ('A', 'R')
         ORDER BY 1, 2""")
-    return list(cur.fetchall())
+    back = {"A": "ENABLE ALWAYS", "R": "ENABLE REPLICA"}
+    return [(table, f"DISABLE TRIGGER {name}", f"{back[mode]} TRIGGER {name}")
+            for table, name, mode in cur.fetchall()]
 
 
-def _set_triggers(cur: Any, triggers: list[tuple[str, str, str]], enable: bool) -> None:
-    for table, trigger, mode in triggers:
-        how = ({"A": "ENABLE ALWAYS", "R": "ENABLE REPLICA"}[mode] if enable else "DISABLE")
-        cur.execute(f"ALTER TABLE {table} {how} TRIGGER {trigger}")  # names quoted by the server
+def _always_identities(cur: Any) -> list[Toggle]:
+    """Identity columns GENERATED ALWAYS: BY DEFAULT for the replay, which must set them to
+    the source's values in UPDATE as in INSERT (OVERRIDING serves INSERT only)."""
+    cur.execute("""
+        SELECT a.attrelid::regclass::text, quote_ident(a.attname) FROM pg_attribute a
+        JOIN pg_class c ON c.oid = a.attrelid
+        WHERE a.attidentity = 'a' AND NOT a.attisdropped AND a.attnum > 0
+          AND NOT c.relispartition ORDER BY 1, 2""")
+    return [(table, f"ALTER COLUMN {column} SET GENERATED BY DEFAULT",
+             f"ALTER COLUMN {column} SET GENERATED ALWAYS") for table, column in cur.fetchall()]
+
+
+def _toggle(cur: Any, toggles: list[Toggle], replaying: bool) -> None:
+    for table, during, after in toggles:
+        cur.execute(f"ALTER TABLE {table} {during if replaying else after}")
 
 
 def _statements(txn: dict[str, Any], shapes: dict[tuple[str, str], TableShape],
-                done: Replayed
+                done: Replayed, held: set[tuple[str, str]] | None
                 ) -> Iterator[tuple[sql.Composable, str, bool]]:
     """(statement, table, whether it must touch exactly one row) for each change."""
     truncate: list[dict[str, Any]] = []
     for change in [*txn["changes"], {"action": "end"}]:
         if change["action"] == "T":
-            truncate.append(change)
+            if held is None or (change["schema"], change["table"]) in held:
+                truncate.append(change)
             continue
         if truncate:  # ONLY: the stream names every table it emptied, children too
             yield (sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(
@@ -168,6 +197,8 @@ def _statements(txn: dict[str, Any], shapes: dict[tuple[str, str], TableShape],
         if change["action"] == "end":
             return
         name = f"{change['schema']}.{change['table']}"
+        if held is not None and (change["schema"], change["table"]) not in held:
+            continue  # not in the backup (see replay)
         shape = _shape(shapes, change)
         if change["action"] in ("U", "D") and shape.keyless:
             done.skipped[name] = done.skipped.get(name, 0) + 1
