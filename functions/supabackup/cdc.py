@@ -129,6 +129,7 @@ class Check:
     schema: str
     sequences: dict[str, list[Any]] = field(default_factory=dict)  # name: [last_value, is_called]
     large_objects: int = 0
+    files: dict[str, int] = field(default_factory=dict)  # schema.table: relfilenode
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,8 @@ class Progress:
     sequences_at: str = ""
     large_objects: int = 0
     ended: str = ""   # why the epoch ended ("" while it runs)
+    files: dict[str, int] = field(default_factory=dict)      # the check's (see _rewritten)
+    truncated_after: list[str] = field(default_factory=list)  # by stored commits after it
 
 
 def _key(store: Store, database_id: str, *parts: str) -> str:
@@ -207,8 +210,42 @@ def _checked(db: Any) -> Check:
         sequences = _sequences(cur)
         cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
         large_objects = int(cur.fetchone()[0])
+        files = _files(cur)
     return Check(lsn=lsn, at=iso(at), schema=schema, sequences=sequences,
-                 large_objects=large_objects)
+                 large_objects=large_objects, files=files)
+
+
+def _files(cur: Any) -> dict[str, int]:
+    """Each logged table's relfilenode: a new one means its rows were written anew."""
+    cur.execute("""
+        SELECT n.nspname || '.' || c.relname, c.relfilenode FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind = 'r' AND c.relpersistence = 'p'
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND n.nspname NOT LIKE 'pg\\_%'""")
+    return {name: int(node) for name, node in cur.fetchall()}
+
+
+def _rewritten(previous: Progress | None, check: Check,
+               transactions: list[dict[str, Any]]) -> list[str]:
+    """Tables whose rows were written anew since the previous check without a TRUNCATE in
+    the stream: ALTER TABLE ... ALTER COLUMN ... TYPE with USING (even to the same type,
+    so no definition changes), VACUUM FULL, CLUSTER. A rewrite is not decoded, so what it
+    changed is not in the stream (the last two change nothing, and cost a new base)."""
+    if previous is None or not previous.files:
+        return []
+    truncated = set(previous.truncated_after) | _truncated(transactions, below=check.lsn)
+    return sorted(name for name, node in check.files.items()
+                  if previous.files.get(name, node) != node and name not in truncated)
+
+
+def _truncated(transactions: list[dict[str, Any]], below: str = "", since: str = "") -> set[str]:
+    """schema.table of every table the transactions truncated, committed before `below`
+    or at or after `since`."""
+    return {f"{c['schema']}.{c['table']}" for t in transactions for c in t["changes"]
+            if c["action"] == "T"
+            and (not below or lsn_int(t["commit_lsn"]) < lsn_int(below))
+            and (not since or lsn_int(t["commit_lsn"]) >= lsn_int(since))}
 
 
 def _flushed_through_insert(cur: Any, patience: float = 2.0) -> str:
@@ -247,16 +284,16 @@ def _sequences(cur: Any) -> dict[str, list[Any]]:
     return {name: [int(value), bool(called)] for name, value, called in cur.fetchall()}
 
 
-def _schema_in(conn: ConnectionInfo, snapshot: str) -> tuple[str, list[str]]:
-    """The definitions fingerprint as the base sees it, and the tables with a replica
-    identity: read in the slot's exported snapshot."""
+def _schema_in(conn: ConnectionInfo, snapshot: str) -> tuple[str, list[str], dict[str, int]]:
+    """The definitions fingerprint as the base sees it, the tables with a replica identity
+    and the tables' relfilenodes: read in the slot's exported snapshot."""
     db = connect(conn)
     try:
         db.set_session(isolation_level="REPEATABLE READ", readonly=True)
         with db.cursor() as cur:
             cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
             output.pin(cur, local=True)
-            return definitions_fingerprint(cur), _identity_tables(cur)
+            return definitions_fingerprint(cur), _identity_tables(cur), _files(cur)
     finally:
         db.close()
 
@@ -287,7 +324,7 @@ def start(conn: ConnectionInfo, store: Store, request: BackupRequest) -> tuple[C
     try:
         # The exported snapshot lives while this connection stays idle: the base is taken
         # in it, so it holds exactly the transactions before the slot's first change.
-        schema, identity = _schema_in(conn, snapshot)
+        schema, identity, files = _schema_in(conn, snapshot)
         if plugin == "pgoutput" and identity != published:
             raise CaptureError("tables changed while capture started (the publication of "
                                "updates and deletes does not match them)", "run cdc start again")
@@ -300,7 +337,8 @@ def start(conn: ConnectionInfo, store: Store, request: BackupRequest) -> tuple[C
         _put_json(store, _key(store, database_id, "epochs", f"{lsn_key(start_lsn)}.json"),
                   asdict(state))
         _put_json(store, _progress_key(store, database_id, state),
-                  asdict(Progress(verified_lsn=start_lsn, verified_at=base.snapshot_at)))
+                  asdict(Progress(verified_lsn=start_lsn, verified_at=base.snapshot_at,
+                                  files=files)))
         _put_json(store, _key(store, database_id, "state.json"), asdict(state))
     except BaseException:
         # A slot nobody reads holds WAL on the database: a start that fails leaves none.
@@ -485,6 +523,12 @@ def run(conn: ConnectionInfo, store: Store, database_id: str,
                      end_lsn, segment.key)
     finally:
         db.close()
+    rewritten = _rewritten(read_progress(store, database_id, state), check, transactions)
+    if rewritten:
+        return replace(_restarted(conn, store, database_id, state,
+                                  f"{', '.join(rewritten)} rewritten outside the change stream "
+                                  "(ALTER TABLE ... USING, VACUUM FULL or CLUSTER)", health,
+                                  lost=False), segment=segment)
     progress = _progress_after(check, transactions, end_lsn, complete=peeked < MAX_CHANGES)
     _put_json(store, _progress_key(store, database_id, state), asdict(progress))
     return CaptureRun(segment, health, covered_through=parse_time(progress.verified_at))
@@ -494,14 +538,16 @@ def _progress_after(check: Check, transactions: list[dict[str, Any]], end_lsn: s
                     complete: bool) -> Progress:
     """What the epoch covers after a run: all before the check, or, when the peek stopped
     at MAX_CHANGES, up to the last whole transaction it stored."""
+    after = sorted(_truncated(transactions, since=check.lsn))
     if complete or not transactions or lsn_int(end_lsn) >= lsn_int(check.lsn):
         return Progress(verified_lsn=check.lsn, verified_at=check.at, sequences=check.sequences,
-                        sequences_at=check.at, large_objects=check.large_objects)
+                        sequences_at=check.at, large_objects=check.large_objects,
+                        files=check.files, truncated_after=after)
     # A later transaction (not stored yet) may share the last stored one's commit time.
     before_last = parse_time(transactions[-1]["commit_time"]) - timedelta(microseconds=1)
     return Progress(verified_lsn=end_lsn, verified_at=iso(before_last),
                     sequences=check.sequences, sequences_at=check.at,
-                    large_objects=check.large_objects)
+                    large_objects=check.large_objects, files=check.files, truncated_after=after)
 
 
 def _restarted(conn: ConnectionInfo, store: Store, database_id: str, state: CaptureState,
