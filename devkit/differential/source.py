@@ -352,7 +352,7 @@ class Source:
             lambda: ["ALTER TABLE public.parent ALTER COLUMN name SET DEFAULT 'anon'"],
             lambda: ["REFRESH MATERIALIZED VIEW public.parent_count"],  # now it holds rows
             # rows written anew, no definition changed: a rewrite is not in the stream
-            lambda: ["ALTER TABLE public.parent ALTER COLUMN name TYPE text USING upper(name)"],
+            lambda: ["ALTER TABLE public.grandchild ALTER COLUMN v TYPE numeric USING v * 10"],
             lambda: ["VACUUM FULL public.child"],
         ]
         if not self.renamed_enum:
