@@ -190,7 +190,7 @@ def _cdc_case(cluster: Cluster, store: Store, source: Source, db: str, result: C
             ddl = ddl_every > 0 and i % ddl_every == ddl_every - 1
             source.step(ddl=ddl)
             changed_at = _server_now(cluster, db)
-            if not ddl and i % 2 == 1:  # a time between commits, not one a run checked: more follows
+            if not ddl and i % 2 == 1:  # a time between commits, not one a run checked
                 middle.append((_server_now(cluster, db), picture(cluster.url(db), source=True)))
                 source.step()
             run = cdc.run(conn, store, database_id)
