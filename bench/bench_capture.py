@@ -24,7 +24,7 @@ from supabackup.backup import BackupRequest
 from supabackup.dburl import ConnectionInfo
 from supabackup.store import BOTO_CONFIG, Store, StoreURL
 
-from devkit.pg import Cluster, bindir_for
+from devkit.pg import Cluster, logical_cluster
 from devkit.s3 import LocalS3
 
 SCHEDULE_SECONDS = 60
@@ -48,8 +48,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    settings = {"wal_level": "logical", "synchronous_commit": "on"}
-    with Cluster(bindir_for(17), settings=settings) as cluster, LocalS3() as s3:
+    with logical_cluster(17) as cluster, LocalS3() as s3:
         s3.create_bucket("bench-capture")
         client = boto3.client("s3", endpoint_url=s3.endpoint, config=BOTO_CONFIG,
                               **{k.lower(): v for k, v in s3.env().items()
