@@ -12,7 +12,7 @@ Why each rule:
 - The stream already holds what triggers did at the source. session_replication_role =
   replica stops ordinary triggers (and foreign-key checks), but triggers set ENABLE ALWAYS
   still fire in it and ENABLE REPLICA ones fire only in it: those are disabled for the
-  replay and set back to their mode afterwards.
+  replay and set back to their mode afterwards. Rules set so are treated the same way.
 - One change is one row. UPDATE and DELETE find their row by the replica identity: the key
   (with `=`, so an index serves it) or, under REPLICA IDENTITY FULL, every column's text
   (some types have no equality operator) and one row of equal ones by ctid (duplicates are
@@ -85,7 +85,7 @@ def replay(target: ConnectionInfo, transactions: Iterable[dict[str, Any]],
             shapes = _shapes(cur)
             if held is not None:
                 shapes = {key: shape for key, shape in shapes.items() if key in held}
-            toggles = _firing_triggers(cur) + _always_identities(cur)
+            toggles = _firing_triggers(cur) + _firing_rules(cur) + _always_identities(cur)
             _toggle(cur, toggles, replaying=True)
             db.commit()
             try:
@@ -158,6 +158,18 @@ def _firing_triggers(cur: Any) -> list[Toggle]:
         ORDER BY 1, 2""")
     back = {"A": "ENABLE ALWAYS", "R": "ENABLE REPLICA"}
     return [(table, f"DISABLE TRIGGER {name}", f"{back[mode]} TRIGGER {name}")
+            for table, name, mode in cur.fetchall()]
+
+
+def _firing_rules(cur: Any) -> list[Toggle]:
+    """Rules set ENABLE ALWAYS or ENABLE REPLICA fire in replica mode, as such triggers do:
+    off for the replay (the stream holds what they did)."""
+    cur.execute("""
+        SELECT r.ev_class::regclass::text, quote_ident(r.rulename), r.ev_enabled
+        FROM pg_rewrite r WHERE r.rulename <> '_RETURN' AND r.ev_enabled IN ('A', 'R')
+        ORDER BY 1, 2""")
+    back = {"A": "ENABLE ALWAYS", "R": "ENABLE REPLICA"}
+    return [(table, f"DISABLE RULE {name}", f"{back[mode]} RULE {name}")
             for table, name, mode in cur.fetchall()]
 
 
