@@ -62,10 +62,10 @@ from psycopg2 import sql
 from . import output, pgoutput
 from .backup import BackupRequest, run_backup
 from .dburl import ConnectionInfo
-from .definitions import definitions_fingerprint
+from .definitions import USER_SCHEMAS, definitions_fingerprint
 from .errors import ConfigError, StoreError, SupabackupError
 from .manifest import Manifest, iso, parse_time, utcnow
-from .replay import ReplayFailed, replay
+from .replay import HAS_REPLICA_IDENTITY, ReplayFailed, replay
 from .snapshot import connect, run_statement
 from .store import Store
 
@@ -217,12 +217,10 @@ def _checked(db: Any) -> Check:
 
 def _files(cur: Any) -> dict[str, int]:
     """Each logged table's relfilenode: a new one means its rows were written anew."""
-    cur.execute("""
+    cur.execute(f"""
         SELECT n.nspname || '.' || c.relname, c.relfilenode FROM pg_class c
         JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind = 'r' AND c.relpersistence = 'p'
-          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-          AND n.nspname NOT LIKE 'pg\\_%'""")
+        WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND {USER_SCHEMAS}""")
     return {name: int(node) for name, node in cur.fetchall()}
 
 
@@ -269,10 +267,9 @@ def _flushed_through_insert(cur: Any, patience: float = 2.0) -> str:
 
 def _sequences(cur: Any) -> dict[str, list[Any]]:
     """[last_value, is_called] of every sequence the user may read: the stream has none."""
-    cur.execute("""
+    cur.execute(f"""
         SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind = 'S' AND c.relpersistence = 'p'
-          AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+        WHERE c.relkind = 'S' AND c.relpersistence = 'p' AND {USER_SCHEMAS}
           AND CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(c.oid, 'SELECT') END
         ORDER BY 1""")
     names = [r[0] for r in cur.fetchall()]
@@ -357,13 +354,10 @@ def _publications(slot: str) -> tuple[str, str]:
 
 def _identity_tables(cur: Any) -> list[str]:
     """Tables whose updates and deletes can be published: they have a replica identity."""
-    cur.execute("""
+    cur.execute(f"""
         SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind = 'r' AND c.relpersistence = 'p'
-          AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
-          AND (c.relreplident IN ('f', 'i') OR (c.relreplident = 'd' AND EXISTS (
-               SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary
-                   AND i.indimmediate)))
+        WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND {USER_SCHEMAS}
+          AND {HAS_REPLICA_IDENTITY}
         ORDER BY 1""")
     return [r[0] for r in cur.fetchall()]
 
@@ -606,15 +600,11 @@ def not_replayable(db: Any) -> list[str]:
     """What a restore to a time cannot bring to that time, one line each with why:
     `cdc start` and `cdc status` warn about it, and restores name it."""
     with db.cursor() as cur:
-        cur.execute("""
+        cur.execute(f"""
             SELECT format('%I.%I', n.nspname, c.relname), c.relpersistence,
-                   c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS (
-                       SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary
-                   AND i.indimmediate))
+                   NOT {HAS_REPLICA_IDENTITY}
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE c.relkind = 'r' AND c.relpersistence <> 't'
-              AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-              AND n.nspname NOT LIKE 'pg\\_%'
+            WHERE c.relkind = 'r' AND c.relpersistence <> 't' AND {USER_SCHEMAS}
             ORDER BY 1""")
         tables = cur.fetchall()
         cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
@@ -627,11 +617,6 @@ def not_replayable(db: Any) -> list[str]:
     if large_objects:
         lines.append(f"large objects ({large_objects}): not in the change stream")
     return lines
-
-
-def tables_without_identity(db: Any) -> list[str]:
-    """Tables whose UPDATE and DELETE cannot be replayed."""
-    return [line.split(":")[0] for line in not_replayable(db) if "no replica identity" in line]
 
 
 def status(conn: ConnectionInfo, store: Store, database_id: str) -> dict[str, Any]:

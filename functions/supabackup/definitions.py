@@ -22,7 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
-USER = "{n}.nspname NOT IN ('pg_catalog', 'information_schema') AND {n}.nspname NOT LIKE 'pg\\_%%'"
+# The schemas users own (namespace alias n): every catalog query of capture filters on it.
+# Used in statements sent without parameters, so % is written once.
+USER_SCHEMAS = ("n.nspname NOT IN ('pg_catalog', 'information_schema')"
+                " AND n.nspname NOT LIKE 'pg\\_%'")
 
 DEFINITIONS = f"""
 SELECT md5(coalesce(string_agg(d, E'\\n' ORDER BY d), '')) FROM (
@@ -31,7 +34,7 @@ SELECT md5(coalesce(string_agg(d, E'\\n' ORDER BY d), '')) FROM (
          c.relacl::text, pg_get_userbyid(c.relowner), pg_get_expr(c.relpartbound, c.oid),
          pg_get_partkeydef(c.oid), c.reloftype::regtype::text, c.relispopulated) AS d
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-  WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f', 'c') AND {USER.format(n="n")}
+  WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f', 'c') AND {USER_SCHEMAS}
   UNION ALL
   SELECT concat_ws(' ', 'col', a.attrelid::regclass::text, a.attnum, a.attname,
          format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attidentity, a.attgenerated,
@@ -40,28 +43,28 @@ SELECT md5(coalesce(string_agg(d, E'\\n' ORDER BY d), '')) FROM (
   FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
   JOIN pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
-  WHERE a.attnum > 0 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c') AND {USER.format(n="n")}
+  WHERE a.attnum > 0 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c') AND {USER_SCHEMAS}
   UNION ALL
   SELECT concat_ws(' ', 'con', co.conrelid::regclass::text, co.contypid::regtype::text,
          co.conname, pg_get_constraintdef(co.oid), co.convalidated, co.conislocal,
          co.coninhcount)
   FROM pg_constraint co JOIN pg_namespace n ON n.oid = co.connamespace
-  WHERE {USER.format(n="n")}
+  WHERE {USER_SCHEMAS}
   UNION ALL
   SELECT concat_ws(' ', 'idx', pg_get_indexdef(i.indexrelid), i.indisreplident,
          i.indisclustered)
   FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
-  JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER.format(n="n")}
+  JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER_SCHEMAS}
   UNION ALL
   SELECT concat_ws(' ', 'trg', pg_get_triggerdef(t.oid), t.tgenabled)
   FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
   JOIN pg_namespace n ON n.oid = c.relnamespace
-  WHERE NOT t.tgisinternal AND {USER.format(n="n")}
+  WHERE NOT t.tgisinternal AND {USER_SCHEMAS}
   UNION ALL
   SELECT concat_ws(' ', 'rule', pg_get_ruledef(r.oid), r.ev_enabled)
   FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
   JOIN pg_namespace n ON n.oid = c.relnamespace
-  WHERE r.rulename <> '_RETURN' AND {USER.format(n="n")}
+  WHERE r.rulename <> '_RETURN' AND {USER_SCHEMAS}
   UNION ALL
   SELECT concat_ws(' ', 'pol', p.polrelid::regclass::text, p.polname, p.polcmd,
          p.polpermissive, p.polroles::text, pg_get_expr(p.polqual, p.polrelid),
@@ -70,19 +73,19 @@ SELECT md5(coalesce(string_agg(d, E'\\n' ORDER BY d), '')) FROM (
   UNION ALL
   SELECT concat_ws(' ', 'view', c.oid::regclass::text, pg_get_viewdef(c.oid))
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-  WHERE c.relkind IN ('v', 'm') AND {USER.format(n="n")}
+  WHERE c.relkind IN ('v', 'm') AND {USER_SCHEMAS}
   UNION ALL
   SELECT concat_ws(' ', 'fn', p.oid::regprocedure::text, p.prokind,
          CASE WHEN p.prokind IN ('f', 'p') THEN pg_get_functiondef(p.oid) END,
          p.proacl::text, pg_get_userbyid(p.proowner))
-  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE {USER.format(n="n")}
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE {USER_SCHEMAS}
   UNION ALL
   SELECT concat_ws(' ', 'type', t.oid::regtype::text, t.typtype, t.typbasetype::regtype::text,
          t.typnotnull, t.typdefault, t.typacl::text, pg_get_userbyid(t.typowner),
          (SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder) FROM pg_enum e
           WHERE e.enumtypid = t.oid),
          (SELECT r.rngsubtype::regtype::text FROM pg_range r WHERE r.rngtypid = t.oid))
-  FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE {USER.format(n="n")}
+  FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE {USER_SCHEMAS}
   UNION ALL
   SELECT concat_ws(' ', 'seq', s.seqrelid::regclass::text, s.seqtypid::regtype::text,
          s.seqstart, s.seqincrement, s.seqmax, s.seqmin, s.seqcache, s.seqcycle,
@@ -95,7 +98,7 @@ SELECT md5(coalesce(string_agg(d, E'\\n' ORDER BY d), '')) FROM (
          i.inhseqno) FROM pg_inherits i
   UNION ALL
   SELECT concat_ws(' ', 'schema', n.nspname, pg_get_userbyid(n.nspowner), n.nspacl::text)
-  FROM pg_namespace n WHERE {USER.format(n="n")}
+  FROM pg_namespace n WHERE {USER_SCHEMAS}
   UNION ALL
   SELECT concat_ws(' ', 'ext', x.extname, x.extversion) FROM pg_extension x
   UNION ALL

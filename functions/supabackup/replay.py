@@ -83,8 +83,6 @@ def replay(target: ConnectionInfo, transactions: Iterable[dict[str, Any]],
             output.pin(cur)
             cur.execute("SET session_replication_role = replica; SET row_security = off")
             shapes = _shapes(cur)
-            if held is not None:
-                shapes = {key: shape for key, shape in shapes.items() if key in held}
             toggles = _firing_triggers(cur) + _firing_rules(cur) + _always_identities(cur)
             _toggle(cur, toggles, replaying=True)
             db.commit()
@@ -128,15 +126,19 @@ def _failure(target: ConnectionInfo, exc: BaseException, txn: dict[str, Any] | N
                         "asked for: drop it, and restore an earlier time or a backup")
 
 
+# Whether table c has a replica identity, as PostgreSQL decides it: FULL, an index, or by
+# default its primary key, unless that key is DEFERRABLE (PostgreSQL then skips it).
+HAS_REPLICA_IDENTITY = """(c.relreplident IN ('f', 'i') OR (c.relreplident = 'd' AND EXISTS (
+    SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary AND i.indimmediate)))"""
+
+
 def _shapes(cur: Any) -> dict[tuple[str, str], TableShape]:
-    cur.execute("""
+    cur.execute(f"""
         SELECT n.nspname, c.relname, c.relkind = 'p', c.relreplident = 'f',
-               c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS (
-                   SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary
-                   AND i.indimmediate)),
-               coalesce(array_agg(a.attname) FILTER (WHERE a.attgenerated <> ''), '{}'),
+               NOT {HAS_REPLICA_IDENTITY},
+               coalesce(array_agg(a.attname) FILTER (WHERE a.attgenerated <> ''), '{{}}'),
                coalesce(json_object_agg(a.attname, format_type(a.atttypid, a.atttypmod))
-                        FILTER (WHERE a.attname IS NOT NULL), '{}')
+                        FILTER (WHERE a.attname IS NOT NULL), '{{}}')
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
         WHERE c.relkind IN ('r', 'p') GROUP BY 1, 2, 3, 4, 5""")
@@ -147,6 +149,7 @@ def _shapes(cur: Any) -> dict[tuple[str, str], TableShape]:
 # (ALTER TABLE clause for the replay, clause to put it back), per table: names quoted by
 # the server itself (regclass text, quote_ident).
 Toggle = tuple[str, str, str]
+_MODES = {"A": "ENABLE ALWAYS", "R": "ENABLE REPLICA"}  # pg_trigger.tgenabled, ev_enabled
 
 
 def _firing_triggers(cur: Any) -> list[Toggle]:
@@ -156,8 +159,7 @@ def _firing_triggers(cur: Any) -> list[Toggle]:
         SELECT t.tgrelid::regclass::text, quote_ident(t.tgname), t.tgenabled FROM pg_trigger t
         WHERE NOT t.tgisinternal AND t.tgparentid = 0 AND t.tgenabled IN ('A', 'R')
         ORDER BY 1, 2""")
-    back = {"A": "ENABLE ALWAYS", "R": "ENABLE REPLICA"}
-    return [(table, f"DISABLE TRIGGER {name}", f"{back[mode]} TRIGGER {name}")
+    return [(table, f"DISABLE TRIGGER {name}", f"{_MODES[mode]} TRIGGER {name}")
             for table, name, mode in cur.fetchall()]
 
 
@@ -168,8 +170,7 @@ def _firing_rules(cur: Any) -> list[Toggle]:
         SELECT r.ev_class::regclass::text, quote_ident(r.rulename), r.ev_enabled
         FROM pg_rewrite r WHERE r.rulename <> '_RETURN' AND r.ev_enabled IN ('A', 'R')
         ORDER BY 1, 2""")
-    back = {"A": "ENABLE ALWAYS", "R": "ENABLE REPLICA"}
-    return [(table, f"DISABLE RULE {name}", f"{back[mode]} RULE {name}")
+    return [(table, f"DISABLE RULE {name}", f"{_MODES[mode]} RULE {name}")
             for table, name, mode in cur.fetchall()]
 
 
