@@ -33,7 +33,10 @@ build/tools/%/.installed: requirements-%.txt
 	build/tools/$*/bin/pip install --quiet -r $<
 	touch $@
 
+# devkit/preflight.py: what the system must provide (PostgreSQL 15 and wal2json, the
+# libraries PostgreSQL 17 links, setpriv...); a lack is one line with its apt-get command.
 test: setup $(TOOLS)
+	@$(BIN)/python -m devkit.preflight test
 	$(BIN)/pytest
 
 # The differential harness for longer, with random seeds (or SEEDS=1,2,3): each failing
@@ -44,6 +47,7 @@ fuzz: setup
 	$(BIN)/python -m devkit.differential --minutes $(MINUTES) $(if $(SEEDS),--seeds $(SEEDS))
 
 demo: setup
+	@$(BIN)/python -m devkit.preflight demo
 	$(BIN)/python -m devkit.demo
 
 bench: setup
