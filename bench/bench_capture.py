@@ -14,20 +14,23 @@ PostgreSQL 17 (pgoutput) and moto's S3 server on loopback, as `make demo` uses t
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
+from typing import TYPE_CHECKING, Any
 
-import boto3
+from harness import S3Endpoint, median
 from supabackup import cdc
 from supabackup.backup import BackupRequest
 from supabackup.dburl import ConnectionInfo
 from supabackup.store import BOTO_CONFIG, Store, StoreURL
 
-from devkit.pg import Cluster, logical_cluster
-from devkit.s3 import LocalS3
+from devkit.pg import logical_cluster
+
+if TYPE_CHECKING:
+    from devkit.pg import Cluster
 
 SCHEDULE_SECONDS = 60
+BUCKET = "bench-capture"
 
 
 def commit_each(cluster: Cluster, db: str, count: int) -> None:
@@ -41,6 +44,28 @@ def commit_each(cluster: Cluster, db: str, count: int) -> None:
         conn.close()
 
 
+def decode_only(cluster: Cluster, state: Any) -> float:
+    """The baseline: the seconds to decode what is in the slot, without consuming it."""
+    db = cluster.connect("shop")
+    try:
+        with db.cursor() as cur:
+            t0 = time.perf_counter()
+            cur.execute(cdc.PEEK["pgoutput"], (state.slot, cdc.MAX_CHANGES, state.publication))
+            cur.fetchall()
+            return time.perf_counter() - t0
+    finally:
+        db.close()
+
+
+def capture_run(conn: ConnectionInfo, store: Store, database_id: str, count: int) -> float:
+    """The seconds of one capture run, which must store the `count` transactions committed."""
+    t0 = time.perf_counter()
+    result = cdc.run(conn, store, database_id)
+    seconds = time.perf_counter() - t0
+    assert result.segment is not None and result.segment.transactions == count
+    return seconds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,100,1000,5000",
@@ -48,13 +73,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    with logical_cluster(17) as cluster, LocalS3() as s3:
-        s3.create_bucket("bench-capture")
-        client = boto3.client("s3", endpoint_url=s3.endpoint, config=BOTO_CONFIG,
-                              **{k.lower(): v for k, v in s3.env().items()
-                                 if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
-                              region_name="us-east-1")
-        store = Store(StoreURL.parse("s3://bench-capture/b"), client)
+    with logical_cluster(17) as cluster, S3Endpoint("thread", bucket=BUCKET) as s3:
+        store = Store(StoreURL.parse(f"s3://{BUCKET}/b"), s3.client(BOTO_CONFIG))
         cluster.create_database("shop")
         cluster.execute("CREATE TABLE orders (id bigserial PRIMARY KEY, note text, amount int,"
                         " at timestamptz DEFAULT now())", "shop")
@@ -67,19 +87,10 @@ def main() -> int:
             decode, run = [], []
             for _ in range(args.repeat):
                 commit_each(cluster, "shop", count)
-                db = cluster.connect("shop")
-                with db.cursor() as cur:
-                    t0 = time.perf_counter()
-                    cur.execute(cdc.PEEK["pgoutput"], (state.slot, cdc.MAX_CHANGES,
-                                                      state.publication))
-                    cur.fetchall()
-                    decode.append(time.perf_counter() - t0)
-                db.close()
-                t0 = time.perf_counter()
-                result = cdc.run(conn, store, base.database_id)
-                run.append(time.perf_counter() - t0)
-                assert result.segment is not None and result.segment.transactions == count
-            d, r = statistics.median(decode), statistics.median(run)
+                decode.append(decode_only(cluster, state))
+                run.append(capture_run(conn, store, base.database_id, count))
+            d, r = median(decode), median(run)
+            assert d is not None and r is not None
             print(f"{count:>12}  {d:>13.3f}  {r:>13.3f}  {r / d:>7.1f}x  "
                   f"{SCHEDULE_SECONDS + max(run):>16.1f}")
         cdc.drop(conn, store, base.database_id)

@@ -28,55 +28,21 @@ it starts or writes is removed at the end, also on Ctrl-C. Method: bench/README.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
-import platform
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from contextlib import ExitStack
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))         # bench_full, when run from elsewhere
-sys.path.insert(0, str(HERE.parent))  # devkit
+import harness
+from harness import BUCKET, GIB, MIB, SUPABACKUP, Lab, Sample, fmt_mb, measure, verdict
 
-from bench_full import (  # noqa: E402 - the full benchmark's helpers, unchanged
-    BUCKET,
-    CLUSTER_SETTINGS,
-    GNU_TIME,
-    MIB,
-    POLL_SECONDS,
-    PY_NAMES,
-    SUPABACKUP,
-    WORDS,
-    CpuAccount,
-    S3Endpoint,
-    _children,
-    _git_rev,
-    _parallel,
-    _pg_dump_for,
-    _proc_status,
-    prepare,
-    process_cpu,
-    settle,
-    verdict,
-)
-
-from devkit.pg import Cluster, bindir_for  # noqa: E402
+if TYPE_CHECKING:
+    from devkit.pg import Cluster
 
 STORE_PREFIX = "bench-incr"
 STORE_URL = f"s3://{BUCKET}/{STORE_PREFIX}"
-RESULTS = HERE / "results" / "incremental.json"
-GIB = 1 << 30
+RESULTS = harness.REPO / "bench" / "results" / "incremental.json"
 
 # Targets from the issue (printed as PASS/MISS, never asserted).
 TARGET_TIME = 0.10   # incremental wall time / full wall time
@@ -172,7 +138,7 @@ def generate(cluster: Cluster, dbname: str, layout: Layout) -> dict[str, Any]:
     """Create and fill one database; returns what was made and how long it took."""
     started = time.monotonic()
     cluster.create_database(dbname)
-    words = "ARRAY[" + ",".join(f"'{w}'" for w in WORDS) + "]"
+    words = harness.words_sql()
     # Two connections (2 cores), tables balanced by rows; each table is created, filled
     # and given its key in one transaction, which with wal_level=minimal writes no WAL.
     lanes: list[list[str]] = [[], []]
@@ -181,11 +147,10 @@ def generate(cluster: Cluster, dbname: str, layout: Layout) -> dict[str, Any]:
         lane = load.index(min(load))
         load[lane] += layout.rows[name]
         lanes[lane].append(TABLE_SQL % {"t": name, "seed": seed, "rows": layout.rows[name],
-                                        "words": words, "nwords": len(WORDS)})
-    _parallel(cluster, dbname, lanes)
+                                        "words": words, "nwords": len(harness.WORDS)})
+    harness.parallel(cluster, dbname, lanes)
     loaded = time.monotonic() - started
-    cluster.execute("VACUUM (ANALYZE)", dbname)
-    cluster.execute("CHECKPOINT", dbname)
+    harness.vacuum_and_checkpoint(cluster, dbname)
     return {"tables": len(layout.names), "rows": sum(layout.rows.values()),
             "changed_tables": layout.hot, "changed_rows": sum(layout.rows[t] for t in layout.hot),
             **sizes(cluster, dbname, layout), "load_seconds": round(loaded, 1),
@@ -227,147 +192,49 @@ def change(cluster: Cluster, dbname: str, layout: Layout, round_no: int) -> dict
             **sizes(cluster, dbname, layout)}
 
 
-# --- measuring one command, with a timeline ----------------------------------------------
 
-class TimelinePoller(threading.Thread):
-    """Samples every process of a tree: peak RSS (VmHWM), CPU, first and last time seen.
+# --- reading a backup's timeline ---------------------------------------------------------
 
-    With `postmaster`, it also notes when each new server process appears, and its title:
-    the first backend of the run is the engine's snapshot session, which it opens once
-    the store is checked and the parent's manifest read, right before the scan.
+def decided_at(tl: Sample) -> float | None:
+    """When the engine logged its first line about the backup (--debug).
+
+    It is logged once the run knows which tables to dump, i.e. for an incremental
+    right after the change-detection scan, and before the roles and pg_dump start.
     """
-
-    def __init__(self, pid: int, t0: float, postmaster: int | None = None) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.t0, self.postmaster = pid, t0, postmaster
-        self.seen: dict[int, list[Any]] = {}  # pid -> [name, hwm KiB, cpu s, first, last]
-        self.old_backends = set(_children(postmaster)) if postmaster else set()
-        self.backends: dict[int, tuple[float, str]] = {}  # pid -> (first seen, title)
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while True:
-            stopping = self.stop.is_set()
-            now = time.perf_counter() - self.t0
-            todo = [self.pid]
-            while todo:
-                pid = todo.pop()
-                got = _proc_status(pid)
-                if got:
-                    name = PY_NAMES.get(got[0], got[0])
-                    first = self.seen[pid][3] if pid in self.seen else now
-                    self.seen[pid] = [name, got[1], process_cpu(pid), first, now]
-                todo += _children(pid)
-            if self.postmaster:
-                for pid in _children(self.postmaster):
-                    if pid not in self.old_backends and pid not in self.backends:
-                        self.backends[pid] = (now, _cmdline(pid))
-            if stopping or self.stop.wait(POLL_SECONDS):
-                if stopping:
-                    return
+    return next((t for t, text in tl.lines
+                 if "supabackup.backup: backup " in text
+                 and not any(w in text for w in (" committed", " failed"))), None)
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
+def connected_at(tl: Sample, dbname: str) -> float | None:
+    """When the run's first backend on the database appeared: its snapshot session."""
+    return next((t for t, title in tl.backends
+                 if f" {dbname} " in title and "parallel worker" not in title), None)
 
 
-@dataclass
-class Timeline:
-    wall: float
-    rss_kb: dict[str, int]                      # peak VmHWM per program name
-    cpu: dict[str, float]                       # CPU seconds per program name
-    procs: list[tuple[str, float, float]]       # (name, first seen, last seen), by start
-    rss_tree_kb: int = 0                        # GNU time %M: the tree's peak
-    cpu_tree: float = 0.0                       # GNU time %U + %S: the whole tree
-    lines: list[tuple[float, str]] = field(default_factory=list)  # stderr, with arrival
-    backends: list[tuple[float, str]] = field(default_factory=list)  # new server processes
+def main_dump(tl: Sample) -> tuple[float, float] | None:
+    """(start, end) of the pg_dump that streamed the archive: the longest-lived one.
 
-    def decided_at(self) -> float | None:
-        """When the engine logged its first line about the backup (--debug).
-
-        It is logged once the run knows which tables to dump, i.e. for an incremental
-        right after the change-detection scan, and before the roles and pg_dump start.
-        """
-        return next((t for t, text in self.lines
-                     if "supabackup.backup: backup " in text
-                     and not any(w in text for w in (" committed", " failed"))), None)
-
-    def connected_at(self, dbname: str) -> float | None:
-        """When the run's first backend on the database appeared: its snapshot session."""
-        return next((t for t, title in self.backends
-                     if f" {dbname} " in title and "parallel worker" not in title), None)
-
-    def main_dump(self) -> tuple[float, float] | None:
-        """(start, end) of the pg_dump that streamed the archive: the longest-lived one.
-
-        (find_tools also runs `pg_dump --version`, which lives a few milliseconds.)
-        """
-        dumps = [(last - first, first, last) for name, first, last in self.procs
-                 if name == "pg_dump"]
-        if not dumps:
-            return None
-        _, first, last = max(dumps)
-        return first, last
-
-
-def measure(argv: list[str], env: dict[str, str], postmaster: int | None = None) -> Timeline:
-    """Run one command under GNU time; wall time from fork to reap; a per-process timeline.
-
-    stderr is read line by line and each line stamped as it arrives (with --debug the
-    engine logs when the change detection is done and when the backup is committed).
+    (find_tools also runs `pg_dump --version`, which lives a few milliseconds.)
     """
-    fd, name = tempfile.mkstemp(prefix="sbbench-time-")
-    os.close(fd)
-    timefile = Path(name)
-    started = time.perf_counter()
-    proc = subprocess.Popen([GNU_TIME, "-f", "%M %U %S", "-o", str(timefile), "--", *argv],
-                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    poller = TimelinePoller(proc.pid, started, postmaster)
-    poller.start()
-    lines: list[tuple[float, str]] = []
+    dumps = [(last - first, first, last) for name, first, last in tl.procs
+             if name == "pg_dump"]
+    if not dumps:
+        return None
+    _, first, last = max(dumps)
+    return first, last
 
-    def read_stderr() -> None:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            lines.append((time.perf_counter() - started, raw.decode(errors="replace").rstrip()))
 
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
-    try:
-        code = proc.wait()
-        wall = time.perf_counter() - started
-        reader.join()
-        gnu = (timefile.read_text().strip().splitlines() or ["0 0 0"])[-1].split()
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    finally:
-        poller.stop.set()
-        poller.join()
-        timefile.unlink(missing_ok=True)
-    if code != 0:
-        text = "\n".join(t for _, t in lines)
-        raise RuntimeError(f"{argv[0]} exited {code}: {text.strip()[-2000:]}")
-    rss: dict[str, int] = {}
-    cpu: dict[str, float] = {}
-    procs = []
-    for pname, hwm, secs, first, last in poller.seen.values():
-        if pname == "time":
-            continue
-        rss[pname] = max(rss.get(pname, 0), hwm)
-        cpu[pname] = cpu.get(pname, 0.0) + secs
-        procs.append((pname, first, last))
-    procs.sort(key=lambda p: p[1])
-    backends = sorted(poller.backends.values())
-    return Timeline(wall=wall, rss_kb=rss, cpu=cpu, procs=procs, lines=lines, backends=backends,
-                    rss_tree_kb=int(gnu[0]), cpu_tree=float(gnu[1]) + float(gnu[2]))
+def phases(tl: Sample, dbname: str) -> dict[str, float] | None:
+    """Where a backup's wall time went, from its three clocks (None if one is missing)."""
+    connected, scanned, dump = connected_at(tl, dbname), decided_at(tl), main_dump(tl)
+    if connected is None or scanned is None or dump is None:
+        return None
+    return {"until_connected": connected,  # start, imports, store, parent manifest
+            "snapshot_and_scan": scanned - connected,
+            "roles": dump[0] - scanned,  # pg_dumpall --roles-only + its upload
+            "dump_and_upload": dump[1] - dump[0],
+            "finish": tl.wall - dump[1]}  # last part, complete, manifest, exit
 
 
 # --- one backup through the CLI ----------------------------------------------------------
@@ -375,42 +242,28 @@ def measure(argv: list[str], env: dict[str, str], postmaster: int | None = None)
 class Bench:
     """The cluster, the endpoint and the database under test; runs and reads backups."""
 
-    def __init__(self, cluster: Cluster, s3: S3Endpoint, dbname: str, settle_seconds: float
-                 ) -> None:
+    def __init__(self, lab: Lab, dbname: str, settle_seconds: float) -> None:
         from supabackup.store import Store, StoreURL
-        self.cluster, self.s3, self.dbname = cluster, s3, dbname
-        self.url = cluster.url(dbname)
+        self.cluster, self.s3, self.dbname = lab.cluster, lab.s3, dbname
+        self.url = lab.cluster.url(dbname)
         self.settle_seconds = settle_seconds
-        self.account = CpuAccount(cluster, s3)
-        self.env = s3.env()
-        self.store = Store(StoreURL.parse(STORE_URL), client=s3.client())
+        self.account = harness.CpuAccount(lab.cluster, lab.s3)
+        self.env = lab.s3.env()
+        self.store = Store(StoreURL.parse(STORE_URL), client=lab.s3.client())
         self.last_start = 0.0
 
     def backup(self, kind: str) -> dict[str, Any]:
         """`supabackup --debug backup KIND`; its figures, and those of its manifest."""
         if self.settle_seconds > 0:
-            settle(self.settle_seconds)
+            harness.settle(self.settle_seconds)
         # Backup ids have one-second resolution: never start two in the same second.
         time.sleep(max(0.0, self.last_start + 1.1 - time.time()))
         self.last_start = time.time()
-        before = self.account.snapshot()
-        tl = measure([str(SUPABACKUP), "--debug", "backup", kind, "--database-url", self.url,
-                      "--store", STORE_URL], self.env, self.account.postmaster)
-        dumps = tl.cpu.get("pg_dump", 0.0) + tl.cpu.get("pg_dumpall", 0.0)
-        cpu = {"pg_dump": dumps, "supabackup": max(0.0, tl.cpu_tree - dumps),
-               **self.account.since(before, tl.cpu_tree)}
+        tl, cpu = self.account.measure_engine(
+            [str(SUPABACKUP), "--debug", "backup", kind, "--database-url", self.url,
+             "--store", STORE_URL], self.env, self.account.postmaster)
         manifest = self.latest_manifest()
-        connected = tl.connected_at(self.dbname)
-        scanned = tl.decided_at()
-        dump = tl.main_dump()
         roles = next((first for name, first, _ in tl.procs if name == "pg_dumpall"), None)
-        phases = None
-        if connected is not None and scanned is not None and dump is not None:
-            phases = {"until_connected": connected,  # start, imports, store, parent manifest
-                      "snapshot_and_scan": scanned - connected,
-                      "roles": dump[0] - scanned,  # pg_dumpall --roles-only + its upload
-                      "dump_and_upload": dump[1] - dump[0],
-                      "finish": tl.wall - dump[1]}  # last part, complete, manifest, exit
         return {
             "wall": tl.wall, "backup_id": manifest.backup_id, "kind": manifest.kind,
             "escalation": manifest.escalation, "bytes": manifest.total_bytes,
@@ -421,7 +274,7 @@ class Bench:
             "snapshot_xmin": manifest.snapshot_xmin, "engine_seconds": manifest.duration_seconds,
             "rss_mb": {"python": tl.rss_kb.get("python", 0) / 1024,
                        "pg_dump": tl.rss_kb.get("pg_dump", 0) / 1024},
-            "cpu": cpu, "phases": phases,
+            "cpu": cpu, "phases": phases(tl, self.dbname),
             "pg_dumpall_started": roles, "log": [(round(t, 3), text) for t, text in tl.lines],
             "backends": [(round(t, 3), title) for t, title in tl.backends],
         }
@@ -444,18 +297,18 @@ class Bench:
         from supabackup.profiles import resolve_profile
         excluded = resolve_profile(None, ConnectionInfo.from_url(self.url)).exclude_schemas
         if self.settle_seconds > 0:
-            settle(min(self.settle_seconds, 3.0))
+            harness.settle(min(self.settle_seconds, 3.0))
         conn = self.cluster.connect(self.dbname)
         try:
             conn.autocommit = False
             conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
             with conn.cursor() as cur:
                 cur.execute("SELECT 1")  # take the snapshot, as the run has by then
-            pg0 = self.account.snapshot()[1]
+            pg0 = self.account.postgres()
             t0 = time.perf_counter()
             scanned = scan_tables(conn, excluded, since_xmin)
             seconds = time.perf_counter() - t0
-            pg = self.account.snapshot()[1] - pg0
+            pg = self.account.postgres() - pg0
             conn.rollback()
         finally:
             conn.close()
@@ -518,53 +371,48 @@ def check(rnd: dict[str, Any], layout: Layout) -> None:
             print(f"   warning: the {label} dumped {sorted(got)}, expected {sorted(expect)}")
 
 
+
 # --- the report --------------------------------------------------------------------------
 
-def _med(values: list[float | None]) -> float | None:
-    got = [v for v in values if v is not None]
-    return statistics.median(got) if got else None
+RUNS = ("full", "incremental", "no_change")
+
+
+def summarize_backups(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median backup of one kind, over the rounds."""
+    out = harness.summarize_runs(runs, ("bytes", "tables_dumped"))
+    out["tables_total"] = runs[0]["tables_total"]
+    if all(x["phases"] for x in runs):
+        out["phases"] = harness.medians([x["phases"] for x in runs])
+    return out
 
 
 def summarize(rounds: list[dict[str, Any]], startup: float) -> dict[str, Any]:
-    def run_med(key: str) -> dict[str, Any]:
-        runs = [r[key] for r in rounds]
-        out: dict[str, Any] = {
-            "wall": _med([x["wall"] for x in runs]), "wall_min": min(x["wall"] for x in runs),
-            "bytes": _med([x["bytes"] for x in runs]),
-            "tables_dumped": _med([x["tables_dumped"] for x in runs]),
-            "tables_total": runs[0]["tables_total"],
-            "rss_mb": {k: _med([x["rss_mb"][k] for x in runs]) for k in runs[0]["rss_mb"]},
-            "cpu": {k: _med([x["cpu"].get(k) for x in runs]) for k in runs[0]["cpu"]},
-        }
-        if all(x["phases"] for x in runs):
-            out["phases"] = {k: _med([x["phases"][k] for x in runs])
-                             for k in runs[0]["phases"]}
-        return out
-
-    med = {k: run_med(k) for k in ("full", "incremental", "no_change")}
-    scan = {k: _med([r["scan"][k] for r in rounds]) for k in ("seconds", "postgres_cpu")}
-    scan_full = {k: _med([r["scan_full"][k] for r in rounds]) for k in ("seconds", "postgres_cpu")}
-    db_gib = _med([r["change"]["database_bytes"] for r in rounds]) / GIB
+    med: dict[str, Any] = {k: summarize_backups([r[k] for r in rounds]) for k in RUNS}
+    scan: dict[str, Any] = harness.medians([r["scan"] for r in rounds])
+    scan_full: dict[str, Any] = harness.medians([r["scan_full"] for r in rounds])
+    db_gib = statistics.median([r["change"]["database_bytes"] for r in rounds]) / GIB
     full, incr = med["full"], med["incremental"]
     ratios = {"time": incr["wall"] / full["wall"], "bytes": incr["bytes"] / full["bytes"],
               "time_best": incr["wall_min"] / full["wall_min"],
               "no_change_time": med["no_change"]["wall"] / full["wall"]}
     med.update({
         "ratios": ratios, "startup_seconds": startup, "database_gib": db_gib,
-        "scan": {**scan, "seconds_per_gib": scan["seconds"] / db_gib,
+        "scan": {"seconds": scan["seconds"], "postgres_cpu": scan["postgres_cpu"],
+                 "seconds_per_gib": scan["seconds"] / db_gib,
                  "vs_full_wall": scan["seconds"] / full["wall"],
                  "vs_incremental_wall": scan["seconds"] / incr["wall"]},
-        "scan_full": {**scan_full, "seconds_per_gib": scan_full["seconds"] / db_gib,
+        "scan_full": {"seconds": scan_full["seconds"], "postgres_cpu": scan_full["postgres_cpu"],
+                      "seconds_per_gib": scan_full["seconds"] / db_gib,
                       "vs_full_wall": scan_full["seconds"] / full["wall"]},
-        "change_seconds": _med([r["change"]["seconds"] for r in rounds]),
+        "change_seconds": harness.median([r["change"]["seconds"] for r in rounds]),
         "targets": {"time": ratios["time"] <= TARGET_TIME,
                     "bytes": ratios["bytes"] <= TARGET_BYTES},
     })
     return med
 
 
-def _mb(v: float | None) -> str:
-    return "?" if v is None else f"{v:.0f}"
+ROWS = (("full", "full"), ("incremental (after the change)", "incremental"),
+        ("incremental (nothing changed)", "no_change"))
 
 
 def report(size_gb: float, data: dict[str, Any], rounds: list[dict[str, Any]],
@@ -583,27 +431,27 @@ def report(size_gb: float, data: dict[str, Any], rounds: list[dict[str, Any]],
           " the live data, and so the dump, stay the same size)")
     print(f"  {'backup':<36}{'wall s':>7}{'(best)':>8}{'stored MiB':>12}{'tables':>10}"
           f"   peak RSS MB")
-    rows = (("full", "full"), ("incremental (after the change)", "incremental"),
-            ("incremental (nothing changed)", "no_change"))
-    for label, key in rows:
+    for label, key in ROWS:
         e = m[key]
         print(f"  {label:<36}{e['wall']:7.2f}{e['wall_min']:8.2f}{e['bytes'] / MIB:12.2f}"
               f"{e['tables_dumped']:>6.0f}/{e['tables_total']:<3}   supabackup "
-              f"{_mb(e['rss_mb']['python'])}, pg_dump {_mb(e['rss_mb']['pg_dump'])}")
+              f"{fmt_mb(e['rss_mb']['python'])}, pg_dump {fmt_mb(e['rss_mb']['pg_dump'])}")
     r = m["ratios"]
     print(f"  {'incremental / full':<36}{r['time']:6.3f}x{r['time_best']:7.3f}x"
           f"{r['bytes']:11.4f}x")
-    cols = ("pg_dump", "supabackup", "postgres", "s3", "others")
-    print(f"  {'CPU seconds':<36}" + "".join(f"{c:>11}" for c in cols))
-    for label, key in rows:
-        cpu = m[key]["cpu"]
-        print(f"  {label:<36}" + "".join(
-            f"{'-' if cpu.get(c) is None else format(cpu[c], '.1f'):>11}" for c in cols))
+    harness.print_cpu_table([(label, m[key]["cpu"]) for label, key in ROWS],
+                            ("pg_dump", "supabackup", "postgres", "s3", "others"), 36)
     print(f"  target  incremental time / full    {r['time']:6.3f}x  (<= {TARGET_TIME}x)  "
           f"{verdict(m['targets']['time'])}")
     print(f"  target  incremental bytes / full   {r['bytes']:6.4f}x (<= {TARGET_BYTES}x)  "
           f"{verdict(m['targets']['bytes'])}")
+    report_scan(m)
+    report_phases(m)
+    harness.print_noise_note([r[k]] for r in rounds for k in RUNS)
 
+
+def report_scan(m: dict[str, Any]) -> None:
+    """What change detection costs the database, timed alone."""
     s, sf = m["scan"], m["scan_full"]
     print(f"\n  change detection (supabackup.changes.scan_tables, timed alone, REPEATABLE READ):"
           f"\n    incremental's scan (counts + rows newer than the parent): {s['seconds']:.2f}s"
@@ -612,60 +460,46 @@ def report(size_gb: float, data: dict[str, Any], rounds: list[dict[str, Any]],
           f"{s['vs_incremental_wall']:.0%} of the incremental's"
           f"\n    the full's variant (exact counts only): {sf['seconds']:.2f}s"
           f" = {sf['seconds_per_gib']:.2f}s per GiB, {sf['vs_full_wall']:.1%} of the full")
+
+
+def report_phases(m: dict[str, Any]) -> None:
+    """Where the incremental's time goes (nothing if a clock was missing in a round)."""
     ph = m["incremental"].get("phases")
-    if ph:
-        wall = m["incremental"]["wall"]
-        print("\n  where the incremental's time goes (medians; from the process tree, the "
-              "server's new backends and the --debug log line)")
-        parts = [
-            ("until its snapshot session connects", ph["until_connected"],
-             f"of which process start + imports {m['startup_seconds']:.2f}s (--version); "
-             "then store check, parent's manifest"),
-            ("snapshot + change detection, until pg_dump may start", ph["snapshot_and_scan"],
-             f"the scan alone: {s['seconds']:.2f}s"),
-            ("roles: pg_dumpall --roles-only + upload", ph["roles"], ""),
-            ("pg_dump (schema + changed tables) + streamed upload", ph["dump_and_upload"], ""),
-            ("finish: last part, complete upload, manifest, exit", ph["finish"], ""),
-        ]
-        for label, secs, note in parts:
-            print(f"    {label:<54}{secs:6.2f}s {secs / wall:5.0%}"
-                  + (f"   ({note})" if note else ""))
-        print(f"    {'total (wall)':<54}{wall:6.2f}s")
-        fph = m["full"].get("phases")
-        if fph:
-            print(f"    (the full: {fph['until_connected']:.2f}s until connected, "
-                  f"{fph['snapshot_and_scan']:.2f}s from snapshot to pg_dump, "
-                  f"{fph['dump_and_upload']:.2f}s pg_dump + upload, "
-                  f"{fph['finish']:.2f}s finish)")
-        nc = m["no_change"]
-        print(f"    (nothing changed: {nc['wall']:.2f}s = {r['no_change_time']:.3f}x the full: "
-              "the floor of an incremental on this database)")
-    others = max(r[k]["cpu"]["others"] / r[k]["wall"] for r in rounds
-                 for k in ("full", "incremental", "no_change"))
-    if others > 0.2:
-        print(f"  note: other programs kept {others:.1f} CPUs busy during some runs; "
-              "the figures are noisy")
-
-
-def _engine_modified() -> bool | None:
-    """Whether the engine's sources differ from the commit (figures of a working tree)."""
-    try:
-        out = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--",
-                              "functions"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(out.strip())
+    if not ph:
+        return
+    wall = m["incremental"]["wall"]
+    print("\n  where the incremental's time goes (medians; from the process tree, the "
+          "server's new backends and the --debug log line)")
+    parts = [
+        ("until its snapshot session connects", ph["until_connected"],
+         f"of which process start + imports {m['startup_seconds']:.2f}s (--version); "
+         "then store check, parent's manifest"),
+        ("snapshot + change detection, until pg_dump may start", ph["snapshot_and_scan"],
+         f"the scan alone: {m['scan']['seconds']:.2f}s"),
+        ("roles: pg_dumpall --roles-only + upload", ph["roles"], ""),
+        ("pg_dump (schema + changed tables) + streamed upload", ph["dump_and_upload"], ""),
+        ("finish: last part, complete upload, manifest, exit", ph["finish"], ""),
+    ]
+    for label, secs, note in parts:
+        print(f"    {label:<54}{secs:6.2f}s {secs / wall:5.0%}"
+              + (f"   ({note})" if note else ""))
+    print(f"    {'total (wall)':<54}{wall:6.2f}s")
+    fph = m["full"].get("phases")
+    if fph:
+        print(f"    (the full: {fph['until_connected']:.2f}s until connected, "
+              f"{fph['snapshot_and_scan']:.2f}s from snapshot to pg_dump, "
+              f"{fph['dump_and_upload']:.2f}s pg_dump + upload, "
+              f"{fph['finish']:.2f}s finish)")
+    nc = m["no_change"]
+    print(f"    (nothing changed: {nc['wall']:.2f}s = {m['ratios']['no_change_time']:.3f}x the "
+          "full: the floor of an incremental on this database)")
 
 
 # --- main --------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="bench_incremental.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n", 1)[0], epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--size-gb", type=float, default=1.0,
-                        help="database size to generate, in GiB of pg_database_size "
-                             "(default: 1.0)")
+    parser = harness.parser_for("bench_incremental.py", __doc__)
+    harness.add_size_gb(parser)
     parser.add_argument("--tables", type=int, default=100,
                         help="number of tables (default: 100)")
     parser.add_argument("--changed-pct", type=float, default=1.0, metavar="PCT",
@@ -683,14 +517,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default) or in a thread of this process. (bench_full's "
                              "`sink` keeps no objects, and an incremental must read its "
                              "parent's manifest back.)")
-    parser.add_argument("--settle", type=float, default=10.0, metavar="SECONDS",
-                        help="before each run, wait up to this long for the machine to be "
-                             "idle (default: 10; 0 disables)")
+    harness.add_settle(parser)
     parser.add_argument("--no-warmup", action="store_true",
                         help="skip the uncounted full + incremental before the rounds")
-    parser.add_argument("--json", type=Path, default=RESULTS,
-                        help="where to write the figures "
-                             f"(default: {RESULTS.relative_to(HERE.parent)})")
+    harness.add_json(parser, RESULTS)
     args = parser.parse_args(argv)
     if args.size_gb <= 0 or args.repeat < 1 or args.tables < 1:
         parser.error("--size-gb must be positive, --repeat and --tables at least 1")
@@ -701,58 +531,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    failed = prepare()
-    if failed is not None:
-        return failed
-    started = time.monotonic()
     layout = Layout.plan(args.size_gb, args.tables, args.changed_pct, args.changed_share)
     dbname = "bench_incr"
-    try:
-        with ExitStack() as stack:
-            print(f"bench: starting PostgreSQL 17 and the S3 endpoint (moto, {args.s3}) ...",
-                  flush=True)
-            cluster = Cluster(bindir_for(17), settings=CLUSTER_SETTINGS)
-            stack.callback(cluster.stop)
-            cluster.start()
-            s3 = S3Endpoint(args.s3)
-            stack.callback(s3.stop)
-            s3.start()
-            pg_dump, pg_dump_version = _pg_dump_for(cluster.major)
-            print(f"bench: pg_dump {pg_dump_version} at {pg_dump}; {os.cpu_count()} CPUs",
-                  flush=True)
-            print(f"\n== {args.size_gb:g} GB in {args.tables} tables: generating database "
-                  f"{dbname} ...", flush=True)
-            data = generate(cluster, dbname, layout)
-            print(f"   {data['database_bytes'] / GIB:.2f} GiB, {data['rows']:,} rows, in "
-                  f"{data['generate_seconds']:.0f}s; changed each round: "
-                  f"{', '.join(layout.hot)} ({data['changed_share']:.1%} of the bytes)",
-                  flush=True)
-            bench = Bench(cluster, s3, dbname, args.settle)
-            startup = startup_seconds(s3.env())
-            rounds = run_rounds(bench, layout, args.repeat, not args.no_warmup)
-            med = summarize(rounds, startup)
-            report(args.size_gb, data, rounds, med)
-            left = s3.empty()
-            if left:
-                print(f"bench: warning: {left} bytes were left in the bucket after the runs")
-    except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - report, clean up, exit
-        return failed(exc)
-    out = {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git": _git_rev(), "engine_modified": _engine_modified(),
-        "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                 "platform": platform.platform()},
-        "pg_dump": {"path": pg_dump, "version": pg_dump_version}, "s3": args.s3,
-        "size_gb": args.size_gb, "repeat": args.repeat, "warmup": not args.no_warmup,
-        "seconds": round(time.monotonic() - started, 1),
-        "targets": {"incremental_time_vs_full_max": TARGET_TIME,
-                    "incremental_bytes_vs_full_max": TARGET_BYTES},
-        "data": data, "median": med, "rounds": rounds,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\nbench: figures written to {args.json} ({out['seconds']:.0f}s in all)")
-    return 0
+
+    def body(lab: Lab) -> dict[str, Any]:
+        print(f"\n== {args.size_gb:g} GB in {args.tables} tables: generating database "
+              f"{dbname} ...", flush=True)
+        data = generate(lab.cluster, dbname, layout)
+        print(f"   {data['database_bytes'] / GIB:.2f} GiB, {data['rows']:,} rows, in "
+              f"{data['generate_seconds']:.0f}s; changed each round: "
+              f"{', '.join(layout.hot)} ({data['changed_share']:.1%} of the bytes)",
+              flush=True)
+        bench = Bench(lab, dbname, args.settle)
+        startup = startup_seconds(lab.s3.env())
+        rounds = run_rounds(bench, layout, args.repeat, not args.no_warmup)
+        med = summarize(rounds, startup)
+        report(args.size_gb, data, rounds, med)
+        return {"engine_modified": harness.engine_modified(),
+                "size_gb": args.size_gb, "repeat": args.repeat, "warmup": not args.no_warmup,
+                "targets": {"incremental_time_vs_full_max": TARGET_TIME,
+                            "incremental_bytes_vs_full_max": TARGET_BYTES},
+                "data": data, "median": med, "rounds": rounds}
+
+    return harness.run_bench(args.s3, f"moto, {args.s3}", args.json, body)
 
 
 if __name__ == "__main__":
