@@ -55,6 +55,7 @@ def test_server_options_release_without_the_setting_leaves_it_out(reachable_tmp:
 
     # WHEN a capture server's settings are chosen for it
     capture = pg.logical_cluster(15)
+    capture.stop()  # never started: this only removes its empty root
     chosen = {b: pg.server_options(b, capture.settings, capture.where_known) for b in (old, new)}
 
     # THEN only the release that has the setting is started with it
