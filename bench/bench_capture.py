@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from harness import S3Endpoint, median
-from supabackup import cdc
+from supabackup import capture
 from supabackup.backup import BackupRequest
 from supabackup.dburl import ConnectionInfo
 from supabackup.store import BOTO_CONFIG, Store, StoreURL
@@ -50,7 +50,8 @@ def decode_only(cluster: Cluster, state: Any) -> float:
     try:
         with db.cursor() as cur:
             t0 = time.perf_counter()
-            cur.execute(cdc.PEEK["pgoutput"], (state.slot, cdc.MAX_CHANGES, state.publication))
+            cur.execute(capture.slot.PEEK["pgoutput"], (state.slot, capture.slot.MAX_CHANGES,
+                                                       state.publication))
             cur.fetchall()
             return time.perf_counter() - t0
     finally:
@@ -60,7 +61,7 @@ def decode_only(cluster: Cluster, state: Any) -> float:
 def capture_run(conn: ConnectionInfo, store: Store, database_id: str, count: int) -> float:
     """The seconds of one capture run, which must store the `count` transactions committed."""
     t0 = time.perf_counter()
-    result = cdc.run(conn, store, database_id)
+    result = capture.run(conn, store, database_id)
     seconds = time.perf_counter() - t0
     assert result.segment is not None and result.segment.transactions == count
     return seconds
@@ -79,7 +80,7 @@ def main() -> int:
         cluster.execute("CREATE TABLE orders (id bigserial PRIMARY KEY, note text, amount int,"
                         " at timestamptz DEFAULT now())", "shop")
         conn = ConnectionInfo.from_url(cluster.url("shop"))
-        state, base = cdc.start(conn, store, BackupRequest())
+        state, base = capture.start(conn, store, BackupRequest())
         print(f"bench: PostgreSQL 17, slot {state.slot} ({state.plugin}), moto S3 on loopback")
         print(f"{'transactions':>12}  {'decode only s':>13}  {'capture run s':>13}  "
               f"{'x decode':>8}  {'recovery point s':>16}")
@@ -93,7 +94,7 @@ def main() -> int:
             assert d is not None and r is not None
             print(f"{count:>12}  {d:>13.3f}  {r:>13.3f}  {r / d:>7.1f}x  "
                   f"{SCHEDULE_SECONDS + max(run):>16.1f}")
-        cdc.drop(conn, store, base.database_id)
+        capture.drop(conn, store, base.database_id)
     print(f"recovery point = the schedule ({SCHEDULE_SECONDS} s) + the slowest run; "
           "target: under 120 s")
     return 0

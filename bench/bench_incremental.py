@@ -9,7 +9,7 @@ hold 5% of the bytes. After one uncounted warm-up, each of REPEAT rounds does:
   change          UPDATE every row of the hot tables, then VACUUM them (as autovacuum
                   would), so about 5% of the database's bytes are rewritten
   incremental     supabackup backup incremental  (parent: that full)
-  scan alone      the incremental's change detection (supabackup.changes.scan_tables)
+  scan alone      the incremental's change detection (supabackup.inventory.scan_tables)
                   timed by itself in a REPEATABLE READ transaction, and the full's
                   count-only variant
   no-change       supabackup backup incremental again, with nothing changed: the floor
@@ -269,8 +269,8 @@ class Bench:
             "escalation": manifest.escalation, "bytes": manifest.total_bytes,
             "objects": {o.name: o.size for o in manifest.objects},
             "tables_dumped": manifest.tables_dumped, "tables_total": len(manifest.tables),
-            "dumped": sorted(f"{t['name']}: {t['reason']}" for t in manifest.tables
-                             if t.get("reason") and t["reason"] != "full backup"),
+            "dumped": sorted(f"{t.name}: {t.reason}" for t in manifest.tables
+                             if t.reason and t.reason != "full backup"),
             "snapshot_xmin": manifest.snapshot_xmin, "engine_seconds": manifest.duration_seconds,
             "rss_mb": {"python": tl.rss_kb.get("python", 0) / 1024,
                        "pg_dump": tl.rss_kb.get("pg_dump", 0) / 1024},
@@ -288,12 +288,12 @@ class Bench:
     def scan_alone(self, since_xmin: int | None) -> dict[str, float]:
         """The engine's change detection, timed by itself in a REPEATABLE READ snapshot.
 
-        The same function (supabackup.changes.scan_tables) the run calls, with the same
+        The same function (supabackup.inventory.scan_tables) the run calls, with the same
         isolation, schema exclusions and the parent's snapshot xmin; since_xmin None is
         the full's variant (exact counts only).
         """
-        from supabackup.changes import scan_tables
         from supabackup.dburl import ConnectionInfo
+        from supabackup.inventory import scan_tables
         from supabackup.profiles import resolve_profile
         excluded = resolve_profile(None, ConnectionInfo.from_url(self.url)).exclude_schemas
         if self.settle_seconds > 0:
@@ -453,7 +453,7 @@ def report(size_gb: float, data: dict[str, Any], rounds: list[dict[str, Any]],
 def report_scan(m: dict[str, Any]) -> None:
     """What change detection costs the database, timed alone."""
     s, sf = m["scan"], m["scan_full"]
-    print(f"\n  change detection (supabackup.changes.scan_tables, timed alone, REPEATABLE READ):"
+    print(f"\n  change detection (supabackup.inventory.scan_tables, timed alone, REPEATABLE READ):"
           f"\n    incremental's scan (counts + rows newer than the parent): {s['seconds']:.2f}s"
           f" = {s['seconds_per_gib']:.2f}s per GiB; postgres CPU {s['postgres_cpu']:.2f}s;"
           f"\n      {s['vs_full_wall']:.1%} of the full's wall time, "

@@ -11,8 +11,7 @@ import re
 import subprocess
 
 from supabackup.dburl import ConnectionInfo
-from supabackup.dump import child_env
-from supabackup.pgtools import find_tools
+from supabackup.pgtools import child_env, find_tools
 
 
 def dump_lines(url: str) -> list[str]:

@@ -10,10 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -25,10 +22,7 @@ from supabackup.store import BOTO_CONFIG, MIB, Store, StoreURL
 from devkit.pg import Cluster, bindir_for
 from devkit.s3 import FAKE_CREDENTIALS, LocalS3
 
-REPO = Path(__file__).resolve().parent.parent
-EVENTS = REPO / "events"
-SQL = REPO / "devkit" / "sql"
-BUCKET = "sb-test-bucket"
+from .helpers import BUCKET, PASSWORD, Inbox
 
 # Never reach real AWS from a test, whatever the developer's shell has set.
 for _var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN",
@@ -37,9 +31,18 @@ for _var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESS
 os.environ.update(FAKE_CREDENTIALS)
 
 
-def load_event(name: str) -> dict[str, Any]:
-    """The sample events users invoke with are the ones tests use."""
-    return json.loads((EVENTS / name).read_text())
+# A test that uses none of these and is not marked `tools` or `server` is a unit test
+# (`pytest -m unit`).
+SERVER_FIXTURES = frozenset({"pg15", "pg17", "cluster", "logical", "new_db", "local_s3",
+                             "deployed", "restore_target"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ()))
+        if not (uses & SERVER_FIXTURES or item.get_closest_marker("tools")
+                or item.get_closest_marker("server")):
+            item.add_marker(pytest.mark.unit)
 
 
 _clusters: dict[int, Cluster] = {}
@@ -112,32 +115,6 @@ def store(s3: Any) -> Store:
                  concurrency=2)
 
 
-class Inbox:
-    """An SNS topic with an SQS queue subscribed, to read what was published."""
-
-    def __init__(self, sns: Any, sqs: Any) -> None:
-        self.sns, self.sqs = sns, sqs
-        self.topic_arn = sns.create_topic(Name="supabackup-test")["TopicArn"]
-        self.queue_url = sqs.create_queue(QueueName="supabackup-inbox")["QueueUrl"]
-        queue_arn = sqs.get_queue_attributes(QueueUrl=self.queue_url,
-                                             AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        sns.subscribe(TopicArn=self.topic_arn, Protocol="sqs", Endpoint=queue_arn)
-
-    def messages(self) -> list[dict[str, Any]]:
-        """Each published message: Subject, Message (parsed JSON), MessageAttributes."""
-        out = []
-        while True:
-            got = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10)
-            if not got.get("Messages"):
-                return out
-            for msg in got["Messages"]:
-                envelope = json.loads(msg["Body"])
-                envelope["Message"] = json.loads(envelope["Message"])
-                out.append(envelope)
-                self.sqs.delete_message(QueueUrl=self.queue_url,
-                                        ReceiptHandle=msg["ReceiptHandle"])
-
-
 @pytest.fixture
 def inbox(aws: None) -> Inbox:
     return Inbox(boto3.client("sns", region_name="us-east-1"),
@@ -150,51 +127,7 @@ def local_s3() -> Iterator[LocalS3]:
         yield server
 
 
-def stored_keys(client: Any, bucket: str = BUCKET) -> list[str]:
-    return [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
-
-
-def open_uploads(client: Any, bucket: str = BUCKET) -> list[str]:
-    return [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
-
-
-def child_pids(name: str) -> list[int]:
-    """PIDs of our child processes called `name` (e.g. the running pg_dump)."""
-    me, found = os.getpid(), []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)
-            comm = fields[0].split("(", 1)[1]
-            ppid = int(fields[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == me and comm == name:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def kill_children(name: str) -> int:
-    pids = child_pids(name)
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    return len(pids)
-
-
 # --- the stack, as the Lambda handlers see it -------------------------------------------
-
-PASSWORD = "handler-Secret-pw-42"
-
-
-@dataclass
-class FakeContext:
-    function_name: str = "supabackup-backup"
-    memory_limit_in_mb: int = 1024
-    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:supabackup-backup"
-    aws_request_id: str = "req-1"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 900_000
-
 
 @pytest.fixture
 def deployed(pg15: Cluster, new_db: Any, s3: Any, inbox: Inbox,

@@ -10,17 +10,17 @@ from typing import Any
 import pytest
 from botocore.awsrequest import AWSResponse
 from moto.core.botocore_stubber import MockRawResponse
-from supabackup.backup import BackupRequest, run_full_backup
+from supabackup.backup import BackupRequest, run_backup
 from supabackup.dburl import ConnectionInfo
 from supabackup.errors import StoreError
 from supabackup.notify import Notifier
 from supabackup.pgtools import find_tools
-from supabackup.run import backup_and_report
+from supabackup.report import backup_and_report
 from supabackup.store import MIB, Store
 
 from devkit.pg import Cluster
 
-from .conftest import BUCKET, Inbox, open_uploads, stored_keys
+from .helpers import BUCKET, Inbox, open_uploads, stored_keys
 
 
 def _seed(cluster: Cluster, db: str) -> None:
@@ -39,7 +39,7 @@ def test_full_backup_commits_manifest_whose_checksums_match_the_objects(
         cluster: Cluster, new_db: Any, store: Store, s3: Any) -> None:
     db = new_db(cluster)
     _seed(cluster, db)
-    manifest = run_full_backup(_conn(cluster, db), store, BackupRequest(label="nightly"))
+    manifest = run_backup(_conn(cluster, db), store, BackupRequest(label="nightly"))
 
     prefix = f"backups/{manifest.database_id}/backups/{manifest.backup_id}/"
     assert sorted(stored_keys(s3)) == [prefix + n for n in
@@ -62,7 +62,7 @@ def test_full_backup_archive_lists_every_table_and_the_roles_script_names_our_ro
     pg17.execute("DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname='sb_app_reader')"
                  " THEN CREATE ROLE sb_app_reader; END IF; END$$;"
                  "GRANT SELECT ON item TO sb_app_reader", db)
-    manifest = run_full_backup(_conn(pg17, db), store, BackupRequest())
+    manifest = run_backup(_conn(pg17, db), store, BackupRequest())
     prefix = f"backups/{manifest.database_id}/backups/{manifest.backup_id}/"
     archive = tmp_path / "db.dump"
     archive.write_bytes(s3.get_object(Bucket=BUCKET, Key=prefix + "database.dump")["Body"].read())
@@ -99,11 +99,11 @@ def test_manifest_is_never_overwritten(pg15: Cluster, new_db: Any, store: Store,
                                        s3: Any) -> None:
     db = new_db(pg15)
     _seed(pg15, db)
-    first = run_full_backup(_conn(pg15, db), store, BackupRequest(backup_id="20261124T030000Z-full"))
+    first = run_backup(_conn(pg15, db), store, BackupRequest(backup_id="20261124T030000Z-full"))
     before = {k: s3.get_object(Bucket=BUCKET, Key=k)["ETag"] for k in stored_keys(s3)}
     pg15.execute("INSERT INTO item VALUES (-1, 'changed', '{}')", db)
     with pytest.raises(StoreError, match="already exists"):
-        run_full_backup(_conn(pg15, db), store, BackupRequest(backup_id=first.backup_id))
+        run_backup(_conn(pg15, db), store, BackupRequest(backup_id=first.backup_id))
     after = {k: s3.get_object(Bucket=BUCKET, Key=k)["ETag"] for k in stored_keys(s3)}
     assert after == before, "the first backup's objects must be untouched"
 
@@ -128,7 +128,7 @@ def test_archive_shows_the_instant_of_the_exported_snapshot_not_when_pg_dump_sta
             pg15.execute("INSERT INTO ledger VALUES (2)", source)
 
     s3.meta.events.register_first("before-send.s3.PutObject", commit_late_row)
-    manifest = run_full_backup(_conn(pg15, source), store, BackupRequest())
+    manifest = run_backup(_conn(pg15, source), store, BackupRequest())
     # THEN the restored database holds the data as of the snapshot only
     from supabackup.restore import run_restore
     run_restore(store, manifest, _conn(pg15, target))
@@ -153,4 +153,4 @@ def test_cleanup_that_fails_too_never_hides_the_original_error(
     s3.meta.events.register_first("before-send.s3", refuse)
     # THEN the run fails with the manifest's error, not the cleanup's
     with pytest.raises(StoreError, match="ServiceUnavailable on .*manifest.json"):
-        run_full_backup(_conn(pg15, db), store, BackupRequest())
+        run_backup(_conn(pg15, db), store, BackupRequest())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import pytest
@@ -10,12 +11,12 @@ from supabackup.backup import BackupRequest
 from supabackup.dburl import ConnectionInfo
 from supabackup.errors import ConfigError, ConnectionFailed, StoreError, ToolError
 from supabackup.notify import Notifier
-from supabackup.run import backup_and_report
+from supabackup.report import backup_and_report
 from supabackup.store import Store, StoreURL
 
 from devkit.pg import PG15_BINDIR, Cluster, free_port
 
-from .conftest import Inbox, open_uploads, stored_keys
+from .helpers import Inbox, open_uploads, stored_keys
 
 SECRET = "Sup3r-S3cret-Pa55word"
 
@@ -130,3 +131,58 @@ def test_no_password_in_logs_messages_or_errors_on_success_and_failure(
     for text in (caplog.text, published, str(caught.value), repr(caught.value),
                  manifest.to_json().decode(), repr(good), stored.decode("latin-1")):
         assert SECRET not in text
+
+
+# ---------------------------------------------------- failures that once read "unexpected error"
+
+
+def test_a_line_pg_restore_lists_that_is_no_toc_entry_is_a_restore_failure() -> None:
+    from supabackup.errors import RestoreFailed
+    from supabackup.restore.toc import TocEntry
+    entry = TocEntry.parse("3350; 0 16390 TABLE DATA public todos postgres", "B")
+    assert (entry.desc, entry.schema, entry.name) == ("TABLE DATA", "public", "todos")
+    with pytest.raises(RestoreFailed, match="pg_restore --list of B gave a line that is not"):
+        TocEntry.parse("WARNING: archive made by a newer pg_dump", "B")
+
+
+@pytest.mark.parametrize("name, body, match", [
+    ("epochs/0000000001000000.json", b'{"slot": "s"}', "capture epoch .* is damaged"),
+    ("epochs/0000000001000000.json", b"[1, 2]", "capture epoch .* is damaged"),
+    ("index/0000000001000000.json", b'{"key": 7}', "capture index entry .* is damaged"),
+    ("state.json", b"{not json", "capture state .* is damaged"),
+])
+def test_damaged_capture_records_fail_with_one_line_not_a_traceback(
+        store: Store, capsys: pytest.CaptureFixture[str], name: str, body: bytes,
+        match: str) -> None:
+    """A capture record that is not one (damaged, or written by something else) is a store
+    error with its key and what to do, for a restore to a time and for capture alike."""
+    from supabackup import capture, cli
+    from supabackup.manifest import new_backup_id, utcnow
+    store.put_small(store.backup_key("db1", new_backup_id(utcnow(), "full"), "x"), b"")
+    store.put_small(store.key("db1", "cdc", name), body)
+    code = cli.main(["restore", "--store", str(store.url), "--database-id", "db1",
+                     "--target-url", "postgresql://u@127.0.0.1:1/t",
+                     "--at", "2026-11-30T12:00:00Z"])
+    err = capsys.readouterr().err.strip()
+    if name.startswith("epochs/"):
+        assert code == StoreError.exit_code and len(err.splitlines()) == 1, err
+        assert "unexpected" not in err and re.search(match, err), err
+    with pytest.raises(StoreError, match=match):
+        (capture.read_state if name == "state.json" else
+         capture.segments if name.startswith("index/") else capture.epochs)(store, "db1")
+
+
+def test_a_non_numeric_setting_in_the_functions_environment_is_refused_clearly(
+        s3: Any, inbox: Inbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    from supabackup.handlers import capture as capture_handler
+    from supabackup.handlers import common
+
+    from .helpers import FakeContext
+    monkeypatch.setenv("SUPABACKUP_MAX_RETAINED_WAL", "lots")
+    monkeypatch.setattr(common, "clients", {"s3": s3, "sns": inbox.sns})
+    monkeypatch.setenv("SUPABACKUP_SNS_TOPIC_ARN", inbox.topic_arn)
+    with pytest.raises(ConfigError, match="SUPABACKUP_MAX_RETAINED_WAL is not a whole number"):
+        capture_handler.handler({"action": "run"}, FakeContext())
+    (msg,) = inbox.messages()
+    assert msg["MessageAttributes"]["status"]["Value"] == "failed"
+    assert "SUPABACKUP_MAX_RETAINED_WAL" in msg["Message"]["error"]

@@ -17,14 +17,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from supabackup import cdc
+from supabackup import capture
 from supabackup.backup import BackupRequest
+from supabackup.capture.replay import ReplayFailed
+from supabackup.catalog import restore_point
 from supabackup.dburl import ConnectionInfo
-from supabackup.errors import ConfigError
+from supabackup.errors import CaptureError, ConfigError
 from supabackup.manifest import parse_time
 from supabackup.notify import Notifier
-from supabackup.replay import ReplayFailed
-from supabackup.run import restore_to_time_and_report
+from supabackup.report import restore_and_report
 from supabackup.store import Store
 
 from devkit.compare import table_fingerprints
@@ -54,7 +55,7 @@ def _restore_at(cluster: Cluster, store: Store, database_id: str, when: datetime
                 name: str) -> dict[str, Any]:
     cluster.drop_database(name)
     cluster.create_database(name)
-    cdc.restore_to_time(store, database_id, _conn(cluster, name), when)
+    capture.restore_to_time(store, database_id, _conn(cluster, name), when)
     return table_fingerprints(cluster.url(name))
 
 
@@ -91,7 +92,7 @@ def test_restore_at_each_time_equals_the_source_as_it_was_then(
     logical.drop_database(db)
     logical.create_database(db)
     logical.execute(SCHEMA, db)
-    state, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    state, base = capture.start(_conn(logical, db), store, BackupRequest())
     assert state.base == base.backup_id and base.kind == "full"
     assert state.plugin == logical.plugin  # type: ignore[attr-defined]
     # WHEN writers commit in rounds, captured after each, and the time after each is noted
@@ -100,12 +101,12 @@ def test_restore_at_each_time_equals_the_source_as_it_was_then(
         logical.execute(statements, db)
         expected.append((_now(logical, db), table_fingerprints(logical.url(db))))
         time.sleep(0.05)
-        assert cdc.run(_conn(logical, db), store, base.database_id).segment is not None
+        assert capture.run(_conn(logical, db), store, base.database_id).segment is not None
     # THEN a restore at each time equals the source at that time, table by table
     for i, (when, tables) in enumerate(expected):
         assert _restore_at(logical, store, base.database_id, when, f"cdc_at_{i}") == tables, i
     # and a time before the first round gives the base
-    first = parse_time(cdc.segments(store, base.database_id)[0].first_commit_time)
+    first = parse_time(capture.segments(store, base.database_id)[0].first_commit_time)
     before = _restore_at(logical, store, base.database_id, first - timedelta(microseconds=1),
                          "cdc_at_base")
     assert before["public.scratch"][0] == 0 and before["public.events"][0] == 0
@@ -117,20 +118,20 @@ def test_a_run_that_dies_before_advancing_the_slot_duplicates_nothing(
     logical.drop_database(db)
     logical.create_database(db)
     logical.execute(SCHEMA, db)
-    _, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    _, base = capture.start(_conn(logical, db), store, BackupRequest())
     logical.execute(ROUNDS[0], db)
 
-    def crash(segment: cdc.Segment) -> None:
+    def crash(segment: capture.Segment) -> None:
         raise RuntimeError("killed after the upload, before the slot advanced")
 
     with pytest.raises(RuntimeError):
-        cdc.run(_conn(logical, db), store, base.database_id, after_upload=crash)
+        capture.run(_conn(logical, db), store, base.database_id, after_upload=crash)
     logical.execute(ROUNDS[1], db)
     # the next run stores the first round's transactions again, with the second's
-    again = cdc.run(_conn(logical, db), store, base.database_id).segment
+    again = capture.run(_conn(logical, db), store, base.database_id).segment
     assert again is not None and again.transactions == 2
-    assert len(cdc.segments(store, base.database_id)) == 2
-    last = cdc.run(_conn(logical, db), store, base.database_id)
+    assert len(capture.segments(store, base.database_id)) == 2
+    last = capture.run(_conn(logical, db), store, base.database_id)
     assert last.segment is None and last.covered_through is not None  # advanced
     # each stored transaction carries its xid, commit LSN and commit time
     import gzip
@@ -153,9 +154,9 @@ def _fresh(cluster: Cluster, name: str) -> str:
 def test_a_schema_change_starts_a_new_epoch_and_restores_work_on_both_sides(
         logical: Cluster, store: Store) -> None:
     db = _fresh(logical, "cdc_ddl")
-    _, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    _, base = capture.start(_conn(logical, db), store, BackupRequest())
     logical.execute(ROUNDS[0], db)
-    checked = cdc.run(_conn(logical, db), store, base.database_id).covered_through
+    checked = capture.run(_conn(logical, db), store, base.database_id).covered_through
     assert checked is not None
     before_ddl = (checked, table_fingerprints(logical.url(db)))
     time.sleep(1.1)  # backup ids have one-second resolution: the new base needs its own
@@ -163,18 +164,18 @@ def test_a_schema_change_starts_a_new_epoch_and_restores_work_on_both_sides(
     logical.execute("ALTER TABLE scratch ADD COLUMN note text DEFAULT 'new';"
                     "INSERT INTO scratch VALUES ('with note', 4, 'hello')", db)
     in_window = _now(logical, db)
-    captured = cdc.run(_conn(logical, db), store, base.database_id)
+    captured = capture.run(_conn(logical, db), store, base.database_id)
     assert captured.restarted == "the schema changed" and not captured.lost
     # a time between the last check and the new base: the DDL's moment is unknown
-    with pytest.raises(cdc.CaptureError, match="cannot be restored exactly") as refused:
+    with pytest.raises(CaptureError, match="cannot be restored exactly") as refused:
         _restore_at(logical, store, base.database_id, in_window, "cdc_ddl_window")
     assert "choose a time at or before" in refused.value.hint
-    epochs = cdc.epochs(store, base.database_id)
+    epochs = capture.epochs(store, base.database_id)
     assert len(epochs) == 2 and epochs[1].base != base.backup_id
     logical.execute(ROUNDS[1], db)
     after = (_now(logical, db), table_fingerprints(logical.url(db)))
     time.sleep(0.05)
-    assert cdc.run(_conn(logical, db), store, base.database_id).segment is not None
+    assert capture.run(_conn(logical, db), store, base.database_id).segment is not None
     for i, (when, tables) in enumerate([before_ddl, after]):
         assert _restore_at(logical, store, base.database_id, when, f"cdc_ddl_{i}") == tables, i
 
@@ -182,19 +183,19 @@ def test_a_schema_change_starts_a_new_epoch_and_restores_work_on_both_sides(
 def test_a_lost_slot_starts_a_new_base_and_says_changes_were_lost(
         logical: Cluster, store: Store) -> None:
     db = _fresh(logical, "cdc_lost")
-    state, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    state, base = capture.start(_conn(logical, db), store, BackupRequest())
     logical.execute(ROUNDS[0], db)
     logical.execute(f"SELECT pg_drop_replication_slot('{state.slot}')", db)  # by hand
     time.sleep(1.1)  # backup ids have one-second resolution: the new base needs its own
-    lost = cdc.run(_conn(logical, db), store, base.database_id)
+    lost = capture.run(_conn(logical, db), store, base.database_id)
     assert lost.lost and "is gone" in lost.restarted
-    after = cdc.read_state(store, base.database_id)
+    after = capture.read_state(store, base.database_id)
     assert after is not None and after.base != base.backup_id
     # the new base holds the first round; later changes are captured again
     logical.execute(ROUNDS[1], db)
     when = _now(logical, db)
     time.sleep(0.05)
-    assert cdc.run(_conn(logical, db), store, base.database_id).segment is not None
+    assert capture.run(_conn(logical, db), store, base.database_id).segment is not None
     assert _restore_at(logical, store, base.database_id, when, "cdc_lost_restored") == \
         table_fingerprints(logical.url(db))
 
@@ -203,18 +204,18 @@ def test_status_reports_retained_wal_and_tables_that_cannot_be_replayed(
         logical: Cluster, store: Store) -> None:
     db = _fresh(logical, "cdc_status")
     logical.execute("CREATE TABLE no_key (v int)", db)
-    _, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    _, base = capture.start(_conn(logical, db), store, BackupRequest())
     logical.execute("INSERT INTO no_key SELECT generate_series(1, 1000)", db)
     time.sleep(1.1)  # backup ids have one-second resolution: the new base needs its own
-    found = cdc.status(_conn(logical, db), store, base.database_id)
+    found = capture.status(_conn(logical, db), store, base.database_id)
     assert found["started"] and found["tables_without_identity"] == ["public.no_key"]
     assert found["slot"]["retained_wal_bytes"] > 0
     assert found["slot"]["wal_status"] in ("reserved", "extended")
     # over the hard limit, the slot is dropped before it can fill the disk, and a new base taken
-    limited = cdc.run(_conn(logical, db), store, base.database_id, max_retained_wal=1)
+    limited = capture.run(_conn(logical, db), store, base.database_id, max_retained_wal=1)
     assert limited.lost and "over the limit of 1" in limited.restarted
-    assert cdc.drop(_conn(logical, db), store, base.database_id) is not None
-    assert cdc.status(_conn(logical, db), store, base.database_id)["slot"] == {}
+    assert capture.drop(_conn(logical, db), store, base.database_id) is not None
+    assert capture.status(_conn(logical, db), store, base.database_id)["slot"] == {}
 
 
 def test_the_command_line_captures_and_restores_to_a_point_in_time(
@@ -268,7 +269,7 @@ def test_replication_through_a_supabase_pooler_is_refused_naming_the_direct_host
         "postgresql://postgres.abcdefghijklmnop:pw@aws-0-eu-west-1.pooler.supabase.com:5432/postgres")
     with pytest.raises(ConfigError, match="cannot carry logical replication.*"
                                           "db.abcdefghijklmnop.supabase.co"):
-        cdc.require_direct(conn)
+        capture.require_direct(conn)
 
 
 def test_the_capture_function_starts_runs_and_reports_the_slot(
@@ -278,7 +279,7 @@ def test_the_capture_function_starts_runs_and_reports_the_slot(
     from supabackup.handlers import capture as capture_handler
     from supabackup.handlers import common
 
-    from .conftest import BUCKET, FakeContext, load_event
+    from .helpers import BUCKET, FakeContext, load_event
     db = _fresh(logical, "cdc_lambda")
     secrets = boto3.client("secretsmanager", region_name="us-east-1")
     arn = secrets.create_secret(Name="supabackup/direct", SecretString=json.dumps({
@@ -297,8 +298,9 @@ def test_the_capture_function_starts_runs_and_reports_the_slot(
     assert ran["transactions"] == 1 and not ran["lost"]  # one statement string, one commit
     emf = [json.loads(line) for line in capfd.readouterr().out.splitlines()
            if line.startswith('{"_aws"')][-1]
-    assert emf["kind"] == "capture" and emf["RetainedWalBytes"][0] >= 0
-    assert emf["CapturedTransactions"] in ([1.0], 1.0)
+    assert emf["kind"] == "capture"
+    assert emf["RetainedWalBytes"] == [float(ran["slot"]["retained_wal_bytes"])]
+    assert emf["CapturedTransactions"] == [1.0]
     status = capture_handler.handler(load_event("capture-status.json"), FakeContext())
     assert status["started"] and status["last_commit_captured"]
     assert inbox.messages() == []  # a good run sends nothing
@@ -307,9 +309,9 @@ def test_the_capture_function_starts_runs_and_reports_the_slot(
 def test_a_lost_slot_is_an_alert_on_sns_and_a_good_run_says_nothing(
         logical: Cluster, store: Store, inbox: Any) -> None:
     from supabackup.notify import Notifier
-    from supabackup.run import capture_and_report
+    from supabackup.report import capture_and_report
     db = _fresh(logical, "cdc_alert")
-    state, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    state, base = capture.start(_conn(logical, db), store, BackupRequest())
     notifier = Notifier(inbox.topic_arn, inbox.sns)
     logical.execute(ROUNDS[0], db)
     capture_and_report(_conn(logical, db), store, base.database_id, notifier)
@@ -334,8 +336,8 @@ def test_a_start_that_fails_leaves_no_slot_holding_wal(logical: Cluster, store: 
     s3.meta.events.register_first("before-send.s3.HeadBucket", lambda request, **_: AWSResponse(
         request.url, 403, {}, MockRawResponse(b"")))
     with pytest.raises(StoreError, match="access to bucket .* is denied"):
-        cdc.start(_conn(logical, db), store, BackupRequest())
-    slot = cdc.slot_name(_conn(logical, db))
+        capture.start(_conn(logical, db), store, BackupRequest())
+    slot = capture.slot_name(_conn(logical, db))
     assert logical.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = "
                            f"'{slot}'", db) == [(0,)]
     assert logical.execute("SELECT count(*) FROM pg_publication WHERE pubname = "
@@ -348,7 +350,7 @@ def test_an_epoch_change_under_concurrent_writers_restores_exactly_or_refuses(
     # a DDL ends the epoch and the next run takes a new slot and base
     db = _fresh(logical, "cdc_busy")
     logical.execute("CREATE TABLE ticks (id bigint PRIMARY KEY)", db)
-    _, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    _, base = capture.start(_conn(logical, db), store, BackupRequest())
     stop = threading.Event()
 
     def write() -> None:
@@ -364,18 +366,18 @@ def test_an_epoch_change_under_concurrent_writers_restores_exactly_or_refuses(
     writer.start()
     try:
         time.sleep(0.3)
-        before = cdc.run(_conn(logical, db), store, base.database_id).covered_through
+        before = capture.run(_conn(logical, db), store, base.database_id).covered_through
         time.sleep(1.1)  # backup ids have one-second resolution: the new base needs its own
         logical.execute("ALTER TABLE ticks ADD COLUMN note text", db)
         time.sleep(0.2)
-        ended = cdc.run(_conn(logical, db), store, base.database_id)
+        ended = capture.run(_conn(logical, db), store, base.database_id)
         time.sleep(0.3)
-        after = cdc.run(_conn(logical, db), store, base.database_id).covered_through
+        after = capture.run(_conn(logical, db), store, base.database_id).covered_through
     finally:
         stop.set()
         writer.join()
     assert ended.restarted == "the schema changed" and before and after
-    new_base = parse_time(cdc.epochs(store, base.database_id)[-1].base_at)
+    new_base = parse_time(capture.epochs(store, base.database_id)[-1].base_at)
     committed = logical.execute("SELECT id, pg_xact_commit_timestamp(xmin) FROM ticks", db)
     # WHEN times from the first base to the last run are restored, the window included
     first = parse_time(base.snapshot_at)
@@ -385,7 +387,7 @@ def test_an_epoch_change_under_concurrent_writers_restores_exactly_or_refuses(
         name = f"cdc_busy_{i}"
         try:
             restored = _restore_at(logical, store, base.database_id, when, name)
-        except cdc.CaptureError as exc:
+        except CaptureError as exc:
             refused.append(when)
             assert "cannot be restored exactly" in exc.message
             continue
@@ -404,11 +406,11 @@ def test_a_replay_that_fails_names_the_transaction_and_what_the_target_holds(
         logical: Cluster, store: Store) -> None:
     # GIVEN captured transactions, the second of which no longer fits the target
     db = _fresh(logical, "cdc_fail")
-    _, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    _, base = capture.start(_conn(logical, db), store, BackupRequest())
     logical.execute("INSERT INTO scratch VALUES ('kept', 1)", db)
     logical.execute("UPDATE scratch SET v = 2 WHERE k = 'kept'", db)
     logical.execute("INSERT INTO scratch VALUES ('never', 3)", db)
-    run = cdc.run(_conn(logical, db), store, base.database_id)
+    run = capture.run(_conn(logical, db), store, base.database_id)
     assert run.segment is not None and run.covered_through is not None
     lines = gzip.decompress(store.read_small(run.segment.key) or b"").splitlines()
     second = json.loads(lines[1])
@@ -435,22 +437,64 @@ def test_capture_never_changes_what_the_application_can_write_and_names_what_it_
     # GIVEN a table without a replica identity, and capture started
     db = _fresh(logical, "cdc_keyless")
     logical.execute("CREATE TABLE log (line text); INSERT INTO log VALUES ('a'), ('b')", db)
-    _, base = cdc.start(_conn(logical, db), store, BackupRequest())
+    _, base = capture.start(_conn(logical, db), store, BackupRequest())
     # WHEN the application updates and deletes in it, as it did before capture
     logical.execute("UPDATE log SET line = 'changed' WHERE line = 'a';"
                     "DELETE FROM log WHERE line = 'b'; INSERT INTO log VALUES ('c')", db)
-    when = cdc.run(_conn(logical, db), store, base.database_id).covered_through
+    when = capture.run(_conn(logical, db), store, base.database_id).covered_through
     assert when is not None
     # THEN its writes went through, and a restore to that time names the table and why,
     # in its output and on SNS
     target = "cdc_keyless_restored"
     logical.drop_database(target)
     logical.create_database(target)
-    report = restore_to_time_and_report(store, base.database_id, _conn(logical, target), when,
-                                        Notifier(inbox.topic_arn, inbox.sns))
+    report = restore_and_report(store, restore_point(store, base.database_id, when.isoformat()),
+                                _conn(logical, target), Notifier(inbox.topic_arn, inbox.sns))
     named = [line for line in report.lines() if "NOT AS OF" in line]
     assert len(named) == 1 and "public.log" in named[0] and "no replica identity" in named[0]
     message = inbox.messages()[-1]["Message"]
     assert any("public.log" in line for line in message["details"]["inexact"])
     # its insert was replayed, the update and delete could not be
     assert sorted(logical.execute("SELECT line FROM log", target)) == [("a",), ("b",), ("c",)]
+
+
+def test_at_a_time_the_restore_function_replays_capture_as_the_command_line_does(
+        logical: Cluster, s3: Any, inbox: Any, new_db: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`"at": TIME` in the restore Lambda means what `--at TIME` means on the command line:
+    where capture covers the time, the base and every change captured up to it (not the
+    newest backup before it, which is the base, without those changes); the result and
+    the SNS message say it was a replay."""
+    import boto3
+    from supabackup.handlers import common
+    from supabackup.handlers import restore as restore_handler
+    from supabackup.manifest import iso
+    from supabackup.store import StoreURL
+
+    from .helpers import BUCKET, FakeContext
+    db, target = _fresh(logical, "cdc_at_lambda"), new_db(logical)
+    store = Store(StoreURL.parse(f"s3://{BUCKET}/prod"), s3)
+    _, base = capture.start(_conn(logical, db), store, BackupRequest())
+    logical.execute(ROUNDS[0], db)
+    when = _now(logical, db)
+    capture.run(_conn(logical, db), store, base.database_id)
+    expected = table_fingerprints(logical.url(db))
+    logical.execute(ROUNDS[1], db)  # after the time: must not be restored
+    capture.run(_conn(logical, db), store, base.database_id)
+    secrets = boto3.client("secretsmanager", region_name="us-east-1")
+    arn = secrets.create_secret(Name="supabackup/restore-target", SecretString=json.dumps({
+        "host": "127.0.0.1", "port": logical.port, "username": "postgres",
+        "password": "devkit-superuser-pw", "dbname": target, "sslmode": "disable"}))["ARN"]
+    monkeypatch.setenv("SUPABACKUP_STORE", f"s3://{BUCKET}/prod")
+    monkeypatch.setenv("SUPABACKUP_RESTORE_SECRET_ARN", arn)
+    monkeypatch.setenv("SUPABACKUP_SNS_TOPIC_ARN", inbox.topic_arn)
+    monkeypatch.setattr(common, "clients", {"s3": s3, "secretsmanager": secrets,
+                                            "sns": inbox.sns})
+    plan = restore_handler.handler({"at": iso(when), "dry_run": True}, FakeContext())
+    assert plan["method"] == "replay" and "by replaying change capture" in plan["plan"][0]
+    result = restore_handler.handler({"at": iso(when)}, FakeContext())
+    assert result["method"] == "replay" and result["backup_id"] == base.backup_id
+    assert table_fingerprints(logical.url(target)) == expected
+    (message,) = inbox.messages()
+    assert message["Message"]["details"]["method"] == "replay"
+    assert "by replaying change capture" in message["Subject"] + json.dumps(message["Message"])

@@ -149,3 +149,12 @@ def test_verify_with_a_drill_restores_and_compares_every_table(
     assert "compared 1 tables, 100 rows: 0 mismatch(es)" in drilled.stdout
     from devkit.pg import SUPERUSER_PASSWORD
     assert SUPERUSER_PASSWORD not in drilled.stdout + drilled.stderr
+
+
+def test_help_says_what_the_tool_does_and_how_at_reads() -> None:
+    shown = subprocess.run([EXE, "--help"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0
+    description = shown.stdout.split("\n\n")[1]
+    assert description.startswith("Verifiable backups of Supabase and PostgreSQL databases")
+    assert "parse flags" not in shown.stdout
+    assert "replaying change capture where capture covers the time" in shown.stdout

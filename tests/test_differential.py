@@ -16,6 +16,8 @@ from supabackup.store import Store
 from devkit.differential.harness import run_case
 from devkit.pg import Cluster, logical_cluster
 
+pytestmark = pytest.mark.server  # starts servers of its own
+
 SEEDS = (11, 12)
 STEPS = 4
 

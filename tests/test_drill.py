@@ -16,20 +16,19 @@ from typing import Any
 import pytest
 from supabackup import backup
 from supabackup.backup import BackupRequest, run_backup
-from supabackup.changes import Scanned, TableState
 from supabackup.dburl import ConnectionInfo
-from supabackup.dump import child_env
 from supabackup.errors import VerifyFailed
-from supabackup.manifest import Manifest, new_backup_id
+from supabackup.inventory import Scanned
+from supabackup.manifest import Manifest, TableState, new_backup_id
 from supabackup.notify import Notifier
-from supabackup.pgtools import find_tools
-from supabackup.run import verify_and_report
+from supabackup.pgtools import child_env, find_tools
+from supabackup.report import verify_and_report
 from supabackup.store import Store
 from supabackup.verify import verify_database
 
 from devkit.pg import Cluster
 
-from .conftest import BUCKET, SQL, Inbox
+from .helpers import BUCKET, SQL, Inbox
 
 START = datetime(2026, 11, 22, 3, tzinfo=UTC)
 
@@ -70,14 +69,14 @@ def test_drill_restores_the_newest_backup_and_every_table_matches(
     assert report.drill.unfingerprinted == 0
     # both ways of hashing rows are exercised: binary where it survives a restore, text
     # where it does not (enums, composites, ranges, json, ...)
-    assert {t["fingerprint"].split(":")[0] for t in incr.tables} == {"r", "t"}
+    assert {t.fingerprint.split(":")[0] for t in incr.tables} == {"r", "t"}
     assert report.drill.restore is not None
     assert report.drill.restore.backups == [full.backup_id, incr.backup_id]
     # every table's fingerprint was read afresh, and no type of all_kinds hashes
     # differently twice in a row: only the new table was dumped
-    assert {t["name"]: t["reason"] for t in incr.tables if t["reason"]} == {
+    assert {t.name: t.reason for t in incr.tables if t.reason} == {
         "added_later": "new table"}
-    assert report.drill.rows == sum(t["rows"] for t in incr.tables) > 0
+    assert report.drill.rows == sum(t.rows for t in incr.tables) > 0
     # AND the scratch database is gone
     assert _scratch_databases(cluster) == []
 

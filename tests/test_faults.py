@@ -41,12 +41,12 @@ from supabackup.errors import (
 from supabackup.handlers import backup as backup_handler
 from supabackup.manifest import Manifest, iso, utcnow
 from supabackup.notify import Notifier
-from supabackup.run import backup_and_report
+from supabackup.report import backup_and_report
 from supabackup.store import BOTO_CONFIG, Store, StoreURL
 
 from devkit.pg import Cluster
 
-from .conftest import (
+from .helpers import (
     BUCKET,
     REPO,
     FakeContext,

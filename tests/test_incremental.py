@@ -15,11 +15,11 @@ from typing import Any
 
 import psycopg2
 import pytest
-from supabackup import changes
+from supabackup import inventory
 from supabackup.backup import BackupRequest, run_backup
-from supabackup.changes import Scanned, TableState, decide, scan_tables
 from supabackup.dburl import ConnectionInfo
-from supabackup.manifest import Manifest, new_backup_id
+from supabackup.inventory import Scanned, decide, scan_tables
+from supabackup.manifest import Manifest, TableState, new_backup_id
 from supabackup.restore import run_restore
 from supabackup.snapshot import SnapshotSession, connect
 from supabackup.store import Store
@@ -27,7 +27,7 @@ from supabackup.store import Store
 from devkit.compare import dump_lines
 from devkit.pg import Cluster
 
-from .conftest import BUCKET
+from .helpers import BUCKET
 
 
 def _conn(cluster: Cluster, db: str) -> ConnectionInfo:
@@ -60,7 +60,7 @@ class Chain:
         return manifest
 
     def dumped(self, manifest: Manifest) -> dict[str, str]:
-        return {f"{t['schema']}.{t['name']}": t["reason"] for t in manifest.tables if t["reason"]}
+        return {f"{t.schema}.{t.name}": t.reason for t in manifest.tables if t.reason}
 
     def assert_every_backup_restores_exactly(self) -> None:
         for manifest, expected in self.taken:
@@ -124,11 +124,11 @@ def test_each_kind_of_change_is_dumped_and_every_backup_restores_exactly(chain: 
     # A sequence may move without its table changing (a failed insert, a bare nextval).
     chain.sql("DROP TABLE doomed; SELECT nextval('busy_id_seq')")
     third = chain.backup()
-    assert "public.doomed" not in {f"{t['schema']}.{t['name']}" for t in third.tables}
+    assert "public.doomed" not in {f"{t.schema}.{t.name}" for t in third.tables}
     assert chain.dumped(third) == {}
     # A table left alone since the full backup still has its data there.
-    quiet = next(t for t in third.tables if t["name"] == "quiet")
-    assert quiet["held_in"] == full.backup_id and third.base == full.backup_id
+    quiet = next(t for t in third.tables if t.name == "quiet")
+    assert quiet.held_in == full.backup_id and third.base == full.backup_id
 
     chain.assert_every_backup_restores_exactly()
 
@@ -360,13 +360,13 @@ def test_changed_table_with_detection_sabotaged_is_dumped_by_fingerprint_and_res
     full = chain.backup("full")
     chain.sql("UPDATE accounts SET balance = balance + 1 WHERE id = 42;"
               "UPDATE docs SET body = '{\"n\": -1}' WHERE id = 7")
-    detect = changes._reason
-    monkeypatch.setattr(changes, "_reason", lambda before, *rest: (
+    detect = inventory._reason
+    monkeypatch.setattr(inventory, "_reason", lambda before, *rest: (
         "" if before is not None else detect(before, *rest)))  # every known table "unchanged"
     incremental = chain.backup()
     reason = f"content changed (fingerprint differs from {full.backup_id})"
     assert chain.dumped(incremental) == {"public.accounts": reason, "public.docs": reason}
-    ways = {t["name"]: t["fingerprint"].split(":")[0] for t in incremental.tables}
+    ways = {t.name: t.fingerprint.split(":")[0] for t in incremental.tables}
     assert ways == {"accounts": "r", "docs": "t", "quiet": "r"}
     chain.assert_every_backup_restores_exactly()
 

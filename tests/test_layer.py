@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from supabackup.backup import BackupRequest, run_full_backup
+from supabackup.backup import BackupRequest, run_backup
 from supabackup.dburl import ConnectionInfo
 from supabackup.store import Store
 
 from devkit.pg import Cluster
 
-from .conftest import REPO
+from .helpers import REPO
 
 sys.path.insert(0, str(REPO / "layers"))
 from build_layer import GLIBC, PROGRAMS, build, needed
+
+pytestmark = pytest.mark.tools  # builds and runs the layer's programs
 
 LDD = shutil.which("ldd") or "/usr/bin/ldd"
 GLIBC_MAX = (2, 34)  # Amazon Linux 2023, the python3.12 runtime
@@ -140,6 +142,6 @@ def test_engine_uses_the_layer_and_records_which_pg_dump(
     monkeypatch.setenv("LD_LIBRARY_PATH", str(layer / "lib"))
     db = new_db(pg17)
     pg17.execute("CREATE TABLE t (id int)", db)
-    manifest = run_full_backup(ConnectionInfo.from_url(pg17.url(db)), store, BackupRequest())
+    manifest = run_backup(ConnectionInfo.from_url(pg17.url(db)), store, BackupRequest())
     assert manifest.pg_dump == str(layer / "bin" / "pg_dump")
     assert manifest.pg_dump_version == "17.11"

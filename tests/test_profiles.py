@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from supabackup.backup import BackupRequest, run_full_backup
+from supabackup.backup import BackupRequest, run_backup
 from supabackup.dburl import ConnectionInfo
 from supabackup.errors import ConfigError
 from supabackup.pgtools import find_tools
@@ -22,7 +22,7 @@ from supabackup.store import Store
 
 from devkit.pg import Cluster
 
-from .conftest import BUCKET, SQL
+from .helpers import BUCKET, SQL
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def supabase_backup(pg15: Cluster, tmp_path_factory: pytest.TempPathFactory) -> 
         s3 = boto3.client("s3", region_name="us-east-1")
         s3.create_bucket(Bucket=BUCKET)
         store = Store(StoreURL.parse(f"s3://{BUCKET}/b"), s3)
-        manifest = run_full_backup(ConnectionInfo.from_url(pg15.url(db)), store,
+        manifest = run_backup(ConnectionInfo.from_url(pg15.url(db)), store,
                                    BackupRequest(profile="supabase"))
         prefix = store.backup_key(manifest.database_id, manifest.backup_id)
         archive = tmp_path_factory.mktemp("supabase") / "database.dump"

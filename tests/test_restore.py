@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from supabackup.backup import BackupRequest, run_full_backup
+from supabackup.backup import BackupRequest, run_backup
 from supabackup.catalog import select_backup
 from supabackup.dburl import ConnectionInfo
 from supabackup.errors import BackupNotFound, RestoreFailed, StoreError
@@ -15,7 +15,7 @@ from supabackup.store import Store
 from devkit.compare import differences, table_fingerprints
 from devkit.pg import Cluster
 
-from .conftest import BUCKET, SQL
+from .helpers import BUCKET, SQL
 
 
 def _conn(cluster: Cluster, db: str) -> ConnectionInfo:
@@ -35,7 +35,7 @@ def test_every_common_kind_of_object_round_trips_to_an_identical_dump(
     source, target = new_db(cluster), new_db(cluster)
     cluster.psql_file(SQL / "all_kinds.sql", source)
     # WHEN it is backed up and restored into an empty database
-    manifest = run_full_backup(_conn(cluster, source), store, BackupRequest())
+    manifest = run_backup(_conn(cluster, source), store, BackupRequest())
     report = run_restore(store, manifest, _conn(cluster, target))
     # THEN a pg_dump of each is the same, apart from order
     assert differences(cluster.url(source), cluster.url(target)) == []
@@ -48,7 +48,7 @@ def test_supabase_shaped_database_round_trips_on_the_same_server(
     source, target = new_db(pg15), new_db(pg15)
     for name in ("supabase_platform.sql", "supabase_sample.sql"):
         pg15.psql_file(SQL / name, source)
-    manifest = run_full_backup(_conn(pg15, source), store, BackupRequest(profile="postgres"))
+    manifest = run_backup(_conn(pg15, source), store, BackupRequest(profile="postgres"))
     run_restore(store, manifest, _conn(pg15, target))
     assert differences(pg15.url(source), pg15.url(target)) == []
 
@@ -58,7 +58,7 @@ def test_restore_creates_missing_roles_and_reports_existing_ones(
     source, target = new_db(pg17), new_db(pg17)
     pg17.execute("CREATE ROLE sb_restore_only; CREATE TABLE t (id int);"
                  "GRANT SELECT ON t TO sb_restore_only", source)
-    manifest = run_full_backup(_conn(pg17, source), store, BackupRequest())
+    manifest = run_backup(_conn(pg17, source), store, BackupRequest())
     pg17.execute("DROP TABLE t", source)
     pg17.execute("DROP ROLE sb_restore_only")  # as if restoring on another server
     try:
@@ -77,7 +77,7 @@ def test_restore_refuses_a_target_that_is_not_empty_and_leaves_it_alone(
     source, target = new_db(pg15), new_db(pg15)
     pg15.execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)", source)
     pg15.execute("CREATE TABLE precious (id int); INSERT INTO precious VALUES (7)", target)
-    manifest = run_full_backup(_conn(pg15, source), store, BackupRequest())
+    manifest = run_backup(_conn(pg15, source), store, BackupRequest())
     with pytest.raises(RestoreFailed, match=r"is not empty \(it has public.precious"):
         run_restore(store, manifest, _conn(pg15, target))
     assert pg15.execute("SELECT * FROM precious", target) == [(7,)]
@@ -89,7 +89,7 @@ def test_damaged_archive_is_refused_and_the_target_stays_empty(
         pg17: Cluster, new_db: Any, store: Store, s3: Any, damage: str) -> None:
     source, target = new_db(pg17), new_db(pg17)
     pg17.psql_file(SQL / "all_kinds.sql", source)
-    manifest = run_full_backup(_conn(pg17, source), store, BackupRequest())
+    manifest = run_backup(_conn(pg17, source), store, BackupRequest())
     key = store.backup_key(manifest.database_id, manifest.backup_id, "database.dump")
     data = bytearray(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
     if damage == "flip":
@@ -107,9 +107,9 @@ def test_damaged_archive_is_refused_and_the_target_stays_empty(
 def test_select_backup_by_id_time_and_latest(pg15: Cluster, new_db: Any, store: Store) -> None:
     db = new_db(pg15)
     pg15.execute("CREATE TABLE t (id int)", db)
-    first = run_full_backup(_conn(pg15, db), store,
+    first = run_backup(_conn(pg15, db), store,
                             BackupRequest(backup_id="20261101T030000Z-full"))
-    second = run_full_backup(_conn(pg15, db), store,
+    second = run_backup(_conn(pg15, db), store,
                              BackupRequest(backup_id="20261108T030000Z-full"))
     assert select_backup(store, first.database_id).backup_id == second.backup_id
     assert select_backup(store, first.database_id, first.backup_id).backup_id == first.backup_id
@@ -124,7 +124,7 @@ def test_backup_of_postgresql_15_restores_into_postgresql_17(
     # The upgrade path: Supabase projects move from 15 to 17.
     source, target = new_db(pg15), new_db(pg17)
     pg15.psql_file(SQL / "all_kinds.sql", source)
-    manifest = run_full_backup(_conn(pg15, source), store, BackupRequest())
+    manifest = run_backup(_conn(pg15, source), store, BackupRequest())
     run_restore(store, manifest, _conn(pg17, target))
     restored = table_fingerprints(pg17.url(target))
     assert restored == table_fingerprints(pg15.url(source))
@@ -134,7 +134,7 @@ def test_backup_of_postgresql_15_restores_into_postgresql_17(
 def test_script_filter_adapts_statements_and_never_touches_copy_data() -> None:
     import io
 
-    from supabackup.restore import ScriptFilter
+    from supabackup.restore.pipeline import ScriptFilter
     script = b"".join([
         b"SET transaction_timeout = 0;\n",
         b"ALTER TABLE ONLY public.t ALTER COLUMN id SET (pg_attver=26490784);\n",
@@ -181,3 +181,31 @@ def test_dry_run_names_every_archive_a_chain_restore_reads_and_touches_nothing(
                line.endswith("data of 1 table(s): public.kept") for line in lines)
     assert [line.split()[-1] for line in lines if line.startswith(f"  {incr.backup_id}/database")] \
         == ["pre-data", "data", "post-data"]
+
+
+def test_at_a_time_capture_does_not_cover_restores_the_newest_backup_before_it_and_says_so(
+        pg15: Cluster, new_db: Any, store: Store, inbox: Any,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`restore --at TIME` with no change capture: the newest backup taken at or before
+    the time, and the output and the SNS message say that is what it was (not a replay)."""
+    from datetime import timedelta
+
+    from supabackup import cli
+    from supabackup.manifest import iso, new_backup_id, parse_time, utcnow
+    source, target = new_db(pg15), new_db(pg15)
+    pg15.execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)", source)
+    before = run_backup(_conn(pg15, source), store, BackupRequest(
+        backup_id=new_backup_id(utcnow() - timedelta(minutes=1), "full")))
+    when = parse_time(before.snapshot_at) + timedelta(milliseconds=1)
+    pg15.execute("INSERT INTO t VALUES (2)", source)
+    run_backup(_conn(pg15, source), store, BackupRequest())
+    code = cli.main(["restore", "--store", str(store.url), "--target-url", pg15.url(target),
+                     "--at", iso(when), "--sns-topic-arn", inbox.topic_arn])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert (f"no change capture covers {when.isoformat()}: restoring the newest backup taken "
+            f"at or before it, {before.backup_id}") in out
+    assert pg15.execute("SELECT id FROM t", target) == [(1,)]
+    (message,) = inbox.messages()
+    assert message["Message"]["details"]["method"] == "backup"
+    assert message["Message"]["details"]["backup_id"] == before.backup_id

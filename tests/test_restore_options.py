@@ -14,7 +14,7 @@ from supabackup.store import Store
 from devkit.compare import differences, dump_lines, table_fingerprints
 from devkit.pg import Cluster
 
-from .conftest import SQL
+from .helpers import SQL
 
 
 def _conn(cluster: Cluster, db: str) -> ConnectionInfo:
@@ -64,7 +64,7 @@ def test_tables_from_an_incremental_takes_held_data_from_the_full(
     pg17.execute("INSERT INTO busy VALUES (6)", source)
     incr = run_backup(_conn(pg17, source), store, BackupRequest(
         kind="incremental", backup_id="20261123T030000Z-incr"))
-    assert {t["name"]: t["held_in"] for t in incr.tables} == {
+    assert {t.name: t.held_in for t in incr.tables} == {
         "kept": full.backup_id, "busy": incr.backup_id}
     plan = describe_plan(store, incr, RestoreOptions(tables=("kept",)))
     assert any(f"{full.backup_id}/database.dump" in line and "public.kept" in line

@@ -27,13 +27,12 @@ import pytest
 from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 from cfnlint.api import lint
 from cfnlint.config import ManualArgs
-from cfnlint.decode import decode
 from cfnlint.helpers import REGIONS
 from moto import mock_aws
 from samtranslator.translator.transform import transform
 from supabackup.budget import MARGIN
 from supabackup.dburl import ConnectionInfo
-from supabackup.events import (
+from supabackup.handlers.events import (
     parse_backup_event,
     parse_capture_event,
     parse_restore_event,
@@ -41,9 +40,8 @@ from supabackup.events import (
 )
 from supabackup.manifest import RETENTION_CLASSES
 
-REPO = Path(__file__).resolve().parent.parent
-TEMPLATE = REPO / "template.yaml"
-EVENTS = REPO / "events"
+from .helpers import EVENTS, REPO, TEMPLATE, sam_template
+
 LAYERS = REPO / "layers"
 REGION = "us-east-1"
 EXISTING_SECRET = f"arn:aws:secretsmanager:{REGION}:123456789012:secret:supabase-db-AbCdEf"
@@ -65,14 +63,6 @@ SCOPED_SERVICES = ("s3:", "secretsmanager:", "kms:", "sns:")
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def sam_template() -> dict[str, Any]:
-    """template.yaml as CloudFormation reads it (short-form intrinsics made long-form)."""
-    template, matches = decode(str(TEMPLATE))
-    assert not matches, matches
-    assert template is not None
-    return template
 
 
 def translate(parameters: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -172,14 +162,17 @@ def lint_errors(text: str) -> list[str]:
 # ------------------------------------------------------------------ lint and translation
 
 
+@pytest.mark.tools
 def test_cfn_lint_passes_on_the_sam_template() -> None:
     assert lint_errors(TEMPLATE.read_text()) == []
 
 
+@pytest.mark.tools
 def test_cfn_lint_passes_on_the_translated_template(cfn: dict[str, Any]) -> None:
     assert lint_errors(json.dumps(cfn, indent=1)) == []
 
 
+@pytest.mark.tools
 def test_cfn_lint_serverless_rules_pass() -> None:
     """The serverless rules (cfn-lint-serverless): redrive policies, log retention, ..."""
     run = subprocess.run([str(Path(sys.executable).with_name("cfn-lint")), str(TEMPLATE),
@@ -195,6 +188,7 @@ def tool(venv: str, program: str) -> str:
     return str(path)
 
 
+@pytest.mark.tools
 def test_sam_validate_lint_passes() -> None:
     run = subprocess.run([tool("sam", "sam"), "validate", "--lint", "--template-file",
                           str(TEMPLATE), "--region", REGION], capture_output=True, text=True,
@@ -203,6 +197,7 @@ def test_sam_validate_lint_passes() -> None:
     assert "is a valid SAM Template" in run.stdout + run.stderr
 
 
+@pytest.mark.tools
 def test_checkov_passes_and_every_skip_says_why() -> None:
     run = subprocess.run([tool("checkov", "checkov"), "--file", str(TEMPLATE), "--framework",
                           "cloudformation", "--skip-download", "--compact", "--quiet",
@@ -217,6 +212,7 @@ def test_checkov_passes_and_every_skip_says_why() -> None:
             assert len(skip.get("comment", "")) > 40, skip
 
 
+@pytest.mark.tools
 def test_sam_build_works_without_docker(tmp_path: Path) -> None:
     """`sam build` as a user runs it: the layer through layers/Makefile, the functions with
     their pinned requirements for arm64, all without a container."""
@@ -546,7 +542,7 @@ def test_the_function_role_is_least_privilege(cfn: dict[str, Any]) -> None:
         "s3:PutObject", "s3:GetObject", "s3:DeleteObject", "s3:GetObjectTagging",
         "s3:PutObjectTagging",
         "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts",
-        "s3:ListBucket", "s3:ListBucketMultipartUploads",
+        "s3:ListBucket", "s3:ListBucketMultipartUploads", "s3:GetLifecycleConfiguration",
         "secretsmanager:GetSecretValue", "kms:Decrypt", "kms:GenerateDataKey", "sns:Publish"}
 
     def resource_of(action: str) -> Any:
@@ -560,6 +556,8 @@ def test_the_function_role_is_least_privilege(cfn: dict[str, Any]) -> None:
     prefixes = next(iter(listing["Condition"].values()))["s3:prefix"]
     assert {"Fn::Sub": "${BackupPrefix}/*"} in prefixes
     assert resource_of("s3:ListBucketMultipartUploads")["Resource"] == {
+        "Fn::GetAtt": ["BackupBucket", "Arn"]}
+    assert resource_of("s3:GetLifecycleConfiguration")["Resource"] == {
         "Fn::GetAtt": ["BackupBucket", "Arn"]}
     assert resource_of("secretsmanager:GetSecretValue")["Resource"] == {
         "Fn::If": ["CreateDatabaseSecret", {"Ref": "DatabaseSecret"}, {"Ref": "DatabaseSecretArn"}]}

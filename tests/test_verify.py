@@ -13,7 +13,7 @@ from supabackup.verify import verify_database
 
 from devkit.pg import Cluster
 
-from .conftest import BUCKET, SQL
+from .helpers import BUCKET, SQL
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg2
-from supabackup import cdc
+from supabackup import capture
 from supabackup.backup import BackupRequest, run_backup
 from supabackup.dburl import ConnectionInfo
 from supabackup.errors import SupabackupError
@@ -181,7 +181,7 @@ def _cdc_case(cluster: Cluster, store: Store, source: Source, db: str, result: C
               steps: int, ddl_every: int, targets: list[str]) -> None:
     conn = _conn(cluster, db)
     database_id = f"diff-{db}"
-    cdc.start(conn, store, BackupRequest(database_id=database_id))
+    capture.start(conn, store, BackupRequest(database_id=database_id))
     points: list[tuple[datetime, Picture]] = []
     windows: list[datetime] = []  # times between a schema change and the new base
     middle: list[tuple[datetime, Picture]] = []  # times inside a segment
@@ -193,19 +193,19 @@ def _cdc_case(cluster: Cluster, store: Store, source: Source, db: str, result: C
             if not ddl and i % 2 == 1:  # a time between commits, not one a run checked
                 middle.append((_server_now(cluster, db), picture(cluster.url(db), source=True)))
                 source.step()
-            run = cdc.run(conn, store, database_id)
+            run = capture.run(conn, store, database_id)
             if run.restarted:  # the change's moment is unknown: that time must be refused
                 windows.append(changed_at)
             points.append((run.covered_through, picture(cluster.url(db), source=True)))
         _restore_each(cluster, source, db, result, targets, [
             (f"restore at {what} ({when.isoformat()})", expected,
-             lambda target, when=when: cdc.restore_to_time(store, database_id, target, when))
+             lambda target, when=when: capture.restore_to_time(store, database_id, target, when))
             for what, (when, expected) in [*[(f"a time inside step {i}", p)
                                              for i, p in enumerate(middle)],
                                            *[(f"step {i}", p) for i, p in enumerate(points)]]])
         _boundaries(cluster, store, source, database_id, points, windows, result, targets)
     finally:
-        cdc.drop(conn, store, database_id)
+        capture.drop(conn, store, database_id)
 
 
 def _boundaries(cluster: Cluster, store: Store, source: Source, database_id: str,
@@ -217,7 +217,7 @@ def _boundaries(cluster: Cluster, store: Store, source: Source, database_id: str
                        *[("a time inside a schema change's window", w) for w in windows]]:
         target = _restore_point(cluster, source, "diff_refused", targets)
         try:
-            report = cdc.restore_to_time(store, database_id, _conn(cluster, target), when)
+            report = capture.restore_to_time(store, database_id, _conn(cluster, target), when)
         except SupabackupError as exc:
             result.refused.append(f"{what}: {str(exc).splitlines()[0]}")
             continue

@@ -18,8 +18,7 @@ from collections import Counter
 
 import psycopg2
 from supabackup.dburl import ConnectionInfo
-from supabackup.dump import child_env
-from supabackup.pgtools import find_tools
+from supabackup.pgtools import child_env, find_tools
 
 from devkit.compare import SERVER_ASSIGNED, _has_restrict_key
 

@@ -25,22 +25,22 @@ from datetime import datetime, timedelta
 
 from . import locks
 from .budget import Budget
-from .changes import (
+from .dburl import ConnectionInfo
+from .dump import DumpProcess
+from .errors import ConfigError, DuplicateRun
+from .inventory import (
     CONTENT_CHANGED,
     XID_SPACE,
     BackgroundScan,
-    TableState,
     decide,
     scan_tables,
     snapshot_xmin,
 )
-from .dburl import ConnectionInfo
-from .dump import DumpProcess
-from .errors import ConfigError, DuplicateRun
 from .manifest import (
     RETENTION_CLASSES,
     Manifest,
     StoredObject,
+    TableState,
     iso,
     new_backup_id,
     parse_time,
@@ -51,7 +51,7 @@ from .pgtools import PgTools, find_tools
 from .profiles import Profile, resolve_profile
 from .roles import drop_reserved, reserved_roles
 from .snapshot import SnapshotSession, connect
-from .store import MANIFEST, BackupWriter, HashingReader, Store
+from .store import MANIFEST, BackupWriter, Store
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class BackupRequest:
     tick: str | None = None          # the schedule's tick (ISO time): one backup per tick
     time_limit: float | None = None  # seconds the run may take (Lambda's remaining time)
     wait: float = 0.0                # seconds to wait for a run in progress to finish
-    snapshot: str | None = None      # an exported snapshot to dump (cdc.py's aligned base)
+    snapshot: str | None = None      # an exported snapshot to dump (capture.py's aligned base)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -87,9 +87,6 @@ class BackupRequest:
         """The database's id in the store: as asked, or derived from the connection."""
         return self.database_id or conn.database_id
 
-    def with_profile(self, profile: str) -> BackupRequest:
-        return replace(self, profile=profile)
-
     def with_backup_id(self, backup_id: str) -> BackupRequest:
         return replace(self, backup_id=backup_id)
 
@@ -100,7 +97,7 @@ class BackupRequest:
 # A chain whose base full is older than this escalates to a full backup, so that a chain
 # never outlives its base's weekly retention (35 days by default).
 MAX_CHAIN_AGE = timedelta(days=28)
-# xids are compared modulo 2^32 (see changes.py): a parent snapshot further back than this
+# xids are compared modulo 2^32 (see inventory.py): a parent snapshot further back than this
 # cannot be compared with safely, so the run escalates.
 MAX_XID_DISTANCE = 1 << 30
 # Connections an incremental's change detection counts and fingerprints on, all in the
@@ -119,7 +116,7 @@ def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Ma
     """
     profile = resolve_profile(request.profile, conn)
     started = utcnow()
-    budget = Budget(request.time_limit) if request.time_limit else None
+    budget = Budget(request.time_limit) if request.time_limit else Budget()
     store.check_access()
     database_id = request.database_of(conn)
     owner = f"{request.trigger} run {uuid.uuid4().hex[:12]}" + (
@@ -130,12 +127,11 @@ def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Ma
             _refuse_a_done_tick(store, database_id, request.tick)
         return _run_locked(conn, store, request, profile, started, database_id, budget)
     except BaseException as exc:
-        if budget is not None and budget.expired:
+        if budget.expired:
             raise budget.ran_out(request.kind) from exc
         raise
     finally:
-        if budget is not None:
-            budget.disarm()
+        budget.disarm()
         _release(store, lease)
 
 
@@ -156,17 +152,16 @@ def _release(store: Store, lease: locks.Lease) -> None:
 
 
 def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, profile: Profile,
-                started: datetime, database_id: str, budget: Budget | None) -> Manifest:
+                started: datetime, database_id: str, budget: Budget) -> Manifest:
     # Earlier backups are read only when needed: to chain from, or to predict the run's length.
-    needs_history = request.kind == "incremental" or budget is not None
+    needs_history = request.kind == "incremental" or budget.limited
     history = store.manifests(database_id) if needs_history else []
     parent, escalation = (None, "")
     if request.kind == "incremental":
         parent, escalation = _parent_for(history, profile, started)
     with SnapshotSession(conn, request.snapshot) as session:
-        if budget is not None:
-            budget.check(request.kind, session.server.database_size, history)
-            budget.on_expiry(session.connection.cancel)
+        budget.check(request.kind, session.server.database_size, history)
+        budget.on_expiry(session.connection.cancel)
         tools = find_tools(session.server.major)
         xmin = snapshot_xmin(session.connection)
         if parent is not None and (xmin - parent.snapshot_xmin) % XID_SPACE > MAX_XID_DISTANCE:
@@ -180,7 +175,7 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
                                   parent.snapshot_xmin, connect=lambda: connect(conn),
                                   snapshot_id=session.snapshot_id, lanes=SCAN_LANES,
                                   no_data=profile.exclude_table_data, fingerprint=True)
-            tables = decide(scanned, parent.table_states, backup_id)
+            tables = decide(scanned, parent.tables_by_oid, backup_id)
             for table in tables:
                 if table.reason.startswith(CONTENT_CHANGED):
                     log.warning("%s: %s although change detection found it unchanged; "
@@ -199,7 +194,7 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
         scan = (BackgroundScan(lambda: connect(conn), session.snapshot_id,
                                profile.exclude_schemas, profile.exclude_table_data)
                 if parent is None else None)
-        if budget is not None and scan is not None:
+        if scan is not None:
             budget.on_expiry(scan.cancel)
         try:
             roles, platform_roles = _dump_roles(writer, tools, conn, profile, tags, budget)
@@ -221,9 +216,9 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
                 warnings=warnings, escalation=escalation, snapshot_xmin=xmin,
                 base=(parent.base or parent.backup_id) if parent else "",
                 parent=parent.backup_id if parent else "",
-                tables=[t.to_dict() for t in tables],
+                tables=tables,
             )
-            if budget is not None and budget.expired:  # never commit past the margin
+            if budget.expired:  # never commit past the margin
                 raise budget.ran_out(kind)
             writer.commit(manifest, tags)
         except BaseException:
@@ -247,8 +242,7 @@ def _parent_for(manifests: list[Manifest], profile: Profile,
     base = by_id.get(base_id)
     if base is None:
         return None, f"the chain's base {base_id} is gone"
-    missing = [m for m in _chain(parent, by_id) if m is None]
-    if missing:
+    if any(needed not in by_id for needed in parent.depends_on):
         return None, f"a backup in the chain of {parent.backup_id} is gone"
     if now - parse_time(base.snapshot_at) > MAX_CHAIN_AGE:
         return None, f"the chain's base {base_id} is older than {MAX_CHAIN_AGE.days} days"
@@ -259,14 +253,6 @@ def _parent_for(manifests: list[Manifest], profile: Profile,
     return parent, ""
 
 
-def _chain(manifest: Manifest, by_id: dict[str, Manifest]) -> list[Manifest | None]:
-    """Every backup that holds data this one relies on."""
-    return [by_id.get(h) for h in {t["held_in"] for t in manifest.tables}]
-
-
-def run_full_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Manifest:
-    """A full backup: `run_backup` with kind full."""
-    return run_backup(conn, store, replace(request, kind="full"))
 
 
 def _discard(writer: BackupWriter) -> None:
@@ -287,7 +273,7 @@ def _exact(name: str) -> str:
 
 
 def _dump_roles(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo, profile: Profile,
-                tags: dict[str, str], budget: Budget | None
+                tags: dict[str, str], budget: Budget
                 ) -> tuple[StoredObject, list[str]]:
     """pg_dumpall --roles-only, without passwords, minus the profile's reserved roles.
 
@@ -299,19 +285,17 @@ def _dump_roles(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo, prof
     argv = [tools.path("pg_dumpall"), "--roles-only", "--no-role-passwords",
             "-l", conn.dbname]
     with DumpProcess(argv, conn, "pg_dumpall --roles-only") as proc:
-        if budget is not None:
-            budget.on_expiry(proc.stop)
+        budget.on_expiry(proc.stop)
         script = b"".join(iter(lambda: proc.read(1 << 20), b"")).decode()
     filtered = drop_reserved(script, profile.is_reserved).encode()
-    reader = HashingReader(io.BytesIO(filtered))
-    writer.upload(ROLES, reader, len(filtered), tags)
-    return StoredObject(name=ROLES, kind="roles", size=reader.size, sha256=reader.hexdigest,
-                        format="sql"), reserved_roles(script, profile.is_reserved)
+    stored = writer.upload(ROLES, io.BytesIO(filtered), len(filtered), tags, kind="roles",
+                           format="sql")
+    return stored, reserved_roles(script, profile.is_reserved)
 
 
 def _dump_database(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo,
                    profile: Profile, tags: dict[str, str], snapshot_id: str,
-                   expected_bytes: int, unchanged: list[TableState], budget: Budget | None
+                   expected_bytes: int, unchanged: list[TableState], budget: Budget
                    ) -> tuple[StoredObject, list[str]]:
     """pg_dump -Fc in the run's snapshot, streamed straight into a multipart upload.
 
@@ -324,10 +308,7 @@ def _dump_database(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo,
             f"--snapshot={snapshot_id}", "--no-sync", *profile.pg_dump_args(),
             *(f"--exclude-table-data={_exact(t.schema)}.{_exact(t.name)}" for t in unchanged)]
     with DumpProcess(argv, conn, "pg_dump") as proc:
-        if budget is not None:
-            budget.on_expiry(proc.stop)
-        reader = HashingReader(proc)
-        writer.upload(DATABASE, reader, expected_bytes, tags)
-        obj = StoredObject(name=DATABASE, kind="database", size=reader.size,
-                           sha256=reader.hexdigest, format="custom", compression=compression)
-        return obj, proc.warnings
+        budget.on_expiry(proc.stop)
+        stored = writer.upload(DATABASE, proc, expected_bytes, tags, kind="database",
+                               format="custom", compression=compression)
+        return stored, proc.warnings

@@ -15,6 +15,7 @@ run with a time limit
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import threading
 import time
@@ -43,14 +44,20 @@ def estimate_seconds(history: list[Manifest], kind: str, database_size: int) -> 
 
 @dataclass
 class Budget:
-    """Seconds a run may take, counted from `started` (time.monotonic())."""
+    """Seconds a run may take, counted from `started` (time.monotonic()). The default,
+    no limit (the command line's), checks nothing and never expires, so a run asks its
+    budget the same questions whether it has a limit or not."""
 
-    seconds: float
+    seconds: float = math.inf
     started: float = field(default_factory=time.monotonic)
     margin: float = MARGIN
     expired: bool = False
     _stops: list[Callable[[], None]] = field(default_factory=list)
     _timer: threading.Timer | None = None
+
+    @property
+    def limited(self) -> bool:
+        return not math.isinf(self.seconds)
 
     def remaining(self) -> float:
         return self.seconds - (time.monotonic() - self.started)
@@ -69,6 +76,8 @@ class Budget:
 
     def on_expiry(self, stop: Callable[[], None]) -> None:
         """Call `stop` (kill pg_dump, cancel a scan) when the margin is reached."""
+        if not self.limited:
+            return
         if self.expired:
             stop()
             return

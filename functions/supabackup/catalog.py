@@ -1,9 +1,22 @@
-"""Choosing a backup from the store: by id, `latest`, or the newest at or before a time."""
+"""Choosing what to restore: a backup by id, `latest`, or a time.
+
+`--at TIME` means one thing everywhere (the command line, the restore Lambda, its events):
+when change capture covers the time, replay it (the base of the epoch that covers it, then
+every captured transaction committed up to it); otherwise restore the newest backup taken
+at or before it. `restore_point` decides, and what it decided is said in the restore's
+output and SNS message.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
+
+from .capture.pointintime import covering
+from .capture.state import epochs
 from .errors import BackupNotFound, ConfigError
 from .manifest import Manifest, parse_time
+from .restore import RestoreOptions, describe_plan
 from .store import Store
 
 
@@ -42,3 +55,71 @@ def select_backup(store: Store, database_id: str, at: str = "latest") -> Manifes
         raise BackupNotFound(f"no backup of {database_id} was taken at or before {at}",
                              f"the oldest is {manifests[0].backup_id}")
     return earlier[-1]
+
+
+@dataclass(frozen=True)
+class RestorePoint:
+    """What `--at` resolved to: a backup to restore, or a time to replay capture to."""
+
+    database_id: str
+    at: str                        # as asked: latest, a backup id, or a time
+    when: datetime | None = None   # the time asked for (None: latest or a backup id)
+    manifest: Manifest | None = None  # the backup to restore (None: replay capture)
+
+    @property
+    def replay(self) -> bool:
+        return self.manifest is None
+
+    def check(self, options: RestoreOptions | None) -> None:
+        """A replay gives the whole database as it was: it takes no choice of tables or
+        profile (a backup does)."""
+        if self.replay and options is not None and options != RestoreOptions():
+            raise ConfigError("a restore by replaying change capture takes no tables or "
+                              "profile", "restore a backup with them instead (--at BACKUP_ID)")
+
+    def describe(self) -> str:
+        """One line: which of the two meanings of a time applied, and why."""
+        if self.when is None:
+            assert self.manifest is not None
+            return f"restoring backup {self.manifest.backup_id}"
+        if self.manifest is None:
+            return (f"restoring {self.database_id} as of {self.when.isoformat()} by replaying "
+                    "change capture")
+        return (f"no change capture covers {self.when.isoformat()}: restoring the newest "
+                f"backup taken at or before it, {self.manifest.backup_id} (its snapshot is "
+                f"of {self.manifest.snapshot_at})")
+
+
+def restore_point(store: Store, database_id: str, at: str = "latest") -> RestorePoint:
+    """`latest` or a backup id: that backup. A time: replay when a capture epoch began at
+    or before it (the replay refuses a time capture has not reached, naming the window),
+    else the newest backup taken at or before it."""
+    when = _as_time(at)
+    if when is not None and any(parse_time(e.base_at) <= when
+                                for e in epochs(store, database_id)):
+        return RestorePoint(database_id, at, when)
+    return RestorePoint(database_id, at, when, select_backup(store, database_id, at))
+
+
+def _as_time(at: str) -> datetime | None:
+    """`at` as a time (not latest, not a backup id), or None."""
+    if at == "latest" or at.endswith(("-full", "-incr")):
+        return None
+    try:
+        return parse_time(at)
+    except ValueError:
+        return None
+
+
+def describe_point(store: Store, point: RestorePoint, options: RestoreOptions | None = None
+                   ) -> list[str]:
+    """What a restore of `point` would do, in order, touching no database (--dry-run)."""
+    point.check(options)
+    if point.manifest is not None:
+        return ([point.describe()] if point.when else []) + describe_plan(store, point.manifest,
+                                                                           options)
+    assert point.when is not None
+    found = covering(store, point.database_id, point.when)
+    return [point.describe(), *describe_plan(store, found.base),
+            f"then replay every captured transaction committed up to {point.when.isoformat()}"
+            f" (capture covers times up to {found.progress.verified_at})"]

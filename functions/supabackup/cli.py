@@ -1,4 +1,5 @@
-"""The `supabackup` command line: parse flags into options and call the engine.
+"""The `supabackup` command line (what users read is DESCRIPTION and EPILOG): parse flags
+into options and call the engine.
 
 Errors map to exit status and one clear line on stderr here, and only here:
 0 success, 1 a failed run, 2 bad input, 70 an unexpected error (a bug: the traceback
@@ -13,32 +14,48 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from datetime import datetime
 
-from . import __version__, cdc
+from . import __version__, capture
 from .backup import KINDS, BackupRequest
-from .catalog import resolve_database_id, select_backup
+from .catalog import describe_point, resolve_database_id, restore_point
 from .dburl import ConnectionInfo
 from .errors import ConfigError, SupabackupError, VerifyFailed
-from .manifest import RETENTION_CLASSES, parse_time
+from .manifest import RETENTION_CLASSES
 from .notify import Notifier, human_bytes, human_duration
 from .profiles import NAMES as PROFILE_NAMES
-from .restore import RestoreOptions, describe_plan
-from .run import (
+from .report import (
     backup_and_report,
     capture_and_report,
     restore_and_report,
-    restore_to_time_and_report,
     verify_and_report,
 )
+from .restore import RestoreOptions
 from .store import Store, StoreURL
 from .verify import VerifyReport
 
 EXIT_BUG = 70
 
+DESCRIPTION = """\
+Verifiable backups of Supabase and PostgreSQL databases into your own S3 bucket:
+full and incremental backups in one snapshot, restores of any backup or any point in
+time, verify with restore drills, and change capture for point-in-time recovery."""
+
+EPILOG = """\
+examples:
+  supabackup backup full --database-url "$URL" --store s3://BUCKET/PREFIX --label "pre-migration"
+  supabackup list --store s3://BUCKET/PREFIX
+  supabackup restore --store s3://BUCKET/PREFIX --target-url "$EMPTY_DB" --at latest
+  supabackup restore --store s3://BUCKET/PREFIX --target-url "$EMPTY_DB" --at 2026-11-29T14:03:00Z
+  supabackup verify --store s3://BUCKET/PREFIX --drill-url "$SCRATCH_SERVER"
+
+--at TIME restores by replaying change capture where capture covers the time, else the
+newest backup taken at or before it; the output says which. Exit status: 0 success,
+1 a failed run, 2 bad input, 70 a bug (run again with --debug for the traceback)."""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="supabackup", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="supabackup", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"supabackup {__version__}")
     parser.add_argument("--debug", action="store_true", help="log progress and show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,10 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     store_flag(lister)
     lister.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    restore = sub.add_parser("restore", help="restore a backup into an empty database")
+    restore = sub.add_parser("restore", help="restore a backup, or a point in time, into an "
+                                             "empty database")
     store_flag(restore)
     restore.add_argument("--target-url", required=True, help="the empty database to restore into")
-    restore.add_argument("--at", default="latest", help="latest, a BACKUP_ID, or an ISO time")
+    restore.add_argument("--at", default="latest",
+                         help="latest, a BACKUP_ID, or an ISO time: replayed from change "
+                              "capture where it covers the time, else the newest backup at "
+                              "or before it")
     restore.add_argument("--dry-run", action="store_true",
                          help="print which archives would be read, and how much, then stop")
     restore.add_argument("--tables", action="append", default=[], metavar="SCHEMA.TABLE[,...]",
@@ -158,23 +179,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     options = RestoreOptions(tables=tuple(t.strip() for arg in args.tables
                                           for t in arg.split(",") if t.strip()),
                              profile=args.profile)
-    database_id = resolve_database_id(store, args.database_id)
-    when = _point_in_time(args.at)
-    if when is not None and cdc.epochs(store, database_id):
-        if options.tables or options.profile != "postgres" or args.dry_run:
-            raise ConfigError("a restore to a point in time takes no --tables, --profile or "
-                              "--dry-run", "restore a backup with them instead")
-        at_time = restore_to_time_and_report(store, database_id, target, when,
-                                             Notifier(args.sns_topic_arn))
-        for line in at_time.lines():
-            print(line)
-        return 0
-    manifest = select_backup(store, database_id, args.at)
+    point = restore_point(store, resolve_database_id(store, args.database_id), args.at)
     if args.dry_run:
-        for line in describe_plan(store, manifest, options):
+        for line in describe_point(store, point, options):
             print(line)
         return 0
-    report = restore_and_report(store, manifest, target, Notifier(args.sns_topic_arn), options)
+    report = restore_and_report(store, point, target, Notifier(args.sns_topic_arn), options)
     for line in report.lines():
         print(line)
     return 0
@@ -186,12 +196,12 @@ def cmd_cdc(args: argparse.Namespace) -> int:
     store = Store(StoreURL.parse(require(args.store, "--store", "SUPABACKUP_STORE")))
     database_id = args.database_id or conn.database_id
     if args.action == "start":
-        state, base = cdc.start(conn, store, BackupRequest(database_id=database_id,
+        state, base = capture.start(conn, store, BackupRequest(database_id=database_id,
                                                            retention="weekly", trigger="cli",
                                                            label="change capture base"))
         print(f"capturing {database_id} through slot {state.slot} ({state.plugin}) from "
               f"{state.start_lsn}; base backup {base.backup_id}")
-        for line in cdc.status(conn, store, database_id)["not_replayable"]:
+        for line in capture.status(conn, store, database_id)["not_replayable"]:
             print(f"warning: a restore to a time gives this as of the base only: {line}",
                   file=sys.stderr)
     elif args.action == "run":
@@ -203,22 +213,12 @@ def cmd_cdc(args: argparse.Namespace) -> int:
         if result.restarted:
             print(f"started a new epoch: {result.restarted}")
     elif args.action == "status":
-        print(json.dumps(cdc.status(conn, store, database_id), indent=2, default=str))
+        print(json.dumps(capture.status(conn, store, database_id), indent=2, default=str))
     else:
-        dropped = cdc.drop(conn, store, database_id)
+        dropped = capture.drop(conn, store, database_id)
         print(f"dropped slot {dropped.slot}; what was captured stays restorable" if dropped
               else f"change capture of {database_id} was not started")
     return 0
-
-
-def _point_in_time(at: str) -> datetime | None:
-    """--at as a time (not latest, not a backup id), or None."""
-    if at == "latest" or at.endswith(("-full", "-incr")):
-        return None
-    try:
-        return parse_time(at)
-    except ValueError:
-        return None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -168,3 +168,7 @@ class ConnectionInfo:
     def redact(self, text: str) -> str:
         """Remove the password from text that came back from a server or a tool."""
         return text.replace(self.password, "***") if self.password else text
+
+    def error_line(self, error: BaseException | str) -> str:
+        """A server's or a tool's error as one password-free line, for a message."""
+        return self.redact(" ".join(str(error).split()))

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# The schemas users own (namespace alias n): every catalog query of capture filters on it.
-# Used in statements sent without parameters, so % is written once.
-USER_SCHEMAS = ("n.nspname NOT IN ('pg_catalog', 'information_schema')"
-                " AND n.nspname NOT LIKE 'pg\\_%'")
+from .db import USER_SCHEMAS
 
 DEFINITIONS = f"""
 SELECT md5(coalesce(string_agg(d, E'\\n' ORDER BY d), '')) FROM (

@@ -27,12 +27,12 @@ from typing import Any
 
 from psycopg2 import sql
 
-from .changes import table_contents
+from .db import connect, run_statement
 from .dburl import ConnectionInfo
 from .errors import RestoreFailed
+from .fingerprint import table_contents
 from .manifest import Manifest
 from .restore import RestoreReport, drop_roles, run_restore
-from .snapshot import connect, run_statement
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -89,10 +89,10 @@ def run_drill(store: Store, manifest: Manifest, server: ConnectionInfo) -> Drill
 
 def compare(manifest: Manifest, restored: ConnectionInfo, report: DrillReport) -> list[Mismatch]:
     """Each table the backup recorded against the restored table: rows, then content."""
-    expected = {(t["schema"], t["name"]): t for t in manifest.tables}
+    expected = {(t.schema, t.name): t for t in manifest.tables}
     conn = connect(restored)
     try:
-        found = table_contents(conn, {k: t.get("fingerprint", "") for k, t in expected.items()})
+        found = table_contents(conn, {k: t.fingerprint for k, t in expected.items()})
     finally:
         conn.close()
     mismatches = []
@@ -104,15 +104,15 @@ def compare(manifest: Manifest, restored: ConnectionInfo, report: DrillReport) -
             continue
         rows, fingerprint = found[key]
         report.rows += rows
-        if rows != table["rows"]:
+        if rows != table.rows:
             mismatches.append(Mismatch(name, f"{rows} rows restored, the backup's snapshot "
-                                             f"held {table['rows']}"))
-        elif not table.get("fingerprint"):
+                                             f"held {table.rows}"))
+        elif not table.fingerprint:
             report.unfingerprinted += 1
-        elif fingerprint != table["fingerprint"]:
+        elif fingerprint != table.fingerprint:
             mismatches.append(Mismatch(name, f"content differs from the backup's snapshot "
                                              f"(fingerprint {fingerprint}, recorded "
-                                             f"{table['fingerprint']}; {rows} rows in both)"))
+                                             f"{table.fingerprint}; {rows} rows in both)"))
     return mismatches
 
 

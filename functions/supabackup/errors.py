@@ -77,3 +77,7 @@ class DuplicateRun(SupabackupError):
 
 class TimeLimitExceeded(SupabackupError):
     """The run would not fit, or did not fit, in the time it has (Lambda's limit)."""
+
+
+class CaptureError(SupabackupError):
+    """Change capture could not start, run or replay."""

@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .changes import TableState
 from .errors import StoreError
 
 FORMAT = 1
@@ -26,6 +25,26 @@ class StoredObject:
     sha256: str
     format: str    # "sql" | "custom"
     compression: str = "none"
+
+
+@dataclass(frozen=True)
+class TableState:
+    """A table as one backup saw it, and which backup holds its data."""
+
+    oid: int
+    schema: str
+    name: str
+    relfilenode: int
+    definition: str      # sha256 of the kind, the columns (names, types, order), dropped ones
+    rows: int            # exact count in the backup's snapshot
+    counters: int        # n_tup_ins + n_tup_upd + n_tup_del (a hint only)
+    held_in: str         # backup id whose archive holds this table's data
+    reason: str = ""     # why this backup dumped it ("" when unchanged)
+    fingerprint: str = ""  # content hash in this backup's own snapshot (fingerprint.ROW_HASHES)
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
 
 
 @dataclass
@@ -57,7 +76,7 @@ class Manifest:
     # Why a requested incremental became a full backup ("" when it did not).
     escalation: str = ""
     snapshot_xmin: int = -1
-    tables: list[dict[str, Any]] = field(default_factory=list)
+    tables: list[TableState] = field(default_factory=list)  # every table, dumped or not
     format: int = FORMAT
 
     @property
@@ -69,8 +88,20 @@ class Manifest:
         return (parse_time(self.finished_at) - parse_time(self.started_at)).total_seconds()
 
     @property
-    def table_states(self) -> dict[int, TableState]:
-        return {int(t["oid"]): TableState(**t) for t in self.tables}
+    def tables_by_oid(self) -> dict[int, TableState]:
+        return {t.oid: t for t in self.tables}
+
+    @property
+    def depends_on(self) -> frozenset[str]:
+        """The other backups whose objects a restore of this one reads: the chain's base
+        (its roles and schema are this backup's own, but retention keeps a chain whole)
+        and every backup that holds a table this one did not dump. The one place that
+        says what a backup needs: backup, retention and verify all ask it."""
+        return frozenset({t.held_in for t in self.tables} | {self.base}) - {"", self.backup_id}
+
+    def held_in(self, backup_id: str) -> list[TableState]:
+        """The tables whose data the backup `backup_id` holds for this one."""
+        return [t for t in self.tables if t.held_in == backup_id]
 
     @property
     def pg_dump_major(self) -> int:
@@ -80,7 +111,7 @@ class Manifest:
 
     @property
     def tables_dumped(self) -> int:
-        return sum(1 for t in self.tables if t.get("reason"))
+        return sum(1 for t in self.tables if t.reason)
 
     def object(self, kind: str) -> StoredObject:
         return next(o for o in self.objects if o.kind == kind)
@@ -95,6 +126,7 @@ class Manifest:
             if data.get("format") != FORMAT:
                 raise ValueError(f"unknown manifest format {data.get('format')!r}")
             data["objects"] = [StoredObject(**o) for o in data["objects"]]
+            data["tables"] = [TableState(**t) for t in data.get("tables", [])]
             return cls(**data)
         except (ValueError, TypeError, KeyError) as exc:
             raise StoreError(f"{key} is damaged: {exc}",

@@ -28,7 +28,16 @@ STABLE = {
 }
 
 
-def pin(cur: Any, local: bool = False) -> None:
-    """SET (or SET LOCAL, for one transaction) the settings above on `cur`'s session."""
+# Content fingerprints (fingerprint.py) hash row text under these: STABLE as it was before
+# search_path and array_nulls joined it (a fingerprint recorded by an earlier backup must
+# still compare equal), and row_security off as in pg_dump, so that a policy that would
+# hide rows is an error, not a short count.
+FINGERPRINT = {**{k: v for k, v in STABLE.items() if k not in ("search_path", "array_nulls")},
+               "row_security": "off"}
+
+
+def pin(cur: Any, local: bool = False, settings: dict[str, str] = STABLE) -> None:
+    """SET (or SET LOCAL, for one transaction) `settings` on `cur`'s session."""
     scope = "SET LOCAL" if local else "SET"
-    cur.execute("; ".join(f"{scope} {name} = %s" for name in STABLE), tuple(STABLE.values()))
+    cur.execute("; ".join(f"{scope} {name} = %s" for name in settings),
+                tuple(settings.values()))

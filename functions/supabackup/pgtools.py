@@ -1,4 +1,5 @@
-"""Find the PostgreSQL client binaries (pg_dump, pg_dumpall, pg_restore, psql).
+"""Find the PostgreSQL client binaries (pg_dump, pg_dumpall, pg_restore, psql), give them
+their environment (`child_env`) and run them (`Child`).
 
 Where we look, in order: the directories named by SUPABACKUP_PG_BINDIR (and only those,
 when it is set), the Lambda layer's /opt/bin, this checkout's build/layer/bin and
@@ -12,14 +13,19 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import threading
+from collections import deque
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import IO
 
+from .dburl import ConnectionInfo
 from .errors import ToolError
 
 CHECKOUT_BUILD = Path(__file__).resolve().parents[2] / "build"
 TOOLS = ("pg_dump", "pg_dumpall", "pg_restore", "psql")
+STDERR_KEEP = 64 * 1024  # the tail of a child's stderr kept for its error message
 
 
 @dataclass(frozen=True)
@@ -99,3 +105,94 @@ def find_tools(min_major: int, purpose: str = "dump") -> PgTools:
         f"install PostgreSQL {min_major}+ client binaries (the Lambda layer ships them; "
         "locally run `make setup`) or point SUPABACKUP_PG_BINDIR at their bin directory",
     )
+
+
+def child_env(conn: ConnectionInfo | None, application: str | None = None) -> dict[str, str]:
+    """Environment for a PostgreSQL client program: connection through PG* variables.
+
+    Nothing else is inherited but PATH, the library path and the locale, so no stray PG*
+    setting of the caller's can redirect a dump or a restore.
+    """
+    keep = ("PATH", "LD_LIBRARY_PATH", "HOME", "TZ", "LANG", "LC_ALL")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    if conn is not None:
+        env.update(conn.libpq_env())
+    if application:
+        env["PGAPPNAME"] = application
+    return env
+
+
+class Child:
+    """A client program with the pipes a caller asks for, and its stderr drained in the
+    background (a child whose stderr pipe fills up would stop), keeping the last
+    STDERR_KEEP bytes for the error message. The one way this package runs a program.
+
+    `raw` gives an unbuffered stdout, whose reads return what the pipe holds at once
+    (pg_dump's stream into multipart parts).
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, *,
+                 stdin: bool = False, stdout: bool = False, raw: bool = False) -> None:
+        self.argv = argv
+        self.proc = subprocess.Popen(
+            argv, env=env if env is not None else child_env(None),
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
+            stderr=subprocess.PIPE, bufsize=0 if raw else -1)
+        self._stderr: deque[bytes] = deque()
+        self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._drain.start()
+
+    @property
+    def stdin(self) -> IO[bytes]:
+        assert self.proc.stdin is not None
+        return self.proc.stdin
+
+    @property
+    def stdout(self) -> IO[bytes]:
+        assert self.proc.stdout is not None
+        return self.proc.stdout
+
+    def _drain_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        kept = 0
+        for line in self.proc.stderr:
+            self._stderr.append(line)
+            kept += len(line)
+            while kept > STDERR_KEEP and len(self._stderr) > 1:
+                kept -= len(self._stderr.popleft())
+
+    def wait(self) -> tuple[int, str]:
+        """(exit status, negative for a signal; the tail of stderr) once the child ends."""
+        code = self.proc.wait()
+        self._drain.join()
+        return code, b"".join(self._stderr).decode("utf-8", "replace")
+
+    def stop(self) -> None:
+        """Kill the child without waiting (from a watchdog thread)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def kill(self) -> None:
+        """Kill the child if it still runs, and reap it."""
+        self.stop()
+        self.proc.wait()
+
+    def end_input(self) -> None:
+        """Close the child's stdin: for psql, the end of the script (and its COMMIT)."""
+        if self.proc.stdin:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:  # the child is gone; so is what it would read
+                pass
+
+    def close(self) -> None:
+        """Close our ends of the pipes, once the child is done (or killed)."""
+        self.end_input()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe:
+                pipe.close()
+
+
+def exit_reason(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"

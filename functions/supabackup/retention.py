@@ -1,8 +1,10 @@
 """Retention: which class each backup's objects should carry now. Lifecycle does the deleting.
 
-S3 lifecycle rules expire objects by their `retention` tag and age (daily 14 days, weekly
-35, monthly 365, pinned never: see template.yaml). This pass runs after each backup and
-only re-tags, so it can never delete anything itself:
+S3 lifecycle rules expire objects by their `retention` tag and age (by default daily 14
+days, weekly 35, monthly 365, pinned never: the template's DailyRetentionDays,
+WeeklyRetentionDays and MonthlyRetentionDays). This pass reads those days from the
+bucket's own rules (Store.expiration_days), so it reckons by the clock that deletes; it
+runs after each backup and only re-tags, so it can never delete anything itself:
 
   - the first full backup of each calendar month is promoted to `monthly`;
   - the four newest weekly fulls are kept by count, not only by age: one that lifecycle
@@ -21,14 +23,11 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from .manifest import Manifest, parse_time
-from .store import Store, store_error
+from .store import Store
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DAYS = {"daily": 14, "weekly": 35, "monthly": 365}
 KEEP_WEEKLY = 4
 FOREVER = datetime.max.replace(tzinfo=UTC)
 
@@ -41,18 +40,20 @@ class Entry:
     kind: str
     retention: str              # the class it was taken with
     taken_at: datetime          # when its objects were written (lifecycle counts from here)
-    depends_on: frozenset[str]  # backups holding data it needs (its base, held_in)
+    depends_on: frozenset[str]  # Manifest.depends_on
 
     @classmethod
     def of(cls, manifest: Manifest) -> Entry:
-        needs = {t["held_in"] for t in manifest.tables} | ({manifest.base} - {""})
         return cls(manifest.backup_id, manifest.kind, manifest.retention,
-                   parse_time(manifest.snapshot_at), frozenset(needs - {manifest.backup_id}))
+                   parse_time(manifest.snapshot_at), manifest.depends_on)
 
 
-def plan_retention(entries: list[Entry], days: dict[str, int] | None = None) -> dict[str, str]:
-    """The class each backup should carry now: {backup_id: daily|weekly|monthly|pinned}."""
-    days = days or DEFAULT_DAYS
+def plan_retention(entries: list[Entry], days: dict[str, int]) -> dict[str, str]:
+    """The class each backup should carry now: {backup_id: daily|weekly|monthly|pinned}.
+
+    `days` is how many days lifecycle keeps each class; a class it does not name never
+    expires.
+    """
     by_id = {e.backup_id: e for e in entries}
     classes = {e.backup_id: e.retention for e in entries}
 
@@ -66,7 +67,7 @@ def plan_retention(entries: list[Entry], days: dict[str, int] | None = None) -> 
 
     def expires(backup_id: str) -> datetime:
         cls = classes[backup_id]
-        if cls == "pinned":
+        if cls not in days:  # pinned, or a class no rule expires
             return FOREVER
         return by_id[backup_id].taken_at + timedelta(days=days[cls])
 
@@ -101,39 +102,15 @@ class Change:
         return f"{self.backup_id}: {self.before} -> {self.after}"
 
 
-def apply_retention(store: Store, database_id: str, manifests: list[Manifest],
-                    days: dict[str, int] | None = None, dry_run: bool = False) -> list[Change]:
+def apply_retention(store: Store, manifests: list[Manifest]) -> list[Change]:
     """Re-tag every object of each backup whose class should change; return the changes."""
-    plan = plan_retention([Entry.of(m) for m in manifests], days)
+    plan = plan_retention([Entry.of(m) for m in manifests], store.expiration_days())
     changes = []
     for manifest in manifests:
-        current = store_tag(store, manifest)
+        current = store.retention_tag(manifest)
         wanted = plan[manifest.backup_id]
-        if current == wanted:
-            continue
-        changes.append(Change(manifest.backup_id, current, wanted))
-        if not dry_run:
-            names = [o.name for o in manifest.objects] + ["manifest.json"]
-            for name in names:
-                key = store.backup_key(database_id, manifest.backup_id, name)
-                try:
-                    store.s3.put_object_tagging(
-                        Bucket=store.url.bucket, Key=key,
-                        Tagging={"TagSet": [{"Key": "retention", "Value": wanted},
-                                            {"Key": "kind", "Value": manifest.kind}]})
-                except (ClientError, BotoCoreError) as exc:
-                    raise store_error(exc, key) from None
-    for change in changes:
-        log.info("retention: %s", change)
+        if current != wanted:
+            store.retag(manifest, wanted)
+            changes.append(Change(manifest.backup_id, current, wanted))
+            log.info("retention: %s", changes[-1])
     return changes
-
-
-def store_tag(store: Store, manifest: Manifest) -> str:
-    """The retention class a backup's manifest object carries now."""
-    key = store.backup_key(manifest.database_id, manifest.backup_id, "manifest.json")
-    try:
-        tags = store.s3.get_object_tagging(Bucket=store.url.bucket, Key=key)["TagSet"]
-    except (ClientError, BotoCoreError) as exc:
-        raise store_error(exc, key) from None
-    return next((t["Value"] for t in tags if t["Key"] == "retention"), manifest.retention)
-

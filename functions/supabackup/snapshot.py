@@ -10,17 +10,16 @@ held for the whole run.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
 
 import psycopg2
 import psycopg2.extensions
-from psycopg2 import sql
 
+from .db import connect
 from .dburl import ConnectionInfo
-from .errors import ConnectionFailed, RunInProgress, SupabackupError
+from .errors import ConnectionFailed, RunInProgress
 
 # A session-level advisory lock whose key is derived from the database's name.
 ADVISORY_LOCK = ("SELECT pg_try_advisory_lock(hashtextextended('supabackup ' || "
@@ -39,57 +38,12 @@ class ServerInfo:
         return self.version_num // 10000
 
 
-def connect(conn: ConnectionInfo) -> psycopg2.extensions.connection:
-    """Open a connection, turning libpq's failures into one clear, password-free error."""
-    try:
-        return psycopg2.connect(**conn.psycopg_kwargs())
-    except psycopg2.OperationalError as exc:
-        detail = conn.redact(" ".join(str(exc).split()))
-        raise ConnectionFailed(f"cannot connect to {conn.display()}: {detail}",
-                               connection_hint(detail, conn)) from None
-
-
-def run_statement(conn: ConnectionInfo, statement: str | sql.Composable,
-                  params: tuple[object, ...] = (),
-                  fail: Callable[[str], SupabackupError] | None = None) -> None:
-    """One statement on a connection of its own, in autocommit (CREATE DATABASE, a
-    replication slot's drop, ...). A server error becomes `fail(detail)`, its detail
-    password-free, or propagates as it is."""
-    db = connect(conn)
-    try:
-        db.autocommit = True
-        with db.cursor() as cur:
-            cur.execute(statement, params or None)
-    except psycopg2.Error as exc:
-        if fail is None:
-            raise
-        raise fail(conn.redact(" ".join(str(exc).split()))) from None
-    finally:
-        db.close()
-
-
-def connection_hint(detail: str, conn: ConnectionInfo) -> str:
-    """What an operator should do about a libpq connection error."""
-    lowered = detail.lower()
-    if "password authentication failed" in lowered or "no password supplied" in lowered:
-        return "check the user and password in the database URL or secret"
-    if "does not exist" in lowered and "database" in lowered:
-        return "check the database name"
-    if "ssl" in lowered:
-        return "the server refused TLS; add ?sslmode=disable only for a trusted local network"
-    if conn.is_supabase:
-        return ("check the host and port; Supabase's direct host is IPv6-only, so from "
-                "IPv4 networks use the session pooler (port 5432, user postgres.<ref>)")
-    return "check the host and port, and that the server accepts connections from here"
-
-
 class SnapshotSession:
     """An open REPEATABLE READ transaction whose snapshot pg_dump attaches to."""
 
     def __init__(self, conn: ConnectionInfo, imported: str | None = None) -> None:
         """Open the run's snapshot; with `imported`, join one exported elsewhere (the
         replication slot's, so that a base backup and its change stream meet exactly)."""
-        self.conn_info = conn
         self.connection = connect(conn)
         try:
             self.connection.set_session(isolation_level="REPEATABLE READ", readonly=True)
@@ -115,7 +69,7 @@ class SnapshotSession:
             raise
         except psycopg2.Error as exc:
             self.connection.close()
-            detail = conn.redact(" ".join(str(exc).split()))
+            detail = conn.error_line(exc)
             raise ConnectionFailed(
                 f"cannot export a snapshot on {conn.display()}: {detail}",
                 "use a direct connection or Supabase's session pooler; a transaction "

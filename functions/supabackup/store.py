@@ -26,7 +26,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .errors import ConfigError, StoreError
-from .manifest import Manifest
+from .manifest import Manifest, StoredObject
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -197,6 +197,66 @@ class Store:
         except (ClientError, BotoCoreError) as exc:
             raise store_error(exc, key) from None
 
+    # --- retention ---------------------------------------------------------------------
+
+    def retention_tag(self, manifest: Manifest) -> str:
+        """The retention class a backup's manifest object carries now."""
+        key = self.backup_key(manifest.database_id, manifest.backup_id, MANIFEST)
+        try:
+            tags = self.s3.get_object_tagging(Bucket=self.url.bucket, Key=key)["TagSet"]
+        except (ClientError, BotoCoreError) as exc:
+            raise store_error(exc, key) from None
+        return next((t["Value"] for t in tags if t["Key"] == "retention"), manifest.retention)
+
+    def retag(self, manifest: Manifest, retention: str) -> None:
+        """Give every object of a backup (its manifest last) the retention class."""
+        tags = {"TagSet": [{"Key": "retention", "Value": retention},
+                           {"Key": "kind", "Value": manifest.kind}]}
+        for name in [o.name for o in manifest.objects] + [MANIFEST]:
+            key = self.backup_key(manifest.database_id, manifest.backup_id, name)
+            try:
+                self.s3.put_object_tagging(Bucket=self.url.bucket, Key=key, Tagging=tags)
+            except (ClientError, BotoCoreError) as exc:
+                raise store_error(exc, key) from None
+
+    def expiration_days(self) -> dict[str, int]:
+        """{retention class: days} as the bucket's lifecycle rules expire our objects.
+
+        The rules are what deletes backups, so the retention pass reads its clock from
+        them rather than from a copy of their numbers: a stack deployed with other days,
+        or a rule edited by hand, re-tags by the days that really apply. A class no
+        enabled rule expires (a bucket without rules, say) is left out: it never expires.
+        """
+        try:
+            rules = self.s3.get_bucket_lifecycle_configuration(Bucket=self.url.bucket)["Rules"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchLifecycleConfiguration":
+                return {}
+            raise store_error(exc, f"the lifecycle rules of s3://{self.url.bucket}") from None
+        except BotoCoreError as exc:
+            raise store_error(exc, f"the lifecycle rules of s3://{self.url.bucket}") from None
+        days: dict[str, int] = {}
+        for rule in rules:
+            retention = self._expired_class(rule)
+            if retention is not None:
+                days[retention] = min(days.get(retention, rule["Expiration"]["Days"]),
+                                      rule["Expiration"]["Days"])
+        return days
+
+    def _expired_class(self, rule: dict[str, Any]) -> str | None:
+        """The retention class an enabled rule expires after some days, when it applies to
+        our prefix and filters on nothing but that tag (and a prefix)."""
+        if rule.get("Status") != "Enabled" or "Days" not in rule.get("Expiration", {}):
+            return None
+        spec = rule.get("Filter", {"Prefix": rule.get("Prefix", "")})
+        spec = spec.get("And", spec)
+        tags = spec.get("Tags", [spec["Tag"]] if "Tag" in spec else [])
+        prefix = spec.get("Prefix", "")
+        ours = self.key() + "/" if self.url.prefix else ""
+        if len(tags) != 1 or tags[0]["Key"] != "retention" or not ours.startswith(prefix):
+            return None
+        return str(tags[0]["Value"])
+
     # --- reading -----------------------------------------------------------------------
 
     def database_ids(self) -> list[str]:
@@ -285,9 +345,11 @@ class BackupWriter:
     backup_id: str
     written: list[str] = field(default_factory=list)
 
-    def upload(self, name: str, stream: Readable, expected_bytes: int,
-               tags: dict[str, str]) -> None:
-        """Stream `stream` to S3 until EOF; the stream itself decides if EOF is good."""
+    def upload(self, name: str, stream: Readable, expected_bytes: int, tags: dict[str, str],
+               *, kind: str, format: str, compression: str = "none") -> StoredObject:
+        """Stream `stream` to S3 until EOF (the stream itself decides if EOF is good); the
+        object as the manifest records it, with the size and sha256 of what was sent."""
+        reader = HashingReader(stream)
         key = self.store.backup_key(self.database_id, self.backup_id, name)
         part = part_size_for(expected_bytes, self.store.min_part_size)
         slots = max(1, min(self.store.concurrency, (PART_MEMORY // part - 1) // 2))
@@ -298,11 +360,13 @@ class BackupWriter:
         self.written.append(key)
         try:
             self.store.s3.upload_fileobj(
-                stream, self.store.url.bucket, key, Config=config,
+                reader, self.store.url.bucket, key, Config=config,
                 ExtraArgs={"Tagging": tagging(tags), "ContentType": "application/octet-stream"},
             )
         except (ClientError, BotoCoreError) as exc:
             raise store_error(exc, key) from None
+        return StoredObject(name=name, kind=kind, size=reader.size, sha256=reader.hexdigest,
+                            format=format, compression=compression)
 
     def commit(self, manifest: Manifest, tags: dict[str, str]) -> str:
         """Write the manifest last; refuse to overwrite an existing one."""

@@ -18,18 +18,14 @@ snapshot (drill.py); each mismatch is a finding that names the table.
 from __future__ import annotations
 
 import logging
-import subprocess
-import threading
 from dataclasses import dataclass, field
 from typing import Any
-
-from botocore.exceptions import BotoCoreError, ClientError
 
 from .dburl import ConnectionInfo
 from .drill import DrillReport, run_drill
 from .errors import RestoreFailed, StoreError
 from .manifest import Manifest
-from .pgtools import find_tools
+from .pgtools import Child, exit_reason, find_tools
 from .store import MANIFEST, Store
 
 log = logging.getLogger(__name__)
@@ -118,8 +114,7 @@ def _with_chain(backup_id: str, manifests: dict[str, Manifest]) -> list[str]:
     manifest = manifests.get(backup_id)
     if manifest is None:
         return []
-    holders = {t["held_in"] for t in manifest.tables} | ({manifest.base} - {""})
-    return sorted(holders | {backup_id})
+    return sorted(manifest.depends_on | {backup_id})
 
 
 def _check_chain(manifest: Manifest, manifests: dict[str, Manifest]) -> list[Finding]:
@@ -127,10 +122,9 @@ def _check_chain(manifest: Manifest, manifests: dict[str, Manifest]) -> list[Fin
     if manifest.base and manifest.base not in manifests:
         findings.append(Finding(manifest.backup_id, "chain",
                                 f"its base {manifest.base} is missing"))
-    for holder in sorted({t["held_in"] for t in manifest.tables} - {manifest.backup_id}):
-        if holder not in manifests and holder != manifest.base:
-            tables = sorted(f"{t['schema']}.{t['name']}" for t in manifest.tables
-                            if t["held_in"] == holder)
+    for holder in sorted(manifest.depends_on - {manifest.base}):
+        if holder not in manifests:
+            tables = sorted(t.qualified for t in manifest.held_in(holder))
             findings.append(Finding(manifest.backup_id, "chain",
                                     f"{holder}, which holds {', '.join(tables[:5])}, is missing"))
     return findings
@@ -175,29 +169,20 @@ class _Discard:
 def _read_through(store: Store, manifest: Manifest, name: str,
                   archive: bool) -> tuple[int, str, str]:
     """Stream an object once: its size, its sha256 and, for an archive, pg_restore's verdict."""
-    proc = None
+    child = None
     if archive:
         tools = find_tools(manifest.pg_dump_major, purpose="verify")
-        proc = subprocess.Popen([tools.path("pg_restore"), "--file=/dev/null"],
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
-    errors: list[bytes] = []
-    drain = threading.Thread(target=lambda: errors.append(proc.stderr.read() if proc else b""),  # type: ignore[union-attr]
-                             daemon=True)
-    drain.start()
+        child = Child([tools.path("pg_restore"), "--file=/dev/null"], stdin=True)
     try:
-        size, digest = store.stream_to(manifest, name, proc.stdin if proc else _Discard())  # type: ignore[arg-type]
-    except (StoreError, ClientError, BotoCoreError) as exc:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
+        size, digest = store.stream_to(manifest, name, child.stdin if child else _Discard())
+    except StoreError as exc:
+        if child is not None:
+            child.kill()
         return 0, "", f"could not be read: {exc}"
     verdict = ""
-    if proc is not None:
-        code = proc.wait()
-        drain.join()
+    if child is not None:
+        code, stderr = child.wait()
         if code != 0:
-            text = b"".join(errors).decode("utf-8", "replace").strip()
-            verdict = "; ".join(ln for ln in text.splitlines() if "error" in ln)[:500] or \
-                f"exit status {code}"
+            verdict = "; ".join(ln for ln in stderr.strip().splitlines() if "error" in ln)[:500] \
+                or exit_reason(code)
     return size, digest, verdict

@@ -1,4 +1,5 @@
-"""What every Lambda handler shares: Powertools logger and metrics, AWS clients, the secret.
+"""What every Lambda handler shares: Powertools logger and metrics, AWS clients, the secret,
+the function's environment, and the skeleton of an invocation (`Invocation`).
 
 Clients are created lazily, once per execution environment, and tests replace them with
 moto-backed ones (`clients`) before a call.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import boto3
@@ -17,7 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ..catalog import resolve_database_id
 from ..dburl import ConnectionInfo
-from ..errors import ConfigError
+from ..errors import ConfigError, SupabackupError
 from ..notify import Notifier, Outcome
 from ..store import BOTO_CONFIG, Store, StoreURL
 
@@ -37,6 +40,19 @@ def env(name: str) -> str:
     if not value:
         raise ConfigError(f"the function's environment lacks {name}", "redeploy the stack")
     return value
+
+
+def env_int(name: str) -> int | None:
+    """A whole number from the function's environment (None when unset or empty)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"the function's environment variable {name} is not a whole number: "
+                          f"{value[:40]!r}", "set it in the stack's parameters and redeploy"
+                          ) from None
 
 
 def read_secret(variable: str) -> ConnectionInfo:
@@ -64,9 +80,58 @@ def notifier() -> Notifier:
     return Notifier(os.environ.get("SUPABACKUP_SNS_TOPIC_ARN"), client("sns"))
 
 
-def refuse(notify: Notifier, kind: str, error: Exception, started: float, metric: str) -> None:
-    """Bad input fails before the engine starts; it still gets its SNS message and metric."""
-    logger.error("%s refused: %s", kind, error)
-    notify.publish(Outcome(kind=kind, database="unknown", error=error,
-                           duration_seconds=time.monotonic() - started))
-    metrics.add_metric(name=metric, unit=MetricUnit.Count, value=1)
+class Invocation:
+    """What every handler does around the engine, so that each reads: parse, call, report.
+
+        run = Invocation("restore", "Restore")
+        with run.refusing():          # bad input: SNS message, metric, re-raised
+            request = parse_restore_event(event)
+        with run.running(target.redact):   # the engine publishes its own outcome
+            report = restore_and_report(...)
+        run.succeeded()
+
+    Failures are re-raised so the invocation fails and the Lambda Errors alarm sees it.
+    """
+
+    def __init__(self, kind: str, metric: str) -> None:
+        self.kind = kind
+        self.metric = metric
+        self.notify = notifier()
+        self.started = time.monotonic()
+        metrics.add_dimension(name="kind", value=kind[:32])
+
+    @contextmanager
+    def refusing(self) -> Iterator[None]:
+        """Bad input fails before the engine starts; it still gets its SNS message."""
+        try:
+            yield
+        except SupabackupError as exc:
+            logger.error("%s refused: %s", self.metric.lower(), exc)
+            self.notify.publish(Outcome(kind=self.kind, database="unknown", error=exc,
+                                        duration_seconds=time.monotonic() - self.started))
+            self.count("Failed")
+            raise
+
+    @contextmanager
+    def running(self, scrub: Callable[[str], str] = str) -> Iterator[None]:
+        """The engine's run (which publishes its own outcome): a failure is counted and
+        logged with `scrub` applied, so no password reaches the log."""
+        try:
+            yield
+        except Exception as exc:
+            self.count("Failed")
+            logger.error("%s failed: %s", self.metric.lower(), scrub(str(exc)))
+            raise
+        finally:
+            if self.notify.failures:
+                metrics.add_metric(name="NotifyFailed", unit=MetricUnit.Count,
+                                   value=self.notify.failures)
+
+    def count(self, outcome: str) -> None:
+        metrics.add_metric(name=f"{self.metric}{outcome}", unit=MetricUnit.Count, value=1)
+
+    def succeeded(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Count the success, log the summary, and return it as the invocation's result."""
+        self.count("Succeeded")
+        logger.info("%s succeeded", self.metric.lower(), extra=summary)
+        return summary

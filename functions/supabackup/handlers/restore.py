@@ -1,9 +1,12 @@
 """Lambda entry point for restores on demand, into the database named by the stack's secret.
 
-Thin: validate the event (which backup, which tables, which profile; never a credential),
-read the target's secret, call `restore_and_report` (which publishes the SNS outcome).
-A dry run returns the plan and touches no database. A restore must fit in the function's
-timeout (15 minutes at most); larger databases restore with the CLI.
+Thin: validate the event (what to restore, which tables, which profile; never a
+credential), read the target's secret, call `restore_and_report` (which publishes the SNS
+outcome). "at" means what it means on the command line (catalog.restore_point): latest, a
+backup id, or a time, replayed from change capture where capture covers it, else the
+newest backup at or before it; the result and the SNS message say which. A dry run
+returns the plan and touches no database. A restore must fit in the function's timeout
+(15 minutes at most); larger databases restore with the CLI.
 
 Environment: SUPABACKUP_STORE, SUPABACKUP_RESTORE_SECRET_ARN (the target: an empty
 database, or a fresh Supabase project with "profile": "supabase"), SUPABACKUP_SNS_TOPIC_ARN,
@@ -12,50 +15,37 @@ and optionally SUPABACKUP_DATABASE_ID.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from ..catalog import select_backup
-from ..errors import SupabackupError
-from ..events import parse_restore_event
-from ..restore import describe_plan
-from ..run import restore_and_report
-from .common import database_in, logger, metrics, notifier, read_secret, refuse, store
+from ..catalog import describe_point, restore_point
+from ..report import restore_and_report
+from .common import Invocation, database_in, logger, metrics, read_secret, store
+from .events import parse_restore_event
 
 
 @metrics.log_metrics
 @logger.inject_lambda_context(clear_state=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    notify = notifier()
-    started = time.monotonic()
-    metrics.add_dimension(name="kind", value="restore")
-    try:
+    run = Invocation("restore", "Restore")
+    with run.refusing():
         request = parse_restore_event(event)
         backups = store()
-        database_id = database_in(backups, request.database_id)
-        manifest = select_backup(backups, database_id, request.at)
+        point = restore_point(backups, database_in(backups, request.database_id), request.at)
         if request.dry_run:
-            return {"backup_id": manifest.backup_id, "dry_run": True,
-                    "plan": describe_plan(backups, manifest, request.options)}
+            return {"at": request.at, "dry_run": True,
+                    "backup_id": point.manifest.backup_id if point.manifest else None,
+                    "method": "replay" if point.replay else "backup",
+                    "plan": describe_point(backups, point, request.options)}
+        point.check(request.options)
         target = read_secret("SUPABACKUP_RESTORE_SECRET_ARN")
-    except SupabackupError as exc:
-        refuse(notify, "restore", exc, started, "RestoreFailed")
-        raise
-    logger.set_correlation_id(manifest.backup_id)
-    logger.info("restore starting", extra={"backup_id": manifest.backup_id,
+    logger.info("restore starting", extra={"restoring": point.describe(),
                                            "target": target.display(),
                                            "tables": list(request.options.tables),
                                            "profile": request.options.profile})
-    try:
-        report = restore_and_report(backups, manifest, target, notify, request.options)
-    except Exception as exc:
-        metrics.add_metric(name="RestoreFailed", unit=MetricUnit.Count, value=1)
-        logger.error("restore failed: %s", target.redact(str(exc)))
-        raise
-    metrics.add_metric(name="RestoreSucceeded", unit=MetricUnit.Count, value=1)
-    logger.info("restore succeeded", extra={"lines": report.lines()})
-    return {"backup_id": manifest.backup_id, "target": report.target, "bytes": report.bytes,
-            "lines": report.lines()}
+    with run.running(target.redact):
+        report = restore_and_report(backups, point, target, run.notify, request.options)
+    return run.succeeded({"backup_id": report.backup_id, "at": request.at,
+                          "method": "replay" if point.replay else "backup",
+                          "target": target.display(), "lines": report.lines()})

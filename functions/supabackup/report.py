@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime
 
-from . import cdc
+from . import capture
 from .backup import BackupRequest, run_backup
-from .cdc import CaptureRun
+from .capture import CaptureRun
+from .capture.pointintime import PointInTimeReport, restore_to_time
+from .catalog import RestorePoint
 from .dburl import ConnectionInfo
-from .errors import DuplicateRun, SupabackupError, VerifyFailed
+from .errors import CaptureError, DuplicateRun, SupabackupError, VerifyFailed
 from .manifest import Manifest
 from .notify import Notifier, Outcome
 from .restore import RestoreOptions, RestoreReport, run_restore
@@ -32,8 +33,7 @@ log = logging.getLogger(__name__)
 def _retention_pass(store: Store, manifest: Manifest) -> list[str]:
     """Re-tag after each backup; a failure is reported, never turned into a failed backup."""
     try:
-        changes = apply_retention(store, manifest.database_id,
-                                  store.manifests(manifest.database_id))
+        changes = apply_retention(store, store.manifests(manifest.database_id))
     except SupabackupError as exc:
         log.error("retention pass failed (the backup itself is committed): %s", exc)
         return [f"retention pass failed: {exc.message}"]
@@ -90,45 +90,36 @@ def verify_and_report(store: Store, database_id: str, notifier: Notifier,
     return report
 
 
-def restore_and_report(store: Store, manifest: Manifest, target: ConnectionInfo,
+def restore_and_report(store: Store, point: RestorePoint, target: ConnectionInfo,
                        notifier: Notifier, options: RestoreOptions | None = None
-                       ) -> RestoreReport:
-    """Restore, and say on SNS what was restored where, or why it was not."""
+                       ) -> RestoreReport | PointInTimeReport:
+    """Restore what `point` names (a backup, or a time by replaying capture), and say on
+    SNS which it was, what was restored where and what is not as of that point; or why
+    it failed."""
     started = time.monotonic()
+    asked = {"at": point.at, "target": target.display(),
+             "method": "replay" if point.replay else "backup"}
     try:
-        report = run_restore(store, manifest, target, options)
+        report: RestoreReport | PointInTimeReport
+        if point.replay:
+            assert point.when is not None
+            point.check(options)
+            report = restore_to_time(store, point.database_id, target, point.when)
+        else:
+            assert point.manifest is not None
+            report = run_restore(store, point.manifest, target, options)
+            if point.when is not None:
+                report.notes.insert(0, point.describe())
     except BaseException as exc:
-        notifier.publish(Outcome(kind="restore", database=manifest.database_id, error=exc,
-                                 scrub=target.redact,
-                                 duration_seconds=time.monotonic() - started,
-                                 details={"backup_id": manifest.backup_id,
-                                          "target": target.display()}))
+        notifier.publish(Outcome(kind="restore", database=point.database_id, error=exc,
+                                 scrub=target.redact, details=asked,
+                                 duration_seconds=time.monotonic() - started))
         raise
-    notifier.publish(Outcome(kind="restore", database=manifest.database_id,
-                             duration_seconds=time.monotonic() - started,
-                             headline=f"{manifest.backup_id} into {target.display()}",
-                             details={"backup_id": manifest.backup_id, "lines": report.lines()}))
-    return report
-
-
-def restore_to_time_and_report(store: Store, database_id: str, target: ConnectionInfo,
-                               when: datetime, notifier: Notifier) -> cdc.PointInTimeReport:
-    """A restore to a time through change capture, said on SNS like any restore: what was
-    restored, and by name what could not be brought to that time; or why it failed."""
-    started = time.monotonic()
-    try:
-        report = cdc.restore_to_time(store, database_id, target, when)
-    except BaseException as exc:
-        notifier.publish(Outcome(kind="restore", database=database_id, error=exc,
-                                 scrub=target.redact,
-                                 duration_seconds=time.monotonic() - started,
-                                 details={"at": when.isoformat(), "target": target.display()}))
-        raise
-    headline = f"as of {when.isoformat()} into {target.display()}" + (
-        f"; {len(report.inexact)} thing(s) not as of that time" if report.inexact else "")
-    notifier.publish(Outcome(kind="restore", database=database_id,
+    headline = f"{point.describe().removeprefix('restoring ')} into {target.display()}" + (
+        f"; {len(report.inexact)} thing(s) not as of that point" if report.inexact else "")
+    notifier.publish(Outcome(kind="restore", database=point.database_id,
                              duration_seconds=time.monotonic() - started, headline=headline,
-                             details={"at": when.isoformat(), "base": report.base.backup_id,
+                             details={**asked, "backup_id": report.backup_id,
                                       "inexact": report.inexact, "lines": report.lines()}))
     return report
 
@@ -140,7 +131,7 @@ def capture_and_report(conn: ConnectionInfo, store: Store, database_id: str,
     epoch after a schema change."""
     started = time.monotonic()
     try:
-        result = cdc.run(conn, store, database_id, max_retained_wal=max_retained_wal)
+        result = capture.run(conn, store, database_id, max_retained_wal=max_retained_wal)
     except BaseException as exc:
         notifier.publish(Outcome(kind="capture", database=database_id, error=exc,
                                  scrub=conn.redact, duration_seconds=time.monotonic() - started))
@@ -148,7 +139,7 @@ def capture_and_report(conn: ConnectionInfo, store: Store, database_id: str,
     if result.lost:
         notifier.publish(Outcome(
             kind="capture", database=database_id, duration_seconds=time.monotonic() - started,
-            error=cdc.CaptureError(f"changes lost since the last capture run: "
+            error=CaptureError(f"changes lost since the last capture run: "
                                    f"{result.restarted}; a new base was taken",
                                    "check what dropped or invalidated the slot (max_slot_wal_"
                                    "keep_size, a manual drop); restores after the new base "

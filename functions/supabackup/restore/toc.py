@@ -15,13 +15,13 @@ policy"), and the owner is the last word. Only the head of the archive is read.
 from __future__ import annotations
 
 import re
-import subprocess
 import threading
 from dataclasses import dataclass
 
-from .manifest import Manifest
-from .pgtools import find_tools
-from .store import Store
+from ..errors import RestoreFailed
+from ..manifest import Manifest
+from ..pgtools import Child, exit_reason, find_tools
+from ..store import Store
 
 # pg_dump's entry descriptions with more than one word, longest first; others are one word.
 _MULTIWORD = sorted((
@@ -47,10 +47,13 @@ class TocEntry:
     owner: str
 
     @classmethod
-    def parse(cls, line: str) -> TocEntry:
+    def parse(cls, line: str, backup_id: str = "the archive") -> TocEntry:
         match = _LINE.match(line)
         if match is None:
-            raise ValueError(f"not a table of contents line: {line!r}")
+            raise RestoreFailed(f"pg_restore --list of {backup_id} gave a line that is not a "
+                                f"table of contents entry: {line[:200]!r}",
+                                "use the pg_restore of the backup's pg_dump version or newer "
+                                "(SUPABACKUP_PG_BINDIR); run `supabackup verify`")
         _, _, oid, text = match.groups()
         rest, _, owner = text.rpartition(" ")  # the owner is last, and may be empty
         desc = next((d for d in _MULTIWORD if rest.startswith(d + " ")), rest.split(" ", 1)[0])
@@ -61,16 +64,24 @@ class TocEntry:
 def read_toc(store: Store, manifest: Manifest) -> list[TocEntry]:
     """The entries of a backup's archive, read from S3 (only its head is fetched)."""
     tools = find_tools(manifest.pg_dump_major, purpose="restore")
-    proc = subprocess.Popen([tools.path("pg_restore"), "--list"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    child = Child([tools.path("pg_restore"), "--list"], stdin=True, stdout=True)
     out: list[bytes] = []
-    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()),  # type: ignore[union-attr]
-                              daemon=True)
+    reader = threading.Thread(target=lambda: out.append(child.stdout.read()), daemon=True)
     reader.start()
-    assert proc.stdin is not None
-    # It reads the table of contents and stops: no need to fetch the rest.
-    store.stream_to(manifest, manifest.object("database").name, proc.stdin, read_all=False)
-    proc.wait()
-    reader.join()
-    return [TocEntry.parse(line) for line in b"".join(out).decode().splitlines()
+    try:
+        # It reads the table of contents and stops: no need to fetch the rest.
+        store.stream_to(manifest, manifest.object("database").name, child.stdin,
+                        read_all=False)
+    except BaseException:
+        child.kill()  # it would wait for the rest of its input
+        raise
+    finally:
+        code, stderr = child.wait()
+        reader.join()
+    if code != 0:
+        raise RestoreFailed(f"pg_restore --list of {manifest.backup_id} failed "
+                            f"({exit_reason(code)}): {' '.join(stderr.split())[:500]}",
+                            "run `supabackup verify`; restore another backup")
+    return [TocEntry.parse(line, manifest.backup_id)
+            for line in b"".join(out).decode("utf-8", "replace").splitlines()
             if line and not line.startswith(";")]

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backup import BackupRequest
-from .errors import ConfigError
-from .manifest import iso, parse_time
-from .restore import RestoreOptions
+from ..backup import BackupRequest
+from ..errors import ConfigError
+from ..manifest import iso, new_backup_id, parse_time, utcnow
+from ..restore import RestoreOptions
 
 FIELDS: dict[str, type] = {"kind": str, "trigger": str, "retention": str, "label": str,
                            "profile": str, "database_id": str, "tick": str}
@@ -48,9 +48,11 @@ def _checked(event: Any, fields: dict[str, type], example: str) -> dict[str, Any
     return event
 
 
-def parse_backup_event(event: Any) -> BackupRequest:
-    """A backup request. A schedule's `tick` (its scheduled time) makes the run idempotent:
-    every delivery of one tick names the same backup (see locks.py)."""
+def parse_backup_event(event: Any, default_profile: str | None = None) -> BackupRequest:
+    """A backup request, with its backup id. A schedule's `tick` (its scheduled time) makes
+    the run idempotent: every delivery of one tick names the same backup (see locks.py); a
+    manual run is named by the time now. `default_profile` (the stack's) applies when the
+    event names none."""
     event = _checked(event, FIELDS, '{"kind": "full", "label": "before migration 42"}')
     tick = event.get("tick")
     if tick is not None:
@@ -59,15 +61,17 @@ def parse_backup_event(event: Any) -> BackupRequest:
         except ValueError:
             raise ConfigError(f"event field 'tick' is not a time: {tick[:40]!r}",
                               'the schedule sends "<aws.scheduler.scheduled-time>"') from None
-    return BackupRequest(
+    request = BackupRequest(
         tick=tick,
         kind=event.get("kind") or "full",
-        profile=event.get("profile"),
+        profile=event.get("profile") or default_profile,
         retention=event.get("retention") or "daily",
         label=event.get("label"),
         trigger=event.get("trigger") or "manual",
         database_id=event.get("database_id"),
     )
+    return request.with_backup_id(new_backup_id(parse_time(tick) if tick else utcnow(),
+                                                request.kind))
 
 
 @dataclass(frozen=True)

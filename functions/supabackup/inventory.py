@@ -40,13 +40,8 @@ Statistics counters (pg_stat_user_tables) are recorded and serve as a fast path 
 whose counters moved is certainly changed), but never as proof: they lag, include aborted
 work, reset on crashes and pg_stat_reset, and miss TRUNCATE.
 
-Every backup records, for every table, the row count and fingerprint read in its own
-snapshot (see ROW_HASHES), so that a restore drill proves the restored data is the data
-the snapshot held, table by table, including the tables an incremental leaves where an
-older backup holds them: a wrong "unchanged" shows up there as a mismatch. The
-fingerprints are fresh in every backup rather than inherited, or refreshed on a rotating
-schedule, because the incremental's detection scan reads every row anyway: hashing them
-in the same pass costs server CPU, and no second read.
+The fingerprints themselves are in fingerprint.py; the records this produces
+(TableState) are the manifest's.
 """
 
 from __future__ import annotations
@@ -55,46 +50,29 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
-import psycopg2.errors
 import psycopg2.extensions
 from psycopg2 import sql
 
+from . import output
+from .db import user_schemas
+from .fingerprint import binary_hash_is_stable, fingerprinted
+from .manifest import TableState
+
 log = logging.getLogger(__name__)
 
+
 XID_SPACE = 1 << 32
+
+
 XID_HALF = 1 << 31
-
-
-@dataclass(frozen=True)
-class TableState:
-    """A table as one backup saw it, and which backup holds its data."""
-
-    oid: int
-    schema: str
-    name: str
-    relfilenode: int
-    definition: str      # sha256 of the kind, the columns (names, types, order), dropped ones
-    rows: int            # exact count in the backup's snapshot
-    counters: int        # n_tup_ins + n_tup_upd + n_tup_del (a hint only)
-    held_in: str         # backup id whose archive holds this table's data
-    reason: str = ""     # why this backup dumped it ("" when unchanged)
-    fingerprint: str = ""  # content hash in this backup's own snapshot (ROW_HASHES)
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 # The definition hashes the live columns in order and, only when there are any, the
 # positions of dropped ones: a table that never lost a column keeps the hash it had
 # before dropped columns counted.
-INVENTORY = """
+INVENTORY = f"""
 SELECT c.oid, n.nspname, c.relname, c.relfilenode,
        encode(sha256(convert_to(c.relkind::text || ':' || coalesce(string_agg(
            a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
@@ -103,14 +81,13 @@ SELECT c.oid, n.nspname, c.relname, c.relfilenode,
            || coalesce(' dropped ' || string_agg(a.attnum::text, ',' ORDER BY a.attnum)
                        FILTER (WHERE a.attisdropped), ''), 'UTF8')), 'hex'),
        coalesce(s.n_tup_ins + s.n_tup_upd + s.n_tup_del, -1), c.relpages,
-       coalesce(array_agg(a.atttypid) FILTER (WHERE NOT a.attisdropped), '{}')
+       coalesce(array_agg(a.atttypid) FILTER (WHERE NOT a.attisdropped), '{{}}')
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
 LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
 WHERE c.relkind = 'r' AND c.relpersistence <> 't'
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND n.nspname NOT LIKE 'pg\\_%%'
+  AND {user_schemas(parameters=True)}
   AND NOT n.nspname LIKE ANY (%(excluded)s)
   AND NOT format('%%s.%%s', n.nspname, c.relname) = ANY (%(no_data)s)
 GROUP BY c.oid, n.nspname, c.relname, c.relfilenode, c.relpages, s.n_tup_ins, s.n_tup_upd,
@@ -145,29 +122,6 @@ class Scanned(NamedTuple):
     fingerprint: str = ""  # "r:<hex>" or "t:<hex>" (ROW_HASHES); "": not asked
 
 
-# An order-independent hash of a table's rows: the sum of a 64-bit hash of each row. A
-# restore gives back the same rows in any physical order, so the drill compares sums, not
-# digests of an ordered scan (which would sort every table). Two ways to hash a row, the
-# cheaper first: "r", hash_record_extended (PostgreSQL 14+), hashes each column's value
-# with its type's own hash function, about 3x cheaper than "t", a hash of the row's text;
-# but json, xml, point, tsvector and a few more have no hash function, and their tables
-# take "t". The fingerprint names its way ("r:0123..."), so the drill hashes the same way.
-# Row text depends on a few session settings, which STABLE_OUTPUT fixes on both sides.
-# row_security is off as in pg_dump: policies that would hide rows from us are an error,
-# not a short count. ROW(sb_row.*) is the whole row even when a column is named sb_row.
-ROW_HASHES = {"r": "hash_record_extended(ROW(sb_row.*), 0)",
-              "t": "hashtextextended(ROW(sb_row.*)::text, 0)"}
-STABLE_OUTPUT = ("SET LOCAL DateStyle = 'ISO, MDY'; SET LOCAL IntervalStyle = 'postgres';"
-                 " SET LOCAL TimeZone = 'UTC'; SET LOCAL extra_float_digits = 3;"
-                 " SET LOCAL bytea_output = 'hex'; SET LOCAL lc_monetary = 'C';"
-                 " SET LOCAL xmloption = 'content'; SET LOCAL row_security = off")
-
-
-def fingerprint_hex(total: object) -> str:
-    """The row-hash sum as 16 hex digits (modulo 2^64)."""
-    return format(int(str(total)) % (1 << 64), "016x")
-
-
 def scan_tables(conn: psycopg2.extensions.connection, excluded_schemas: Iterable[str],
                 since_xmin: int | None,
                 connect: Callable[[], psycopg2.extensions.connection] | None = None,
@@ -187,7 +141,7 @@ def scan_tables(conn: psycopg2.extensions.connection, excluded_schemas: Iterable
                                 "no_data": list(no_data) or [""]})
         tables = cur.fetchall()
         if fingerprint:  # which row hash each table may take (ROW_HASHES)
-            stable = _binary_hash_is_stable(cur, {oid for t in tables for oid in t[7]})
+            stable = binary_hash_is_stable(cur, {oid for t in tables for oid in t[7]})
             tables = [(*t[:7], ("r", "t") if stable.issuperset(t[7]) else ("t",))
                       for t in tables]
     if connect is None or snapshot_id is None:
@@ -267,7 +221,7 @@ def _count(cur: psycopg2.extensions.cursor, tables: list[tuple], since_xmin: int
     """
     threshold = None if since_xmin is None else _threshold(cur, since_xmin)
     if fingerprint:
-        cur.execute(STABLE_OUTPUT)
+        output.pin(cur, local=True, settings=output.FINGERPRINT)
     result = {}
     for oid, schema, name, relfilenode, definition, counters, _pages, ways in tables:
         if stop is not None and stop.is_set():
@@ -286,94 +240,13 @@ def _count(cur: psycopg2.extensions.cursor, tables: list[tuple], since_xmin: int
                 since=sql.Literal(since_xmin), space=sql.Literal(XID_SPACE),
                 half=sql.Literal(XID_HALF))
         if fingerprint:
-            rows, new_rows, digest = _fingerprinted(cur, table, new, ways)
+            rows, new_rows, digest = fingerprinted(cur, table, new, ways)
         else:
             cur.execute(sql.SQL("SELECT count(*), {} FROM ONLY {} sb_row").format(new, table))
             (rows, new_rows), digest = cur.fetchone(), ""
         result[oid] = Scanned(oid, schema, name, relfilenode, definition, counters, int(rows),
                               int(new_rows), digest)
     return result
-
-
-def _fingerprinted(cur: psycopg2.extensions.cursor, table: sql.Composable,
-                   extra: sql.Composable, ways: tuple[str, ...]) -> tuple[int, int, str]:
-    """count(*), `extra` and the table's fingerprint, the first of `ways` that works.
-
-    A way that cannot hash one of the table's types fails at once (UndefinedFunction); a
-    savepoint keeps the transaction, and with it the run's snapshot, alive for the next.
-    """
-    for way in ways:
-        cur.execute("SAVEPOINT sb_fingerprint")
-        try:
-            cur.execute(sql.SQL("SELECT count(*), {}, coalesce(sum({}), 0) FROM ONLY {} sb_row")
-                        .format(extra, sql.SQL(ROW_HASHES[way]), table))
-        except psycopg2.errors.UndefinedFunction:
-            cur.execute("ROLLBACK TO SAVEPOINT sb_fingerprint")
-            if way == ways[-1]:
-                raise
-            continue
-        rows, other, total = cur.fetchone()
-        cur.execute("RELEASE SAVEPOINT sb_fingerprint")
-        return int(rows), int(other), f"{way}:{fingerprint_hex(total)}"
-    raise AssertionError("unreachable")
-
-
-# Types whose binary hash is the hash of an oid that a restore assigns anew.
-_OID_VALUED = ("regclass", "regcollation", "regconfig", "regdictionary", "regnamespace",
-               "regoper", "regoperator", "regproc", "regprocedure", "regrole", "regtype")
-
-
-def _binary_hash_is_stable(cur: psycopg2.extensions.cursor, type_oids: set[int]) -> set[int]:
-    """The column types whose binary hash ("r") survives a dump and restore.
-
-    An enum's hash is that of its label's oid, and reg* values hash as oids: a restore
-    gives both new oids, so their tables are hashed as text. Composites and ranges might
-    hold either, and are hashed as text too. Domains and arrays are judged by what they
-    are of.
-    """
-    cur.execute("SELECT oid, typtype, typcategory, typbasetype, typelem, typname,"
-                " typnamespace = 'pg_catalog'::regnamespace FROM pg_type")
-    types = {row[0]: row[1:] for row in cur.fetchall()}
-
-    def stable(oid: int, depth: int = 0) -> bool:
-        typtype, category, base, elem, name, in_catalog = types[oid]
-        if depth > 10:
-            return False
-        if typtype == "d":
-            return stable(base, depth + 1)
-        if category == "A" and elem:
-            return stable(elem, depth + 1)
-        return typtype == "b" and not (in_catalog and name in _OID_VALUED)
-
-    return {oid for oid in type_oids if oid in types and stable(oid)}
-
-
-def table_contents(conn: psycopg2.extensions.connection,
-                   tables: dict[tuple[str, str], str]) -> dict[tuple[str, str], tuple[int, str]]:
-    """(rows, fingerprint) of each named table that exists, read as a backup read it.
-
-    The restore drill's side of the comparison: `tables` maps (schema, name) to the
-    fingerprint the backup recorded, whose way ("r" or "t") is used again, with the same
-    FROM ONLY count under the same STABLE_OUTPUT, in one transaction. A table recorded
-    without a fingerprint is counted only ("" for its fingerprint).
-    """
-    found = {}
-    with conn.cursor() as cur:
-        cur.execute(STABLE_OUTPUT)
-        for (schema, name), recorded in tables.items():
-            cur.execute("SELECT to_regclass(%s)", (sql.Identifier(schema, name).as_string(cur),))
-            if cur.fetchone()[0] is None:
-                continue
-            way = recorded.partition(":")[0]
-            table = sql.Identifier(schema, name)
-            if way in ROW_HASHES:
-                rows, _, digest = _fingerprinted(cur, table, sql.SQL("0"), (way,))
-            else:
-                cur.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(table))
-                rows, digest = int(cur.fetchone()[0]), ""
-            found[(schema, name)] = (rows, digest)
-    conn.rollback()
-    return found
 
 
 def _threshold(cur: psycopg2.extensions.cursor, since_xmin: int) -> int | None:
@@ -503,4 +376,3 @@ def _reason(before: TableState | None, schema: str, name: str, relfilenode: int,
     if rows != before.rows:
         return "row count changed"
     return ""
-

@@ -41,10 +41,10 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
-from . import output
-from .dburl import ConnectionInfo
-from .errors import SupabackupError
-from .snapshot import connect
+from .. import output
+from ..db import connect
+from ..dburl import ConnectionInfo
+from ..errors import SupabackupError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class _Diverged(Exception):
 
 def _failure(target: ConnectionInfo, exc: BaseException, txn: dict[str, Any] | None,
              done: Replayed) -> ReplayFailed:
-    detail = target.redact(" ".join(str(exc).split()))
+    detail = target.error_line(exc)
     where = (f"transaction {txn.get('xid') or '?'} (commit LSN {txn['commit_lsn']}, committed "
              f"{txn['commit_time']})" if txn else "setting up the replay")
     holds = (f"the base and {done.transactions} transaction(s), through the one committed "

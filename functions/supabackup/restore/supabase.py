@@ -31,9 +31,10 @@ from fnmatch import fnmatch
 
 import psycopg2.extensions
 
-from .changes import schema_like
-from .manifest import Manifest
-from .profiles import PROFILES, SUPABASE_MIGRATION_TABLES
+from ..db import user_schemas
+from ..inventory import schema_like
+from ..manifest import Manifest
+from ..profiles import PROFILES, SUPABASE_MIGRATION_TABLES
 from .toc import TocEntry
 
 # What a backup holds in a platform schema that belongs to the user.
@@ -136,8 +137,7 @@ BEGIN
   FOR r IN
     WITH mine AS (
       SELECT oid FROM pg_namespace
-      WHERE nspname NOT IN ('pg_catalog', 'information_schema')
-        AND nspname NOT LIKE 'pg\\_%' AND NOT nspname LIKE ANY (ARRAY[{skip}]))
+      WHERE {user_schemas("")} AND NOT nspname LIKE ANY (ARRAY[{skip}]))
     SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END AS kind,
            c.oid::regclass::text AS obj, a.grantee
     FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a

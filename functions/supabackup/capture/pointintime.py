@@ -1,0 +1,270 @@
+"""Restore to a time: the base of the epoch that covers it, then every captured
+transaction committed at or before it (replay.py), then sequences as the run before the
+time read them.
+
+What a restore to a time can and cannot give exactly:
+- A time later than the epoch's progress (what capture has stored and checked) is refused:
+  capture has not seen it yet.
+- A time between two epochs (the definitions changed: the DDL's moment is unknown) is
+  refused, naming the times on either side.
+- Values are decoded and replayed under one set of output settings (output.py), so the
+  source's DateStyle, extra_float_digits, search_path and the like cannot change them.
+- What the stream does not carry is named in the restore's output, never silently old:
+  tables without a replica identity (their updates and deletes), unlogged tables, large
+  objects, and sequences when the time falls after the last read of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from psycopg2 import sql
+
+from .. import output
+from ..db import connect
+from ..dburl import ConnectionInfo
+from ..errors import CaptureError, ConfigError, StoreError
+from ..manifest import Manifest, parse_time
+from ..restore import run_restore
+from ..store import Store
+from .replay import replay
+from .slot import not_replayable
+from .state import (
+    CaptureState,
+    Progress,
+    epochs,
+    lsn_int,
+    read_progress,
+    segments,
+    transactions_until,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PointInTimeReport:
+    """What a restore to a time did, and what it could not bring to that time."""
+
+    when: datetime
+    base: Manifest
+    transactions: int = 0
+    covered_through: str = ""
+    inexact: list[str] = field(default_factory=list)  # "what: why", each named for the user
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def backup_id(self) -> str:
+        return self.base.backup_id
+
+    def lines(self) -> list[str]:
+        out = [f"restored {self.base.database_id} as of {self.when.isoformat()} by replaying "
+               f"change capture: base {self.base.backup_id} and {self.transactions} captured "
+               "transaction(s)"]
+        out += self.notes
+        out += [f"NOT AS OF {self.when.isoformat()}: {line}" for line in self.inexact]
+        return out
+
+
+@dataclass(frozen=True)
+class Covering:
+    """The epoch whose base and captured changes give the database as of a time."""
+
+    epoch: CaptureState
+    progress: Progress
+    base: Manifest
+    until_lsn: str  # the next epoch's start ("" for the epoch that runs now)
+
+
+def covering(store: Store, database_id: str, when: datetime) -> Covering:
+    """The epoch that covers `when`, or a refusal that names the window capture can reach."""
+    history = epochs(store, database_id)
+    started = [i for i, e in enumerate(history) if parse_time(e.base_at) <= when]
+    if not started:
+        raise ConfigError(f"no change capture of {database_id} covers {when.isoformat()}",
+                          "restore a backup instead, or a later time"
+                          + (f" (capture starts at {history[0].base_at})" if history else ""))
+    index = started[-1]
+    epoch = history[index]
+    progress = read_progress(store, database_id, epoch)
+    if progress is None:
+        raise StoreError(f"the progress record of the capture epoch {epoch.start_lsn} is "
+                         "missing", "restore a backup, or a time in another epoch")
+    following = history[index + 1:index + 2]
+    _refuse_uncovered(database_id, when, progress, following)
+    base = next((m for m in store.manifests(database_id) if m.backup_id == epoch.base), None)
+    if base is None:
+        raise StoreError(f"the capture's base backup {epoch.base} is gone",
+                         "restore a later time, or a backup")
+    return Covering(epoch, progress, base, following[0].start_lsn if following else "")
+
+
+def restore_to_time(store: Store, database_id: str, target: ConnectionInfo,
+                    when: datetime) -> PointInTimeReport:
+    """The base of the epoch that covers `when`, then every transaction it captured up to
+    `when`; refuses a time capture cannot give exactly, names what it could not bring."""
+    found = covering(store, database_id, when)
+    epoch, progress, base = found.epoch, found.progress, found.base
+    report = PointInTimeReport(when=when, base=base, covered_through=progress.verified_at)
+    restored = run_restore(store, base, target)
+    report.notes += restored.notes
+    report.inexact += _not_replayable_in(target, _large_objects_seen(store, database_id,
+                                                                     epoch, progress))
+    # Only the tables whose data the base holds: what the profile leaves out stays out
+    # (Supabase's realtime.subscription, say), and a table created and dropped between two
+    # runs has no rows to bring back (what it did to other tables is in the stream).
+    held = {(t.schema, t.name) for t in base.tables} or None
+    replayed = replay(target, transactions_until(store, database_id, epoch, when,
+                                                 found.until_lsn), held)
+    report.transactions = replayed.transactions
+    report.inexact += [f"{table}: a float or numeric value that wal2json decoded as null may "
+                       "have been NaN or +-Infinity (wal2json before 2.6 cannot tell them "
+                       "apart; it was restored as NULL)" for table in sorted(replayed.ambiguous)]
+    read = _sequences_for(store, database_id, epoch, progress, when)
+    report.inexact += _set_sequences(target, read, when, replayed.transactions)
+    checked_then = bool(read[0]) and parse_time(read[0]) == when
+    if (not checked_then and when > parse_time(base.snapshot_at)
+            and not any(line.startswith("large objects") for line in report.inexact)):
+        # no run saw one, but one made and removed between two runs would be missed
+        report.inexact.append("large objects: none at the base or at any capture run, but "
+                              "they are not in the change stream: one created after the "
+                              "run before this time would not be here")
+    report.notes += _refresh_matviews(target)
+    log.info("restored %s to %s: base %s and %d transaction(s)", database_id, when.isoformat(),
+             base.backup_id, report.transactions)
+    return report
+
+
+def _refuse_uncovered(database_id: str, when: datetime, progress: Progress,
+                      following: list[CaptureState]) -> None:
+    if when <= parse_time(progress.verified_at):
+        return
+    if following:
+        raise CaptureError(
+            f"{when.isoformat()} cannot be restored exactly: change capture of {database_id} "
+            f"has no record between {progress.verified_at} and {following[0].base_at} "
+            f"({progress.ended or 'a new epoch began'})",
+            f"choose a time at or before {progress.verified_at}, or at or after "
+            f"{following[0].base_at}")
+    raise CaptureError(
+        f"change capture of {database_id} covers times up to {progress.verified_at}; "
+        f"{when.isoformat()} is later",
+        "run `supabackup cdc run` and try again, or choose an earlier time")
+
+
+def _not_replayable_in(target: ConnectionInfo, large_objects_later: int) -> list[str]:
+    """What the restored base holds that replay cannot bring forward (see not_replayable),
+    and large objects when capture saw some after the base."""
+    db = connect(target)
+    try:
+        db.autocommit = True
+        lines = [line.replace(": ", ": as of the base; ", 1) for line in not_replayable(db)]
+    finally:
+        db.close()
+    if large_objects_later and not any(line.startswith("large objects") for line in lines):
+        lines.append(f"large objects: as of the base, which had none; capture saw "
+                     f"{large_objects_later} since (they are not in the change stream)")
+    return lines
+
+
+def _large_objects_seen(store: Store, database_id: str, epoch: CaptureState,
+                        progress: Progress) -> int:
+    """The most large objects any run of `epoch` saw."""
+    start = lsn_int(epoch.start_lsn)
+    return max([progress.large_objects] + [s.large_objects for s in segments(store, database_id)
+                                           if lsn_int(s.end_lsn) > start])
+
+
+def _sequences_for(store: Store, database_id: str, epoch: CaptureState, progress: Progress,
+                   when: datetime) -> tuple[str, dict[str, list[Any]]]:
+    """(when they were read, values) of the newest read of the sequences at or before
+    `when` in `epoch`; ("", {}) when no run read them since the base, which holds them."""
+    reads = [(s.checked_at, s.sequences) for s in segments(store, database_id)
+             if lsn_int(s.end_lsn) > lsn_int(epoch.start_lsn) and s.checked_at]
+    if progress.sequences_at:
+        reads.append((progress.sequences_at, progress.sequences))
+    earlier = [r for r in reads if parse_time(r[0]) <= when]
+    return max(earlier, key=lambda r: parse_time(r[0])) if earlier else ("", {})
+
+
+def _set_sequences(target: ConnectionInfo, read: tuple[str, dict[str, list[Any]]],
+                   when: datetime, replayed: int) -> list[str]:
+    """Set every sequence as the newest read before `when` found it. When that read is
+    not at `when` itself, the values are older than the time asked for: each sequence a
+    column uses is moved past the largest value replayed into it (so the next insert does
+    not collide), and the sequences are named. Returns the lines that name them."""
+    read_at, values = read
+    # Read at the very time; or nothing replayed onto the base, whose values are pg_dump's
+    # own, as in any restore of a backup.
+    exact = (bool(read_at) and parse_time(read_at) == when) or (not read_at and not replayed)
+    moved = []
+    db = connect(target)
+    try:
+        db.autocommit = True
+        with db.cursor() as cur:
+            output.pin(cur)
+            for name, (value, called) in values.items():
+                cur.execute("SELECT to_regclass(%s)", (name,))
+                if cur.fetchone()[0] is not None:
+                    cur.execute("SELECT setval(%s, %s, %s)", (name, value, called))
+            for seq, column, table in ([] if exact else _column_sequences(cur)):
+                # regclass text and quote_ident: names the server quoted itself
+                cur.execute(sql.SQL(
+                    "SELECT setval({seq}, x.m) FROM (SELECT max({col}) AS m FROM {table}) x,"
+                    " {relation} s WHERE x.m > s.last_value"
+                    " OR (x.m = s.last_value AND NOT s.is_called)").format(
+                    seq=sql.Literal(seq), col=sql.SQL(column), table=sql.SQL(table),
+                    relation=sql.SQL(seq)))
+                if cur.fetchall():
+                    moved.append(seq)
+    finally:
+        db.close()
+    if exact:
+        return []
+    source = f"as a capture run read them at {read_at}" if read_at else "as of the base"
+    return [f"sequences: {source}, not at the time asked for (the change stream does not "
+            "carry them)" + (f"; moved past the values replayed into their columns: "
+                             f"{', '.join(moved)}" if moved else "")]
+
+
+def _column_sequences(cur: Any) -> list[tuple[str, str, str]]:
+    """(sequence, column, table) for every integer column whose default or identity uses
+    one (a text column may use one too, 'INV-' || nextval(...): there is no "past" it)."""
+    cur.execute("""
+        SELECT DISTINCT s.oid::regclass::text, quote_ident(a.attname), c.oid::regclass::text
+        FROM pg_depend d
+        JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
+        JOIN pg_attrdef ad ON d.classid = 'pg_attrdef'::regclass AND ad.oid = d.objid
+        JOIN pg_class c ON c.oid = ad.adrelid
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ad.adnum
+        WHERE a.atttypid IN (20, 21, 23)
+        UNION
+        SELECT s.oid::regclass::text, quote_ident(a.attname), c.oid::regclass::text
+        FROM pg_depend d
+        JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+        JOIN pg_class c ON c.oid = d.refobjid
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.refobjsubid
+        WHERE d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+          AND a.atttypid IN (20, 21, 23)""")
+    return list(cur.fetchall())
+
+
+def _refresh_matviews(target: ConnectionInfo) -> list[str]:
+    """Materialized views rebuilt from the replayed tables, as a restore of a backup does."""
+    db = connect(target)
+    try:
+        db.autocommit = True
+        with db.cursor() as cur:
+            output.pin(cur)
+            cur.execute("SELECT oid::regclass::text FROM pg_class WHERE relkind = 'm'"
+                        " AND relispopulated ORDER BY oid")
+            names = [r[0] for r in cur.fetchall()]
+            for name in names:
+                cur.execute(f"REFRESH MATERIALIZED VIEW {name}")  # quoted by the server
+    finally:
+        db.close()
+    return ([f"materialized views rebuilt from the restored tables: {', '.join(names)}"]
+            if names else [])
