@@ -8,7 +8,7 @@ Every backup records, for every table, the exact row count and content fingerpri
 its own snapshot: a full backup reads them on one more connection alongside pg_dump; an
 incremental in its change-detection scan, which reads every table before pg_dump anyway
 and hashes the rows in the same pass. So an incremental reads no table twice, compares
-each fingerprint with the previous backup's (changes.decide), and its restore drill
+each fingerprint with the previous backup's (inventory.decide), and its restore drill
 checks every table against the snapshot, also the tables it left where they are held.
 
 Failure handling sits in one place: any exception after the first upload discards
@@ -251,8 +251,6 @@ def _parent_for(manifests: list[Manifest], profile: Profile,
     if parent.snapshot_xmin < 0 or not parent.tables:
         return None, f"{parent.backup_id} recorded no table states to compare with"
     return parent, ""
-
-
 
 
 def _discard(writer: BackupWriter) -> None:
