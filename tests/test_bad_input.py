@@ -186,3 +186,205 @@ def test_a_non_numeric_setting_in_the_functions_environment_is_refused_clearly(
     (msg,) = inbox.messages()
     assert msg["MessageAttributes"]["status"]["Value"] == "failed"
     assert "SUPABACKUP_MAX_RETAINED_WAL" in msg["Message"]["error"]
+
+
+# ------------------------------------------------ what a second pair of eyes found, each a test
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """The command line in-process: its exit status and its stderr."""
+    from supabackup import cli
+    code = cli.main(list(args))
+    return code, capsys.readouterr().err.strip()
+
+
+def _one_clear_line(code: int, err: str, expected: int = 1) -> None:
+    assert code == expected and len(err.splitlines()) == 1, (code, err)
+    assert "unexpected" not in err and err.startswith("supabackup: error: "), err
+
+
+def _manifest(backup_id: str, snapshot_at: str, **fields: Any) -> bytes:
+    from supabackup.manifest import Manifest, StoredObject
+    return Manifest(
+        backup_id=backup_id, database_id="db", kind="full", profile="postgres",
+        retention="weekly", started_at=snapshot_at, finished_at=snapshot_at,
+        snapshot_at=snapshot_at, snapshot_id="s", server_version="17.0", database="app",
+        database_size=1, pg_dump="pg_dump", pg_dump_version="17.0",
+        objects=[StoredObject("database.dump", "database", 1, "0" * 64, "custom")],
+        **fields).to_json()
+
+
+GOOD_AT = "2026-02-01T00:00:00.000000Z"
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: [], lambda m: {**m, "started_at": "nope"}, lambda m: {**m, "snapshot_at": 5},
+    lambda m: {**m, "label": 5}, lambda m: {**m, "backup_id": 5},
+    lambda m: {**m, "objects": [{**m["objects"][0], "size": "big"}]},
+    lambda m: {**m, "objects": []},
+], ids=["a list", "bad started_at", "numeric snapshot_at", "numeric label",
+        "numeric backup_id", "text size", "no database archive"])
+def test_a_manifest_of_the_wrong_shape_is_named_damaged_by_every_command(
+        store: Store, capsys: pytest.CaptureFixture[str], change: Any) -> None:
+    import json
+    good = json.loads(_manifest("20260201T000000Z-full", GOOD_AT))
+    store.put_small(store.backup_key("db", "20260201T000000Z-full", "manifest.json"),
+                    json.dumps(change(good)).encode())
+    for args in (["list"], ["restore", "--dry-run", "--target-url", "postgresql://u@h/t",
+                            "--at", "2026-06-01T00:00:00Z"]):
+        code, err = _cli(capsys, *args, "--store", str(store.url))
+        _one_clear_line(code, err)
+        assert "is damaged" in err, err
+
+
+@pytest.mark.parametrize("name, body", [
+    ("epochs/0000000001000000.json", {"slot": "s", "plugin": "p", "base": "b",
+                                      "start_lsn": "0/1000000", "base_at": ""}),
+    ("epochs/0000000001000000.json", {"slot": "s", "plugin": "p", "base": "b",
+                                      "start_lsn": "zz", "base_at": "2026-01-01T00:00:00Z"}),
+    ("progress/0000000001000000.json", {"verified_lsn": "0/1000000", "verified_at": 7}),
+], ids=["no base time", "no WAL position", "numeric progress time"])
+def test_capture_records_with_wrong_values_are_named_damaged(
+        store: Store, capsys: pytest.CaptureFixture[str], name: str, body: dict) -> None:
+    import json
+    epoch = {"slot": "s", "plugin": "p", "base": "b", "start_lsn": "0/1000000",
+             "base_at": "2026-01-01T00:00:00Z"}
+    store.put_small(store.key("db", "cdc", "epochs/0000000001000000.json"),
+                    json.dumps(epoch).encode())
+    store.put_small(store.key("db", "cdc", name), json.dumps(body).encode())
+    code, err = _cli(capsys, "restore", "--dry-run", "--store", str(store.url), "--database-id",
+                     "db", "--target-url", "postgresql://u@h/t", "--at", "2026-01-01T12:00:00Z")
+    _one_clear_line(code, err)
+    assert "is damaged" in err, err
+
+
+@pytest.mark.parametrize("lease", [b'{"expires_at": "2999-01-01T00:00:00Z"}',
+                                   b'{"expires_at": 5}', b'{"expires_at": null}'])
+def test_a_lease_with_fields_missing_or_wrong_is_read_as_what_it_can_say(
+        store: Store, capsys: pytest.CaptureFixture[str], lease: bytes) -> None:
+    store.put_small(store.key("db", "locks", "backup.json"), lease)
+    code, err = _cli(capsys, "backup", "full", "--database-url",
+                     f"postgresql://u@127.0.0.1:{free_port()}/x", "--store", str(store.url),
+                     "--database-id", "db")
+    _one_clear_line(code, err)
+    assert ("another backup of db is in progress: unknown" in err) == lease.startswith(
+        b'{"expires_at": "2999'), err
+
+
+@pytest.mark.parametrize("args, env, match", [
+    (["--wait", "nan"], {}, "--wait must be a number of seconds"),
+    (["--wait", "-5"], {}, "--wait must be a number of seconds"),
+    ([], {"AWS_ENDPOINT_URL_S3": "not a url"}, "cannot create the s3 client"),
+], ids=["wait nan", "wait negative", "endpoint not a URL"])
+def test_bad_settings_are_refused_as_bad_input(
+        s3: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        args: list[str], env: dict[str, str], match: str) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, err = _cli(capsys, "backup", "full", "--database-url", "postgresql://u@127.0.0.1:1/x",
+                     "--store", "s3://sb-test-bucket/p", *args)
+    _one_clear_line(code, err, expected=2)
+    assert match in err, err
+
+
+@pytest.mark.parametrize("url, match", [
+    ("postgresql://u@127.0.0.1:1/x?connect_timeout=abc", "connect_timeout must be a whole"),
+    ("postgresql://u@127.0.0.1:1/x%00y", "NUL character"),
+])
+def test_database_urls_libpq_would_trip_over_are_refused(url: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        ConnectionInfo.from_url(url)
+    with pytest.raises(ConfigError, match=match):
+        ConnectionInfo.from_secret('{"host": "h", "username": "u", "connect_timeout": "abc"}'
+                                   if "timeout" in match else
+                                   '{"host": "h", "username": "u", "dbname": "a\\u0000b"}')
+
+
+def test_an_invalid_bucket_name_is_one_line(s3: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _cli(capsys, "list", "--store", "s3://B_A D/p")
+    _one_clear_line(code, err)
+
+
+def test_a_binary_secret_is_refused_clearly(s3: Any, inbox: Inbox,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+    from supabackup.handlers import common
+    from supabackup.handlers import restore as restore_handler
+
+    from .helpers import FakeContext
+    secrets = boto3.client("secretsmanager", region_name="us-east-1")
+    arn = secrets.create_secret(Name="binary", SecretBinary=b"\x00\x01")["ARN"]
+    store = Store(StoreURL.parse("s3://sb-test-bucket/p"), s3)
+    store.put_small(store.backup_key("db", "20260201T000000Z-full", "manifest.json"),
+                    _manifest("20260201T000000Z-full", GOOD_AT))
+    monkeypatch.setattr(common, "clients", {"s3": s3, "secretsmanager": secrets,
+                                            "sns": inbox.sns})
+    monkeypatch.setenv("SUPABACKUP_STORE", "s3://sb-test-bucket/p")
+    monkeypatch.setenv("SUPABACKUP_RESTORE_SECRET_ARN", arn)
+    with pytest.raises(ConfigError, match="holds no text"):
+        restore_handler.handler({"at": "latest"}, FakeContext())
+
+
+def test_verify_of_a_database_the_store_does_not_hold_fails(
+        store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    store.put_small(store.backup_key("db", "20260201T000000Z-full", "manifest.json"),
+                    _manifest("20260201T000000Z-full", GOOD_AT))
+    code, err = _cli(capsys, "verify", "--store", str(store.url), "--database-id", "nope")
+    _one_clear_line(code, err)
+    assert "no backup of nope" in err
+
+
+def test_a_time_after_a_dropped_capture_restores_the_newest_backup_before_it(
+        store: Store) -> None:
+    """Capture covered January and was dropped; a backup was taken on February 1st. A time
+    in February is not covered by capture: it is that backup, as the rule says, not a
+    refusal to run `cdc run` on a capture that no longer exists. While capture runs, the
+    same time is a replay (refused until capture reaches it)."""
+    import json
+
+    from supabackup.catalog import restore_point
+    epoch = {"slot": "s", "plugin": "p", "base": "20260101T000000Z-full",
+             "start_lsn": "0/1000000", "base_at": "2026-01-01T00:00:00Z"}
+    store.put_small(store.key("db", "cdc", "epochs/0000000001000000.json"),
+                    json.dumps(epoch).encode())
+    store.put_small(store.key("db", "cdc", "progress/0000000001000000.json"), json.dumps(
+        {"verified_lsn": "0/2000000", "verified_at": "2026-01-02T00:00:00Z",
+         "ended": "capture dropped"}).encode())
+    for backup_id, at in (("20260101T000000Z-full", "2026-01-01T00:00:00.000000Z"),
+                          ("20260201T000000Z-full", GOOD_AT)):
+        store.put_small(store.backup_key("db", backup_id, "manifest.json"),
+                        _manifest(backup_id, at))
+    february = restore_point(store, "db", "2026-02-15T00:00:00Z")
+    assert not february.replay and february.manifest is not None
+    assert february.manifest.backup_id == "20260201T000000Z-full"
+    assert "no change capture covers" in february.describe()
+    assert restore_point(store, "db", "2026-01-01T12:00:00Z").replay
+    store.put_small(store.key("db", "cdc", "state.json"), json.dumps(epoch).encode())
+    assert restore_point(store, "db", "2026-02-15T00:00:00Z").replay  # capture runs on
+
+
+@pytest.mark.parametrize("body", [
+    b"not gzip", "gzip:not json", 'gzip:{"commit_time": "2026-01-01T00:00:01Z"}',
+    'gzip:{"commit_lsn": "0/1000100", "commit_time": "2026-01-01T00:00:01Z", '
+    '"changes": [{"action": "Q"}]}',
+], ids=["not gzip", "not json", "no commit position", "an unknown change"])
+def test_a_segment_whose_hash_matches_but_is_no_segment_is_named_damaged(
+        store: Store, body: Any) -> None:
+    """The index entry's sha256 vouches for the bytes, not for what wrote them: a segment
+    that does not decode is a store error naming it, before replay applies any of it."""
+    import gzip
+    import hashlib
+    from datetime import UTC, datetime
+
+    from supabackup.capture import state
+    raw = gzip.compress(body[5:].encode()) if isinstance(body, str) else body
+    epoch = state.CaptureState(slot="s", plugin="p", base="b", start_lsn="0/1000000",
+                               base_at="2026-01-01T00:00:00Z")
+    key = store.key("db", "cdc", "segments", "0000000001000200.jsonl.gz")
+    store.put_small(key, raw)
+    state.put_json(store, store.key("db", "cdc", "index", "0000000001000200.json"), {
+        "key": key, "end_lsn": "0/1000200", "transactions": 1,
+        "first_commit_time": "2026-01-01T00:00:01Z", "last_commit_time": "2026-01-01T00:00:01Z",
+        "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()})
+    with pytest.raises(StoreError, match="change segment .* is damaged"):
+        list(state.transactions_until(store, "db", epoch, datetime(2026, 2, 1, tzinfo=UTC)))

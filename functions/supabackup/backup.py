@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -80,6 +81,8 @@ class BackupRequest:
         if self.retention not in RETENTION_CLASSES:
             raise ConfigError(f"unknown retention class {self.retention!r}",
                               f"choose one of: {', '.join(RETENTION_CLASSES)}")
+        if not (math.isfinite(self.wait) and self.wait >= 0):
+            raise ConfigError(f"--wait must be a number of seconds, 0 or more (not {self.wait})")
         if self.label is not None and (len(self.label) > 200 or not self.label.isprintable()):
             raise ConfigError("the label must be printable text of at most 200 characters")
 

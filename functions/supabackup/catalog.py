@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from .capture.pointintime import covering
-from .capture.state import epochs
+from .capture.pointintime import covering, replays
 from .errors import BackupNotFound, ConfigError
 from .manifest import Manifest, parse_time
 from .restore import RestoreOptions, describe_plan
@@ -91,12 +90,10 @@ class RestorePoint:
 
 
 def restore_point(store: Store, database_id: str, at: str = "latest") -> RestorePoint:
-    """`latest` or a backup id: that backup. A time: replay when a capture epoch began at
-    or before it (the replay refuses a time capture has not reached, naming the window),
-    else the newest backup taken at or before it."""
+    """`latest` or a backup id: that backup. A time: a replay where capture covers it
+    (capture.pointintime.replays), else the newest backup taken at or before it."""
     when = _as_time(at)
-    if when is not None and any(parse_time(e.base_at) <= when
-                                for e in epochs(store, database_id)):
+    if when is not None and replays(store, database_id, when):
         return RestorePoint(database_id, at, when)
     return RestorePoint(database_id, at, when, select_backup(store, database_id, at))
 

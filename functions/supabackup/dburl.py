@@ -84,7 +84,16 @@ class ConnectionInfo:
         return info.checked()
 
     def checked(self) -> ConnectionInfo:
-        """Refuse Supabase's transaction pooler, which cannot hold a snapshot for pg_dump."""
+        """Refuse what libpq would trip over later (a NUL character, a connect_timeout that
+        is not a number of seconds), and Supabase's transaction pooler, which cannot hold a
+        snapshot for pg_dump."""
+        if any("\x00" in v for v in (self.host, self.user, self.password, self.dbname,
+                                      *self.params.values())):
+            raise ConfigError("the database address holds a NUL character",
+                              "check the URL or secret for a stray %00")
+        if not self.params.get("connect_timeout", "10").strip().isdigit():
+            raise ConfigError("connect_timeout must be a whole number of seconds",
+                              "e.g. ?connect_timeout=10")
         if self.is_supabase and self.port == TRANSACTION_POOLER_PORT:
             raise ConfigError(
                 f"port {TRANSACTION_POOLER_PORT} on {self.host} is Supabase's transaction pooler, "

@@ -85,13 +85,18 @@ def release(store: Store, lease: Lease) -> None:
 
 
 def _read(store: Store, key: str) -> dict[str, str] | None:
+    """The lease as stored, its fields as text; an unreadable one reads as expired, so a
+    damaged lease cannot block backups for ever."""
     raw = store.read_small(key)
     if raw is None:
         return None
     try:
         held = json.loads(raw)
+        if not isinstance(held, dict) or not isinstance(held.get("expires_at"), str):
+            raise ValueError("not a lease")
         parse_time(held["expires_at"])
-        return held  # type: ignore[no-any-return]
-    except (ValueError, KeyError, TypeError):
-        # Unreadable: treat as expired, so a damaged lease cannot block backups for ever.
-        return {"owner": "unknown", "taken_at": "?", "expires_at": iso(utcnow() - LEASE)}
+    except ValueError:
+        return {"owner": "unknown", "taken_at": "?", "tick": "",
+                "expires_at": iso(utcnow() - LEASE)}
+    return {"owner": str(held.get("owner", "unknown")), "taken_at": str(held.get("taken_at", "?")),
+            "tick": str(held.get("tick") or ""), "expires_at": held["expires_at"]}

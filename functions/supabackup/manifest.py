@@ -6,15 +6,21 @@ object of the backup, so that verify and restore can trust nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import StoreError
 
 FORMAT = 1
 RETENTION_CLASSES = ("daily", "weekly", "monthly", "pinned")
+R = TypeVar("R")
+_LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 
 
 @dataclass(frozen=True)
@@ -122,14 +128,24 @@ class Manifest:
     @classmethod
     def from_json(cls, raw: bytes, key: str = "manifest") -> Manifest:
         try:
-            data: dict[str, Any] = json.loads(raw)
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
             if data.get("format") != FORMAT:
                 raise ValueError(f"unknown manifest format {data.get('format')!r}")
-            data["objects"] = [StoredObject(**o) for o in data["objects"]]
-            data["tables"] = [TableState(**t) for t in data.get("tables", [])]
-            return cls(**data)
+            if not isinstance(data.get("objects"), list) or not isinstance(
+                    data.get("tables", []), list):
+                raise ValueError("objects and tables must be lists")
+            data["objects"] = [record(StoredObject, o, "an object") for o in data["objects"]]
+            data["tables"] = [record(TableState, t, "a table") for t in data.get("tables", [])]
+            manifest = record(cls, data, "the manifest")
+            for stamp in (manifest.started_at, manifest.finished_at, manifest.snapshot_at):
+                parse_time(stamp)
+            if [o.kind for o in manifest.objects].count("database") != 1:
+                raise ValueError("it does not list one database archive")
+            return manifest
         except (ValueError, TypeError, KeyError) as exc:
-            raise StoreError(f"{key} is damaged: {exc}",
+            raise StoreError(f"{key} is damaged: {' '.join(str(exc).split())[:300]}",
                              "run `supabackup verify`; restore from another backup") from None
 
     def summary(self) -> dict[str, Any]:
@@ -170,3 +186,45 @@ def new_backup_id(ts: datetime, kind: str) -> str:
 def with_kind(backup_id: str, kind: str) -> str:
     """The same id with the suffix of the kind the run turned out to be (escalation)."""
     return backup_id.rsplit("-", 1)[0] + f"-{SUFFIXES[kind]}"
+
+
+def record(cls: type[R], data: Any, what: str) -> R:
+    """`cls` built from a JSON object read back from the store, each field checked against
+    its annotation, and each time (a field named *_at or *_time) and WAL position (*_lsn)
+    parsed: a value of the wrong kind is a ValueError here, naming the field, not a
+    TypeError three calls later. Raises ValueError or TypeError (unknown, missing fields)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} is not a JSON object")
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        if name in hints and not _fits(value, hints[name]):
+            raise ValueError(f"{what}'s {name} is {type(value).__name__} {str(value)[:40]!r}")
+        if isinstance(value, str) and value:
+            if name.endswith(("_at", "_time")):
+                parse_time(value)
+            elif name.endswith("lsn") and not _LSN.match(value):
+                raise ValueError(f"{what}'s {name} is not a WAL position: {value[:40]!r}")
+    return cls(**data)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value is of the annotated type (str, int, float, bool, None, list[X],
+    dict[str, X], X | Y, Any, or a dataclass already built)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and _fits(v, args[1])
+                                               for k, v in value.items())
+    if hint in (int, float):
+        return isinstance(value, int | float) and not isinstance(value, bool) and (
+            hint is float or isinstance(value, int))
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
+    return isinstance(value, hint)

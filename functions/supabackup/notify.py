@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .errors import SupabackupError
@@ -130,8 +129,8 @@ class Notifier:
     @property
     def client(self) -> SNSClient:
         if self._client is None:
-            from .store import BOTO_CONFIG
-            self._client = boto3.client("sns", config=BOTO_CONFIG)
+            from .store import aws_client
+            self._client = aws_client("sns")
         return self._client
 
     def publish(self, outcome: Outcome) -> bool:
@@ -150,7 +149,7 @@ class Notifier:
                 },
             )
             return True
-        except (ClientError, BotoCoreError) as exc:
+        except (ClientError, BotoCoreError, SupabackupError) as exc:
             self.failures += 1
             log.error("could not publish the run's outcome to SNS: %s", exc)
             return False

@@ -51,7 +51,18 @@ BOTO_CONFIG = Config(retries={"mode": "standard", "max_attempts": 5},
 
 def s3_client() -> S3Client:
     """An S3 client with botocore's standard retries; endpoint from AWS_ENDPOINT_URL_S3."""
-    return boto3.client("s3", config=BOTO_CONFIG)
+    return aws_client("s3")
+
+
+def aws_client(service: str) -> Any:
+    """A boto3 client, or a clear error when the environment's endpoint or region is not
+    one (AWS_ENDPOINT_URL_S3, AWS_DEFAULT_REGION)."""
+    try:
+        return boto3.client(service, config=BOTO_CONFIG)  # type: ignore[call-overload]
+    except (ValueError, BotoCoreError) as exc:
+        raise ConfigError(f"cannot create the {service} client: {' '.join(str(exc).split())}",
+                          "check AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL and AWS_DEFAULT_REGION"
+                          ) from None
 
 
 def part_size_for(expected_bytes: int, minimum: int = MIN_PART) -> int:
@@ -409,7 +420,7 @@ def store_error(exc: Exception, where: str) -> StoreError:
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         text = f"S3 {err.get('Code', 'error')} on {where}: {err.get('Message', '')}"
-        return StoreError(text.rstrip(": "),
+        return StoreError(" ".join(text.split()).rstrip(": "),
                           "check the bucket, its policy and the function's IAM role")
-    return StoreError(f"S3 request failed on {where}: {exc}",
+    return StoreError(f"S3 request failed on {where}: {' '.join(str(exc).split())[:500]}",
                       "check the network path and the S3 endpoint; the run can be retried")

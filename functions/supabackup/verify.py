@@ -23,7 +23,7 @@ from typing import Any
 
 from .dburl import ConnectionInfo
 from .drill import DrillReport, run_drill
-from .errors import RestoreFailed, StoreError
+from .errors import BackupNotFound, RestoreFailed, StoreError
 from .manifest import Manifest
 from .pgtools import Child, exit_reason, find_tools
 from .store import MANIFEST, Store
@@ -69,7 +69,12 @@ def verify_database(store: Store, database_id: str, backup_id: str | None = None
     """
     report = VerifyReport(database_id=database_id)
     manifests: dict[str, Manifest] = {}
-    for key in store.manifest_keys(database_id):
+    keys = store.manifest_keys(database_id)
+    if not keys:  # a typo in the database id must not make a weekly verify pass for ever
+        raise BackupNotFound(f"no backup of {database_id} in {store.url} to verify",
+                             "check --database-id (or SUPABACKUP_DATABASE_ID); `supabackup "
+                             "list` shows the ids")
+    for key in keys:
         found_id = key.rsplit("/", 2)[-2]
         try:
             manifests[found_id] = store.read_manifest_key(key)

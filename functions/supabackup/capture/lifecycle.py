@@ -328,6 +328,10 @@ def drop(conn: ConnectionInfo, store: Store, database_id: str) -> CaptureState |
     drop_slot(conn, state.slot)
     for name in filter(None, state.publication.split(",")):
         admin(conn, f"DROP PUBLICATION IF EXISTS {name}", "")
+    progress = read_progress(store, database_id, state)
+    if progress is not None and not progress.ended:  # a new epoch's start says its own why
+        put_json(store, progress_key(store, database_id, state),
+                 asdict(replace(progress, ended="capture dropped")))
     store.delete_key(store_key(store, database_id, "state.json"))
     return state
 

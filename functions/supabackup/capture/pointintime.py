@@ -26,7 +26,7 @@ from psycopg2 import sql
 from .. import output
 from ..db import connect
 from ..dburl import ConnectionInfo
-from ..errors import CaptureError, ConfigError, StoreError
+from ..errors import CaptureError, ConfigError, StoreError, SupabackupError
 from ..manifest import Manifest, parse_time
 from ..restore import run_restore
 from ..store import Store
@@ -38,6 +38,7 @@ from .state import (
     epochs,
     lsn_int,
     read_progress,
+    read_state,
     segments,
     transactions_until,
 )
@@ -102,15 +103,49 @@ def covering(store: Store, database_id: str, when: datetime) -> Covering:
     return Covering(epoch, progress, base, following[0].start_lsn if following else "")
 
 
+def replays(store: Store, database_id: str, when: datetime) -> bool:
+    """Whether `--at when` is a replay of capture: the epoch begun last at or before `when`
+    reaches it, or is the one running now (then a time it has not reached yet is refused,
+    naming how far it reaches: `cdc run` brings it there). A time before capture began,
+    after an epoch that was dropped, or in a gap capture never recorded (a schema change,
+    a lost slot) is not: that is the newest backup at or before it."""
+    started = [e for e in epochs(store, database_id) if parse_time(e.base_at) <= when]
+    if not started:
+        return False
+    progress = read_progress(store, database_id, started[-1])
+    if progress is not None and when <= parse_time(progress.verified_at):
+        return True
+    running = read_state(store, database_id)
+    return running is not None and running.start_lsn == started[-1].start_lsn
+
+
 def restore_to_time(store: Store, database_id: str, target: ConnectionInfo,
                     when: datetime) -> PointInTimeReport:
     """The base of the epoch that covers `when`, then every transaction it captured up to
     `when`; refuses a time capture cannot give exactly, names what it could not bring."""
     found = covering(store, database_id, when)
-    epoch, progress, base = found.epoch, found.progress, found.base
+    progress, base = found.progress, found.base
     report = PointInTimeReport(when=when, base=base, covered_through=progress.verified_at)
     restored = run_restore(store, base, target)
     report.notes += restored.notes
+    try:
+        _bring_forward(store, database_id, target, when, found, report)
+    except SupabackupError as exc:
+        if "holds the base" not in exc.hint:  # the replay says so itself
+            exc.hint = (f"{exc.hint}; " if exc.hint else "") + (
+                f"the target now holds the base {base.backup_id} and part of the changes "
+                "after it: drop and recreate it before restoring again")
+        raise
+    log.info("restored %s to %s: base %s and %d transaction(s)", database_id, when.isoformat(),
+             base.backup_id, report.transactions)
+    return report
+
+
+def _bring_forward(store: Store, database_id: str, target: ConnectionInfo, when: datetime,
+                   found: Covering, report: PointInTimeReport) -> None:
+    """Onto the restored base: the captured transactions up to `when`, then sequences and
+    materialized views; `report` names what could not be brought to that time."""
+    epoch, progress, base = found.epoch, found.progress, found.base
     report.inexact += _not_replayable_in(target, _large_objects_seen(store, database_id,
                                                                      epoch, progress))
     # Only the tables whose data the base holds: what the profile leaves out stays out
@@ -133,9 +168,6 @@ def restore_to_time(store: Store, database_id: str, target: ConnectionInfo,
                               "they are not in the change stream: one created after the "
                               "run before this time would not be here")
     report.notes += _refresh_matviews(target)
-    log.info("restored %s to %s: base %s and %d transaction(s)", database_id, when.isoformat(),
-             base.backup_id, report.transactions)
-    return report
 
 
 def _refuse_uncovered(database_id: str, when: datetime, progress: Progress,

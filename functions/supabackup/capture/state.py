@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from ..errors import StoreError
-from ..manifest import parse_time
+from ..manifest import parse_time, record
 from ..store import Store
 
 R = TypeVar("R")
@@ -96,26 +96,26 @@ def store_key(store: Store, database_id: str, *parts: str) -> str:
     return store.key(database_id, "cdc", *parts)
 
 
-def read_record(store: Store, key: str, record: type[R], what: str) -> R | None:
+def read_record(store: Store, key: str, kind: type[R], what: str) -> R | None:
     """The record stored at `key` (None when there is none), or a clear StoreError when
     the object is not such a record (damaged, or written by something else)."""
     raw = store.read_small(key)
     if raw is None:
         return None
     try:
-        value = json.loads(raw)
-        if not isinstance(value, dict):
-            raise ValueError("not a JSON object")
-        return record(**value)
+        found = record(kind, json.loads(raw), what)
+        if isinstance(found, CaptureState) and not (found.base_at and found.start_lsn):
+            raise ValueError("it names no base time or start position")
+        return found
     except (ValueError, TypeError) as exc:
         raise StoreError(f"{what} {key} is damaged ({' '.join(str(exc).split())[:200]})",
                          "restore from a backup, or `supabackup cdc drop` and start again"
                          ) from None
 
 
-def _listed(store: Store, key: str, record: type[R], what: str) -> R:
+def _listed(store: Store, key: str, kind: type[R], what: str) -> R:
     """A record whose key a listing just gave: gone by now is damage too."""
-    found = read_record(store, key, record, what)
+    found = read_record(store, key, kind, what)
     if found is None:
         raise StoreError(f"{what} {key} vanished while it was read",
                          "run again; if it persists, check what deletes from the store")
@@ -196,8 +196,7 @@ def transactions_until(store: Store, database_id: str, epoch: CaptureState,
         if raw is None or hashlib.sha256(raw).hexdigest() != segment.sha256:
             raise StoreError(f"change segment {segment.key} is missing or damaged",
                              "restore to a time before it, or from the base alone")
-        for line in gzip.decompress(raw).splitlines():
-            txn = json.loads(line)
+        for txn in _decoded(raw, segment.key):
             commit = lsn_int(txn["commit_lsn"])
             if txn["commit_lsn"] in applied or commit < start:
                 continue  # delivered twice (a run that died before advancing), or in the base
@@ -205,3 +204,24 @@ def transactions_until(store: Store, database_id: str, epoch: CaptureState,
                 return
             applied.add(txn["commit_lsn"])
             yield txn
+
+
+def _decoded(raw: bytes, key: str) -> list[dict[str, Any]]:
+    """The transactions of a segment whose hash matched its index entry, each checked for
+    what replay reads: a segment written by something else is a clear error, not a
+    traceback half way through a replay."""
+    try:
+        transactions = [json.loads(line) for line in gzip.decompress(raw).splitlines()]
+        for txn in transactions:
+            lsn_int(txn["commit_lsn"])
+            parse_time(txn["commit_time"])
+            for change in txn["changes"]:
+                if change["action"] not in ("I", "U", "D", "T") or not (
+                        isinstance(change["schema"], str) and isinstance(change["table"], str)):
+                    raise ValueError(f"a change of action {change['action']!r}")
+        return transactions
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+            IndexError) as exc:
+        raise StoreError(f"change segment {key} is damaged ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]})",
+                         "restore to a time before it, or from the base alone") from None

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import boto3
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import BotoCoreError, ClientError
@@ -22,7 +21,7 @@ from ..catalog import resolve_database_id
 from ..dburl import ConnectionInfo
 from ..errors import ConfigError, SupabackupError
 from ..notify import Notifier, Outcome
-from ..store import BOTO_CONFIG, Store, StoreURL
+from ..store import Store, StoreURL, aws_client
 
 logger = Logger(service="supabackup")
 metrics = Metrics(namespace="supabackup", service="supabackup")
@@ -31,7 +30,7 @@ clients: dict[str, Any] = {}
 
 def client(service: str) -> Any:
     if service not in clients:
-        clients[service] = boto3.client(service, config=BOTO_CONFIG)
+        clients[service] = aws_client(service)
     return clients[service]
 
 
@@ -59,11 +58,15 @@ def read_secret(variable: str) -> ConnectionInfo:
     """The database credentials in the secret whose ARN the variable `variable` holds."""
     arn = env(variable)
     try:
-        secret = client("secretsmanager").get_secret_value(SecretId=arn)["SecretString"]
+        secret = client("secretsmanager").get_secret_value(SecretId=arn).get("SecretString")
     except (ClientError, BotoCoreError) as exc:
         code = exc.response["Error"]["Code"] if isinstance(exc, ClientError) else type(exc).__name__
         raise ConfigError(f"cannot read the database secret {arn}: {code}",
                           f"check {variable} and the function's IAM role") from None
+    if not secret:
+        raise ConfigError(f"the database secret {arn} holds no text (SecretString)",
+                          "store the connection as JSON text: host, port, username, password, "
+                          "dbname")
     return ConnectionInfo.from_secret(secret)
 
 
