@@ -144,6 +144,25 @@ def test_a_run_that_dies_before_advancing_the_slot_duplicates_nothing(
         table_fingerprints(logical.url(db))
 
 
+def _as_the_stack(cluster: Cluster, db: str, variable: str, s3: Any, inbox: Any,
+                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment a deployed function has: the store, SNS, and a secret naming `db`
+    in `variable`; the handlers' clients are moto's."""
+    import boto3
+    from supabackup.handlers import common
+
+    from .helpers import BUCKET
+    secrets = boto3.client("secretsmanager", region_name="us-east-1")
+    arn = secrets.create_secret(Name=f"supabackup/{variable.lower()}", SecretString=json.dumps({
+        "host": "127.0.0.1", "port": cluster.port, "username": "postgres",
+        "password": "devkit-superuser-pw", "dbname": db, "sslmode": "disable"}))["ARN"]
+    monkeypatch.setenv("SUPABACKUP_STORE", f"s3://{BUCKET}/prod")
+    monkeypatch.setenv(variable, arn)
+    monkeypatch.setenv("SUPABACKUP_SNS_TOPIC_ARN", inbox.topic_arn)
+    monkeypatch.setattr(common, "clients", {"s3": s3, "secretsmanager": secrets,
+                                            "sns": inbox.sns})
+
+
 def _fresh(cluster: Cluster, name: str) -> str:
     cluster.drop_database(name)
     cluster.create_database(name)
@@ -275,21 +294,11 @@ def test_replication_through_a_supabase_pooler_is_refused_naming_the_direct_host
 def test_the_capture_function_starts_runs_and_reports_the_slot(
         logical: Cluster, s3: Any, inbox: Any, monkeypatch: pytest.MonkeyPatch,
         capfd: pytest.CaptureFixture[str]) -> None:
-    import boto3
     from supabackup.handlers import capture as capture_handler
-    from supabackup.handlers import common
 
-    from .helpers import BUCKET, FakeContext, load_event
+    from .helpers import FakeContext, load_event
     db = _fresh(logical, "cdc_lambda")
-    secrets = boto3.client("secretsmanager", region_name="us-east-1")
-    arn = secrets.create_secret(Name="supabackup/direct", SecretString=json.dumps({
-        "host": "127.0.0.1", "port": logical.port, "username": "postgres",
-        "password": "devkit-superuser-pw", "dbname": db, "sslmode": "disable"}))["ARN"]
-    monkeypatch.setenv("SUPABACKUP_STORE", f"s3://{BUCKET}/prod")
-    monkeypatch.setenv("SUPABACKUP_CAPTURE_SECRET_ARN", arn)
-    monkeypatch.setenv("SUPABACKUP_SNS_TOPIC_ARN", inbox.topic_arn)
-    monkeypatch.setattr(common, "clients", {"s3": s3, "secretsmanager": secrets,
-                                            "sns": inbox.sns})
+    _as_the_stack(logical, db, "SUPABACKUP_CAPTURE_SECRET_ARN", s3, inbox, monkeypatch)
     started = capture_handler.handler(load_event("capture-start.json"), FakeContext())
     assert started["plugin"] == logical.plugin  # type: ignore[attr-defined]
     logical.execute(ROUNDS[0], db)
@@ -465,8 +474,6 @@ def test_at_a_time_the_restore_function_replays_capture_as_the_command_line_does
     where capture covers the time, the base and every change captured up to it (not the
     newest backup before it, which is the base, without those changes); the result and
     the SNS message say it was a replay."""
-    import boto3
-    from supabackup.handlers import common
     from supabackup.handlers import restore as restore_handler
     from supabackup.manifest import iso
     from supabackup.store import StoreURL
@@ -481,15 +488,7 @@ def test_at_a_time_the_restore_function_replays_capture_as_the_command_line_does
     expected = table_fingerprints(logical.url(db))
     logical.execute(ROUNDS[1], db)  # after the time: must not be restored
     capture.run(_conn(logical, db), store, base.database_id)
-    secrets = boto3.client("secretsmanager", region_name="us-east-1")
-    arn = secrets.create_secret(Name="supabackup/restore-target", SecretString=json.dumps({
-        "host": "127.0.0.1", "port": logical.port, "username": "postgres",
-        "password": "devkit-superuser-pw", "dbname": target, "sslmode": "disable"}))["ARN"]
-    monkeypatch.setenv("SUPABACKUP_STORE", f"s3://{BUCKET}/prod")
-    monkeypatch.setenv("SUPABACKUP_RESTORE_SECRET_ARN", arn)
-    monkeypatch.setenv("SUPABACKUP_SNS_TOPIC_ARN", inbox.topic_arn)
-    monkeypatch.setattr(common, "clients", {"s3": s3, "secretsmanager": secrets,
-                                            "sns": inbox.sns})
+    _as_the_stack(logical, target, "SUPABACKUP_RESTORE_SECRET_ARN", s3, inbox, monkeypatch)
     plan = restore_handler.handler({"at": iso(when), "dry_run": True}, FakeContext())
     assert plan["method"] == "replay" and "by replaying change capture" in plan["plan"][0]
     result = restore_handler.handler({"at": iso(when)}, FakeContext())
