@@ -101,6 +101,9 @@ class Invocation:
         self.metric = metric
         self.notify = notifier()
         self.started = time.monotonic()
+        # Powertools keeps dimensions when an invocation published no metric (a dry run, a
+        # status call): each invocation starts from none, in a warm environment too.
+        metrics.clear_metrics()
         metrics.add_dimension(name="kind", value=kind[:32])
 
     @contextmanager
