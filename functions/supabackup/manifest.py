@@ -131,6 +131,11 @@ class Manifest:
             data = json.loads(raw)
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
+            if isinstance(data.get("format"), int) and data["format"] > FORMAT:
+                raise StoreError(f"{key} is of manifest format {data['format']}, newer than "
+                                 f"this supabackup reads ({FORMAT})",
+                                 "restore it with a newer supabackup (pip install -U, or "
+                                 "redeploy the stack)")
             if data.get("format") != FORMAT:
                 raise ValueError(f"unknown manifest format {data.get('format')!r}")
             if not isinstance(data.get("objects"), list) or not isinstance(

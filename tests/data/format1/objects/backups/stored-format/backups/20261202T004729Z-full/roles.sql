@@ -1,0 +1,49 @@
+--
+-- PostgreSQL database cluster dump
+--
+
+\restrict 7tzNrVyv6iw6vqhoG8LpWmmaoObA4td04DI7JO0d6Uu32uA4jhcuv8J3GzDwvnk
+
+SET default_transaction_read_only = off;
+
+SET client_encoding = 'UTF8';
+SET standard_conforming_strings = on;
+
+--
+-- Roles
+--
+
+CREATE ROLE postgres;
+ALTER ROLE postgres WITH SUPERUSER INHERIT CREATEROLE CREATEDB LOGIN REPLICATION BYPASSRLS;
+CREATE ROLE sb_test_app;
+ALTER ROLE sb_test_app WITH NOSUPERUSER INHERIT NOCREATEROLE NOCREATEDB NOLOGIN NOREPLICATION NOBYPASSRLS;
+CREATE ROLE sb_test_login;
+ALTER ROLE sb_test_login WITH NOSUPERUSER INHERIT NOCREATEROLE NOCREATEDB LOGIN NOREPLICATION NOBYPASSRLS CONNECTION LIMIT 5;
+CREATE ROLE sb_test_owner;
+ALTER ROLE sb_test_owner WITH NOSUPERUSER INHERIT NOCREATEROLE NOCREATEDB NOLOGIN NOREPLICATION NOBYPASSRLS;
+CREATE ROLE sb_test_reader;
+ALTER ROLE sb_test_reader WITH NOSUPERUSER INHERIT NOCREATEROLE NOCREATEDB NOLOGIN NOREPLICATION NOBYPASSRLS;
+CREATE ROLE sb_test_writer;
+ALTER ROLE sb_test_writer WITH NOSUPERUSER INHERIT NOCREATEROLE NOCREATEDB NOLOGIN NOREPLICATION NOBYPASSRLS;
+
+--
+-- User Configurations
+--
+
+
+--
+-- Role memberships
+--
+
+GRANT sb_test_reader TO sb_test_writer;
+GRANT sb_test_writer TO sb_test_app;
+
+
+
+
+\unrestrict 7tzNrVyv6iw6vqhoG8LpWmmaoObA4td04DI7JO0d6Uu32uA4jhcuv8J3GzDwvnk
+
+--
+-- PostgreSQL database cluster dump complete
+--
+
