@@ -69,3 +69,33 @@ def test_a_manifest_of_a_format_this_engine_does_not_know_is_a_clear_error(
     stored.put_small(key, json.dumps({**manifest, "format": 2}).encode())
     with pytest.raises(StoreError, match="of manifest format 2, newer than this supabackup"):
         stored.manifests(EXPECTED["database_id"])
+
+
+def test_the_readmes_restore_without_supabackup_gives_back_the_source(
+        cluster: Cluster, new_db: Any, tmp_path: Path) -> None:
+    """The README's steps for a person with only PostgreSQL's tools, run as written, on the
+    stored incremental (whose unchanged tables are held by its full)."""
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    from supabackup.pgtools import child_env, find_tools
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [script] = re.findall(r"<!-- restore-by-hand:[^\n]*\n```bash\n(.*?)```", readme, re.S)
+    [backup_id] = re.findall(r"^B=(\S+)", script, re.M)
+    assert backup_id in EXPECTED["tables"] and backup_id.endswith("-incr")
+    shutil.copytree(FORMAT1 / "objects" / "backups" / EXPECTED["database_id"] / "backups",
+                    tmp_path / "backups")
+    target = new_db(cluster)
+    conn = ConnectionInfo.from_url(cluster.url(target))
+    env = child_env(conn)
+    env["PATH"] = f"{find_tools(17).bindir}{os.pathsep}{env.get('PATH', '')}"
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()
+              and "already exists" not in line and "transaction_timeout" not in line
+              and "errors ignored on restore" not in line]
+    assert errors == [], done.stderr[-3000:]
+    expected = {table: tuple(found) for table, found in EXPECTED["tables"][backup_id].items()}
+    assert table_fingerprints(cluster.url(target)) == expected
