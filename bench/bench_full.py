@@ -266,6 +266,13 @@ def fixed_cost(runner: Runner, cluster: Cluster, repeat: int) -> dict[str, Any]:
     return {m: statistics.median(w) for m, w in walls.items()}
 
 
+def _described(res: dict[str, Any]) -> str:
+    rss = "  ".join(f"{k} {v:.0f}" for k, v in res["rss_mb"].items()
+                    if v is not None and k != "tree")
+    cpu = "  ".join(f"{k} {v:.1f}" for k, v in res["cpu"].items())
+    return f"RSS MB: {rss}   CPU s: {cpu}"
+
+
 def bench_size(runner: Runner, cluster: Cluster, size_gb: float, repeat: int,
                warmup: bool) -> dict[str, Any]:
     dbname = f"bench_{str(size_gb).replace('.', '_')}"
@@ -276,21 +283,7 @@ def bench_size(runner: Runner, cluster: Cluster, size_gb: float, repeat: int,
           f"(load {data['load_seconds']:.0f}s)", flush=True)
     url = cluster.url(dbname)
     try:
-        if warmup:
-            # Warms the page cache, the S3 endpoint's memory and the Python bytecode cache.
-            print("   warm-up: each method once, not counted ...", flush=True)
-            for method in METHODS:
-                runner.run(method, url)
-        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
-        for r in range(repeat):
-            for method in harness.rotated(METHODS, r):
-                res = runner.run(method, url)
-                runs[method].append(res)
-                rss = "  ".join(f"{k} {v:.0f}" for k, v in res["rss_mb"].items()
-                                if v is not None and k != "tree")
-                cpu = "  ".join(f"{k} {v:.1f}" for k, v in res["cpu"].items())
-                print(f"   run {r + 1}/{repeat} {method:<17}{res['wall']:7.2f}s   "
-                      f"RSS MB: {rss}   CPU s: {cpu}", flush=True)
+        runs = harness.rounds(METHODS, repeat, warmup, lambda m: runner.run(m, url), _described)
     finally:
         cluster.drop_database(dbname)
     return {"size_gb": size_gb, "data": data, "runs": runs, "median": summarize(runs)}
@@ -319,6 +312,17 @@ def report(results: list[dict[str, Any]], fixed: dict[str, float] | None) -> dic
     return report_across_sizes(results)
 
 
+def baseline_rows(m: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
+    """The report's rows for plain pg_dump and ours: (label, medians, peak RSS)."""
+    return [
+        ("pg_dump -Fc zstd > /dev/null", m["pg_dump"],
+         f"pg_dump {fmt_mb(m['pg_dump']['rss_mb']['pg_dump'])}"),
+        ("supabackup backup full (ours)", m["ours"],
+         f"supabackup {fmt_mb(m['ours']['rss_mb']['python'])}, pg_dump "
+         f"{fmt_mb(m['ours']['rss_mb']['pg_dump'])}"),
+    ]
+
+
 def report_size(res: dict[str, Any], fixed: dict[str, float] | None) -> None:
     """One size: the methods against the baseline, the CPU time, the targets."""
     m, d = res["median"], res["data"]
@@ -328,11 +332,7 @@ def report_size(res: dict[str, Any], fixed: dict[str, float] | None) -> None:
           f"median of {len(res['runs']['ours'])} runs")
     print(f"  {'method':<34}{'wall s':>7}{'(best)':>8}{'x pg_dump':>10}   peak RSS MB")
     rows = [
-        ("pg_dump -Fc zstd > /dev/null", m["pg_dump"],
-         f"pg_dump {fmt_mb(m['pg_dump']['rss_mb']['pg_dump'])}"),
-        ("supabackup backup full (ours)", m["ours"],
-         f"supabackup {fmt_mb(m['ours']['rss_mb']['python'])}, pg_dump "
-         f"{fmt_mb(m['ours']['rss_mb']['pg_dump'])}"),
+        *baseline_rows(m),
         ("pg_dump to file, then upload_file", m["dump-then-upload"],
          f"pg_dump {fmt_mb(m['dump-then-upload']['rss_mb']['pg_dump'])}, uploader "
          f"{fmt_mb(m['dump-then-upload']['rss_mb']['uploader'])}"),

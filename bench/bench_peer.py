@@ -205,18 +205,9 @@ def bench_size(runner: PeerRunner, size_gb: float, repeat: int,
     url = cluster.url(dbname)
     try:
         check = runner.check_peer(url)
-        if warmup:
-            print("   warm-up: each method once, not counted ...", flush=True)
-            for method in METHODS:
-                runner.run(method, url)
-        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
-        for r in range(repeat):
-            for method in harness.rotated(METHODS, r):
-                res = runner.run(method, url)
-                runs[method].append(res)
-                cpu = "  ".join(f"{k} {v:.1f}" for k, v in res["cpu"].items())
-                print(f"   run {r + 1}/{repeat} {method:<8}{res['wall']:7.2f}s   "
-                      f"CPU s: {cpu}", flush=True)
+        runs = harness.rounds(METHODS, repeat, warmup, lambda m: runner.run(m, url),
+                              lambda res: "CPU s: " + "  ".join(
+                                  f"{k} {v:.1f}" for k, v in res["cpu"].items()))
     finally:
         cluster.drop_database(dbname)
     med: dict[str, Any] = {m: harness.summarize_runs(runs[m], ("stored_bytes",))
@@ -237,11 +228,7 @@ def report(res: dict[str, Any], peer_args: str) -> None:
     print(f"  {'method':<44}{'wall s':>7}{'(best)':>8}{'x pg_dump':>10}   peak RSS MB")
     peer_dump = " ".join([*PEER_BUILTIN_ARGS, *peer_args.split()])
     rows = [
-        ("pg_dump -Fc zstd > /dev/null", m["pg_dump"],
-         f"pg_dump {fmt_mb(m['pg_dump']['rss_mb']['pg_dump'])}"),
-        ("supabackup backup full (ours)", m["ours"],
-         f"supabackup {fmt_mb(m['ours']['rss_mb']['python'])}, pg_dump "
-         f"{fmt_mb(m['ours']['rss_mb']['pg_dump'])}"),
+        *bench_full.baseline_rows(m),
         (f"pgdump-aws-lambda ({peer_dump})", m["peer"],
          f"node {fmt_mb(m['peer']['rss_mb']['node'])}, pg_dump "
          f"{fmt_mb(m['peer']['rss_mb']['pg_dump'])}"),

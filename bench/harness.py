@@ -565,6 +565,27 @@ def rotated(methods: Sequence[str], round_no: int) -> list[str]:
     return [*methods[k:], *methods[:k]]
 
 
+def rounds(methods: Sequence[str], repeat: int, warmup: bool,
+           run: Callable[[str], dict[str, Any]],
+           describe: Callable[[dict[str, Any]], str]) -> dict[str, list[dict[str, Any]]]:
+    """Each method once, not counted (warm-up: the page cache, the S3 endpoint's memory,
+    the bytecode cache), then `repeat` counted rounds in rotated order; every run printed
+    with `describe` as it ends. Returns the counted runs of each method."""
+    if warmup:
+        print("   warm-up: each method once, not counted ...", flush=True)
+        for method in methods:
+            run(method)
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    width = max(len(m) for m in methods) + 2
+    for r in range(repeat):
+        for method in rotated(methods, r):
+            res = run(method)
+            runs[method].append(res)
+            print(f"   run {r + 1}/{repeat} {method:<{width}}{res['wall']:7.2f}s   "
+                  f"{describe(res)}", flush=True)
+    return runs
+
+
 # --- the report --------------------------------------------------------------------------
 
 def verdict(ok: bool | None) -> str:
