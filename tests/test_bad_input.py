@@ -238,16 +238,22 @@ def test_a_manifest_of_the_wrong_shape_is_named_damaged_by_every_command(
 
 
 @pytest.mark.parametrize("name, body", [
-    ("epochs/0000000001000000.json", {"slot": "s", "plugin": "p", "base": "b",
+    ("epochs/0000000001000000.json", {"slot": "s", "plugin": "wal2json", "base": "b",
                                       "start_lsn": "0/1000000", "base_at": ""}),
-    ("epochs/0000000001000000.json", {"slot": "s", "plugin": "p", "base": "b",
+    ("epochs/0000000001000000.json", {"slot": "s", "plugin": "wal2json", "base": "b",
                                       "start_lsn": "zz", "base_at": "2026-01-01T00:00:00Z"}),
     ("progress/0000000001000000.json", {"verified_lsn": "0/1000000", "verified_at": 7}),
-], ids=["no base time", "no WAL position", "numeric progress time"])
+    ("progress/0000000001000000.json", {"verified_lsn": "0/1000000",
+                                        "verified_at": "2026-01-02T00:00:00Z",
+                                        "sequences": {"public.s": [5]}}),
+    ("epochs/0000000001000000.json", {"slot": "s", "plugin": "bogus", "base": "b",
+                                      "start_lsn": "0/1000000", "base_at": "2026-01-01T00:00:00Z"}),
+], ids=["no base time", "no WAL position", "numeric progress time", "a sequence half read",
+        "an unknown plugin"])
 def test_capture_records_with_wrong_values_are_named_damaged(
         store: Store, capsys: pytest.CaptureFixture[str], name: str, body: dict) -> None:
     import json
-    epoch = {"slot": "s", "plugin": "p", "base": "b", "start_lsn": "0/1000000",
+    epoch = {"slot": "s", "plugin": "wal2json", "base": "b", "start_lsn": "0/1000000",
              "base_at": "2026-01-01T00:00:00Z"}
     store.put_small(store.key("db", "cdc", "epochs/0000000001000000.json"),
                     json.dumps(epoch).encode())
@@ -343,7 +349,7 @@ def test_a_time_after_a_dropped_capture_restores_the_newest_backup_before_it(
     import json
 
     from supabackup.catalog import restore_point
-    epoch = {"slot": "s", "plugin": "p", "base": "20260101T000000Z-full",
+    epoch = {"slot": "s", "plugin": "wal2json", "base": "20260101T000000Z-full",
              "start_lsn": "0/1000000", "base_at": "2026-01-01T00:00:00Z"}
     store.put_small(store.key("db", "cdc", "epochs/0000000001000000.json"),
                     json.dumps(epoch).encode())
@@ -361,13 +367,22 @@ def test_a_time_after_a_dropped_capture_restores_the_newest_backup_before_it(
     assert restore_point(store, "db", "2026-01-01T12:00:00Z").replay
     store.put_small(store.key("db", "cdc", "state.json"), json.dumps(epoch).encode())
     assert restore_point(store, "db", "2026-02-15T00:00:00Z").replay  # capture runs on
+    # an epoch that ended by itself (a schema change): a time after it is capture's to
+    # refuse, naming the gap, not an old backup's to answer
+    store.delete_key(store.key("db", "cdc", "state.json"))
+    store.put_small(store.key("db", "cdc", "progress/0000000001000000.json"), json.dumps(
+        {"verified_lsn": "0/2000000", "verified_at": "2026-01-02T00:00:00Z",
+         "ended": "the schema changed"}).encode())
+    assert restore_point(store, "db", "2026-01-02T00:00:30Z").replay
 
 
 @pytest.mark.parametrize("body", [
     b"not gzip", "gzip:not json", 'gzip:{"commit_time": "2026-01-01T00:00:01Z"}',
     'gzip:{"commit_lsn": "0/1000100", "commit_time": "2026-01-01T00:00:01Z", '
     '"changes": [{"action": "Q"}]}',
-], ids=["not gzip", "not json", "no commit position", "an unknown change"])
+    'gzip:{"commit_lsn": "0/1000100", "commit_time": "2026-01-01T00:00:01Z", '
+    '"changes": [{"action": "I", "schema": "public", "table": "t", "columns": [{"value": "1"}]}]}',
+], ids=["not gzip", "not json", "no commit position", "an unknown change", "a nameless column"])
 def test_a_segment_whose_hash_matches_but_is_no_segment_is_named_damaged(
         store: Store, body: Any) -> None:
     """The index entry's sha256 vouches for the bytes, not for what wrote them: a segment

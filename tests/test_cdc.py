@@ -497,3 +497,31 @@ def test_at_a_time_the_restore_function_replays_capture_as_the_command_line_does
     (message,) = inbox.messages()
     assert message["Message"]["details"]["method"] == "replay"
     assert "by replaying change capture" in message["Subject"] + json.dumps(message["Message"])
+
+
+def test_drop_frees_the_slot_from_the_database_alone_and_runs_no_sql_from_the_store(
+        logical: Cluster, store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cdc drop` drops the slot and publications named after the database, whatever the
+    store's state says: a state rewritten to carry SQL runs none of it, and a state that
+    is gone still frees the slot that holds WAL on the user's database."""
+    from supabackup import cli
+    db = _fresh(logical, "cdc_drop_alone")
+    state, base = capture.start(_conn(logical, db), store, BackupRequest())
+    key = store.key(base.database_id, "cdc", "state.json")
+    tampered = json.loads(store.read_small(key) or b"")
+    tampered["publication"] = "x; CREATE TABLE pwned()"
+    store.put_small(key, json.dumps(tampered).encode())
+    args = ["cdc", "drop", "--database-url", logical.url(db), "--store", str(store.url),
+            "--database-id", base.database_id]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    assert logical.execute("SELECT to_regclass('public.pwned')", db) == [(None,)]
+    slots = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s"
+    assert logical.execute(slots.replace("%s", f"'{state.slot}'"), db) == [(0,)]
+    assert logical.execute("SELECT count(*) FROM pg_publication", db) == [(0,)]
+    # a slot whose state is gone from the store: start again, lose the state, drop
+    time.sleep(1.1)  # backup ids have one-second resolution: the new base needs its own
+    capture.start(_conn(logical, db), store, BackupRequest(label="again"))
+    store.delete_key(key)
+    assert cli.main(args) == 0, capsys.readouterr().err
+    assert logical.execute(slots.replace("%s", f"'{state.slot}'"), db) == [(0,)]
+    assert logical.execute("SELECT count(*) FROM pg_publication", db) == [(0,)]

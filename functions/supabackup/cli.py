@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_flag(capture)
     capture.add_argument("--max-retained-wal", type=int, metavar="BYTES",
                          help="run: drop the slot and start over (a new base) when it holds "
-                              "more WAL than this, before it fills the disk")
+                              "more WAL than this, before it fills the disk (0: no limit)")
     sns_flag(capture)
 
     verify = sub.add_parser("verify", help="re-read backups and prove they are whole")
@@ -201,12 +201,12 @@ def cmd_cdc(args: argparse.Namespace) -> int:
                                                            label="change capture base"))
         print(f"capturing {database_id} through slot {state.slot} ({state.plugin}) from "
               f"{state.start_lsn}; base backup {base.backup_id}")
-        for line in capture.status(conn, store, database_id)["not_replayable"]:
+        for line in capture.cannot_replay(conn):
             print(f"warning: a restore to a time gives this as of the base only: {line}",
                   file=sys.stderr)
     elif args.action == "run":
         result = capture_and_report(conn, store, database_id, Notifier(args.sns_topic_arn),
-                                    args.max_retained_wal)
+                                    args.max_retained_wal or None)
         segment = result.segment
         print(f"stored {segment.transactions} transaction(s), the last committed at "
               f"{segment.last_commit_time}" if segment else "nothing new to store")

@@ -24,9 +24,10 @@ records). The command line calls it `cdc`; the code calls it capture.
 
 from .lifecycle import CaptureRun, drop, run, start, status
 from .pointintime import PointInTimeReport, restore_to_time
-from .slot import require_direct, slot_name
+from .slot import cannot_replay, require_direct, slot_name
 from .state import CaptureState, Segment, epochs, read_state, segments
 
-__all__ = ["CaptureRun", "CaptureState", "PointInTimeReport", "Segment", "drop", "epochs",
+__all__ = ["CaptureRun", "CaptureState", "PointInTimeReport", "Segment", "cannot_replay",
+           "drop", "epochs",
            "read_state", "require_direct", "restore_to_time", "run", "segments", "slot_name",
            "start", "status"]

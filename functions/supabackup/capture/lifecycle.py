@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg2.errors
 from psycopg2 import sql
 
 from .. import output
@@ -32,14 +33,15 @@ from ..backup import BackupRequest, run_backup
 from ..db import USER_SCHEMAS, connect
 from ..dburl import ConnectionInfo
 from ..definitions import definitions_fingerprint
-from ..errors import CaptureError, ConfigError
+from ..errors import CaptureError, ConfigError, StoreError
 from ..manifest import Manifest, iso, parse_time, utcnow
 from ..store import Store
+from .pointintime import DROPPED
 from .slot import (
     MAX_CHANGES,
     abandon,
-    admin,
     create_slot,
+    drop_publications,
     drop_slot,
     identity_tables,
     not_replayable,
@@ -240,7 +242,14 @@ def run(conn: ConnectionInfo, store: Store, database_id: str,
         db.autocommit = True
         with db.cursor() as cur:
             output.pin(cur)  # values decode in this session: as replay will read them
+        if max_retained_wal is not None and max_retained_wal < 0:
+            raise ConfigError(f"the retained-WAL limit must be 0 (none) or more bytes, not "
+                              f"{max_retained_wal}")
         health = slot_status(db, state.slot)
+        if health and health["plugin"] != state.plugin:
+            raise StoreError(f"capture state of {database_id} says plugin {state.plugin}, but "
+                             f"the slot {state.slot} decodes with {health['plugin']}",
+                             "the state is damaged: `supabackup cdc drop`, then `cdc start`")
         reason = ""
         if health.get("wal_status") in (None, "lost"):
             reason = (f"the replication slot {state.slot} is gone" if not health
@@ -256,15 +265,24 @@ def run(conn: ConnectionInfo, store: Store, database_id: str,
             return _restarted(conn, store, database_id, state, reason, health,
                               lost=reason != "the schema changed")
         assert check is not None
-        rows, peeked = peek(db, state)
+        try:
+            rows, peeked = peek(db, state)
+        except psycopg2.errors.ObjectInUse:
+            raise CaptureError(f"another capture run is reading the slot {state.slot}",
+                               "this run stored nothing; the other one goes on") from None
         transactions, end_lsn = whole_transactions(rows)
         segment = None
         if transactions:
             segment = write_segment(store, database_id, transactions, end_lsn, check)
             after_upload(segment)
-            with db.cursor() as cur:
-                cur.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
-                            (state.slot, end_lsn))
+            try:
+                with db.cursor() as cur:
+                    cur.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
+                                (state.slot, end_lsn))
+            except psycopg2.errors.ObjectInUse:  # stored; the next run de-duplicates
+                raise CaptureError(f"another capture run is reading the slot {state.slot}",
+                                   "what this run stored counts; the slot advances with the "
+                                   "next run") from None
             log.info("captured %d transaction(s) up to %s into %s", segment.transactions,
                      end_lsn, segment.key)
     finally:
@@ -321,17 +339,26 @@ def _restarted(conn: ConnectionInfo, store: Store, database_id: str, state: Capt
 
 def drop(conn: ConnectionInfo, store: Store, database_id: str) -> CaptureState | None:
     """Stop capturing: drop the slot (freeing its WAL) and its publications. What was
-    captured stays restorable (the epochs and segments remain)."""
-    state = read_state(store, database_id)
-    if state is None:
-        return None
-    drop_slot(conn, state.slot)
-    for name in filter(None, state.publication.split(",")):
-        admin(conn, f"DROP PUBLICATION IF EXISTS {name}", "")
-    progress = read_progress(store, database_id, state)
-    if progress is not None and not progress.ended:  # a new epoch's start says its own why
-        put_json(store, progress_key(store, database_id, state),
-                 asdict(replace(progress, ended="capture dropped")))
+    captured stays restorable (the epochs and segments remain). Works from the database
+    alone when the store's state is missing or damaged: the slot is named after the
+    database, so a slot left behind can always be freed."""
+    try:
+        state = read_state(store, database_id)
+    except StoreError as exc:
+        log.warning("dropping capture of %s without its state: %s", database_id, exc)
+        state = None
+    slots = {slot_name(conn)} | ({state.slot} if state else set())
+    for slot in sorted(slots):
+        drop_slot(conn, slot)
+        drop_publications(conn, slot)
+    if state is not None:
+        try:
+            progress = read_progress(store, database_id, state)
+        except StoreError:
+            progress = None
+        if progress is not None and not progress.ended:  # a new epoch says its own why
+            put_json(store, progress_key(store, database_id, state),
+                     asdict(replace(progress, ended=DROPPED)))
     store.delete_key(store_key(store, database_id, "state.json"))
     return state
 

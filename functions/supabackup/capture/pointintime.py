@@ -45,6 +45,8 @@ from .state import (
 
 log = logging.getLogger(__name__)
 
+DROPPED = "capture dropped"  # why an epoch ended that `cdc drop` stopped
+
 
 @dataclass
 class PointInTimeReport:
@@ -104,16 +106,18 @@ def covering(store: Store, database_id: str, when: datetime) -> Covering:
 
 
 def replays(store: Store, database_id: str, when: datetime) -> bool:
-    """Whether `--at when` is a replay of capture: the epoch begun last at or before `when`
-    reaches it, or is the one running now (then a time it has not reached yet is refused,
-    naming how far it reaches: `cdc run` brings it there). A time before capture began,
-    after an epoch that was dropped, or in a gap capture never recorded (a schema change,
-    a lost slot) is not: that is the newest backup at or before it."""
+    """Whether `--at when` is capture's to answer: the epoch begun last at or before `when`
+    reaches it; or that epoch runs now (a time it has not reached yet is refused, naming
+    how far it reaches: `cdc run` brings it there); or it ended by itself (a schema change,
+    a lost slot, a rewrite), so `when` falls in a gap capture knows it cannot give exactly,
+    and is refused naming the times on either side. A time before capture began, or after
+    capture was dropped, is not: that is the newest backup at or before it."""
     started = [e for e in epochs(store, database_id) if parse_time(e.base_at) <= when]
     if not started:
         return False
     progress = read_progress(store, database_id, started[-1])
-    if progress is not None and when <= parse_time(progress.verified_at):
+    if progress is not None and (when <= parse_time(progress.verified_at)
+                                 or (progress.ended and progress.ended != DROPPED)):
         return True
     running = read_state(store, database_id)
     return running is not None and running.start_lsn == started[-1].start_lsn

@@ -110,8 +110,8 @@ def replay(target: ConnectionInfo, transactions: Iterable[dict[str, Any]],
 
 
 class _Diverged(Exception):
-    def __init__(self, table: str, rows: int) -> None:
-        super().__init__(f"a change to {table} found {rows} rows where the source had one")
+    def __init__(self, table: str, rows: int, why: str = "") -> None:
+        super().__init__(why or f"a change to {table} found {rows} rows where the source had one")
 
 
 def _failure(target: ConnectionInfo, exc: BaseException, txn: dict[str, Any] | None,
@@ -269,7 +269,10 @@ def _value(column: dict[str, Any], shape: TableShape) -> sql.Composable:
     plugin gives are not always exact (wal2json's "char" is character(1)), and the
     target's are qualified (format_type under an empty search_path)."""
     value = column["value"]
-    type_name = sql.SQL(shape.types.get(column["name"], column["type"]))
+    if column["name"] not in shape.types:  # never a type name from the stream in the SQL
+        raise _Diverged("", 0, f"column {column['name']!r} of a captured change is not in the "
+                               "target's table")
+    type_name = sql.SQL(shape.types[column["name"]])  # format_type's own text
     if value is None:
         return sql.SQL("NULL::{}").format(type_name)
     if isinstance(value, bool):

@@ -18,6 +18,7 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 import psycopg2.extras
+from psycopg2 import sql
 
 from .. import output
 from ..db import USER_SCHEMAS, connect, run_statement
@@ -25,7 +26,7 @@ from ..dburl import ConnectionInfo
 from ..errors import CaptureError, ConfigError
 from . import pgoutput
 from .replay import HAS_REPLICA_IDENTITY
-from .state import CaptureState
+from .state import PLUGINS, CaptureState
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,6 @@ AMBIGUOUS_NULL_TYPES = ("real", "double precision", "numeric")
 
 
 MAX_CHANGES = 100_000  # per run: bounded memory; the next run goes on from there
-
-
-# wal2json where the server has it; else pgoutput, built in, which needs a publication.
-PLUGINS = ("wal2json", "pgoutput")
-
-
 PEEK = {
     "wal2json": "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_changes(%s, NULL,"
                 " %s, 'format-version', '2', 'include-timestamp', '1', 'include-lsn', '1',"
@@ -106,8 +101,12 @@ def _create_publications(conn: ConnectionInfo, slot: str) -> list[str]:
 
 
 def drop_publications(conn: ConnectionInfo, slot: str) -> None:
+    """Drop the slot's publications (names quoted: a slot name read back from the store is
+    never SQL)."""
     for name in publications(slot):
-        admin(conn, f"DROP PUBLICATION IF EXISTS {name}", "")
+        run_statement(conn, sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)),
+                      fail=lambda detail: CaptureError(
+                          f"DROP PUBLICATION on {conn.display()} failed: {detail}"))
 
 
 def create_slot(conn: ConnectionInfo, slot: str) -> tuple[str, Any, str, str, list[str]]:
@@ -172,14 +171,16 @@ def slot_status(db: Any, slot: str) -> dict[str, Any]:
         cur.execute("""
             SELECT active, wal_status, safe_wal_size,
                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,
-                   confirmed_flush_lsn::text
-            FROM pg_replication_slots WHERE slot_name = %s""", (slot,))
+                   confirmed_flush_lsn::text, plugin
+            FROM pg_replication_slots WHERE slot_name = %s AND database = current_database()
+            """, (slot,))
         row = cur.fetchone()
     if row is None:
         return {}
-    active, wal_status, safe, retained, flushed = row
+    active, wal_status, safe, retained, flushed, plugin = row
     return {"active": active, "wal_status": wal_status, "safe_wal_size": safe,
-            "retained_wal_bytes": int(retained or 0), "confirmed_flush_lsn": flushed}
+            "retained_wal_bytes": int(retained or 0), "confirmed_flush_lsn": flushed,
+            "plugin": plugin}
 
 
 def peek(db: Any, state: CaptureState) -> tuple[list[tuple[str, dict[str, Any]]], int]:
@@ -251,6 +252,16 @@ def whole_transactions(changes: list[tuple[str, dict[str, Any]]]
         elif current is not None and action in ("I", "U", "D", "T"):
             current["changes"].append(change)
     return done, end_lsn
+
+
+def cannot_replay(conn: ConnectionInfo) -> list[str]:
+    """`not_replayable` on a connection of its own (what `cdc start` warns about)."""
+    db = connect(conn)
+    try:
+        db.autocommit = True
+        return not_replayable(db)
+    finally:
+        db.close()
 
 
 def not_replayable(db: Any) -> list[str]:

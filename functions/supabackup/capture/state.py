@@ -28,6 +28,9 @@ from ..manifest import parse_time, record
 from ..store import Store
 
 R = TypeVar("R")
+# The slot's output plugin: wal2json where the server has it; else pgoutput, built in, which
+# needs a publication.
+PLUGINS = ("wal2json", "pgoutput")
 
 
 def lsn_int(lsn: str) -> int:
@@ -104,8 +107,12 @@ def read_record(store: Store, key: str, kind: type[R], what: str) -> R | None:
         return None
     try:
         found = record(kind, json.loads(raw), what)
-        if isinstance(found, CaptureState) and not (found.base_at and found.start_lsn):
-            raise ValueError("it names no base time or start position")
+        if isinstance(found, CaptureState) and not (found.base_at and found.start_lsn
+                                                    and found.plugin in PLUGINS):
+            raise ValueError("it names no base time, start position or known plugin")
+        for value in getattr(found, "sequences", {}).values():
+            if not (len(value) == 2 and type(value[0]) is int and type(value[1]) is bool):
+                raise ValueError(f"a sequence value {str(value)[:40]} is not [int, bool]")
         return found
     except (ValueError, TypeError) as exc:
         raise StoreError(f"{what} {key} is damaged ({' '.join(str(exc).split())[:200]})",
@@ -219,6 +226,10 @@ def _decoded(raw: bytes, key: str) -> list[dict[str, Any]]:
                 if change["action"] not in ("I", "U", "D", "T") or not (
                         isinstance(change["schema"], str) and isinstance(change["table"], str)):
                     raise ValueError(f"a change of action {change['action']!r}")
+                for column in change.get("columns", []) + change.get("identity", []):
+                    if not (isinstance(column["name"], str) and isinstance(column["type"], str)
+                            and "value" in column):
+                        raise ValueError(f"a column {str(column)[:80]}")
         return transactions
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError,
             IndexError) as exc:
