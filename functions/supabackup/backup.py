@@ -73,7 +73,7 @@ class BackupRequest:
     tick: str | None = None          # the schedule's tick (ISO time): one backup per tick
     time_limit: float | None = None  # seconds the run may take (Lambda's remaining time)
     wait: float = 0.0                # seconds to wait for a run in progress to finish
-    snapshot: str | None = None      # an exported snapshot to dump (capture.py's aligned base)
+    snapshot: str | None = None      # an exported snapshot to dump (capture.start's aligned base)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

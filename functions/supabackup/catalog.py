@@ -69,6 +69,11 @@ class RestorePoint:
     def replay(self) -> bool:
         return self.manifest is None
 
+    @property
+    def method(self) -> str:
+        """How the restore gets there, as results and SNS messages name it."""
+        return "replay" if self.replay else "backup"
+
     def check(self, options: RestoreOptions | None) -> None:
         """A replay gives the whole database as it was: it takes no choice of tables or
         profile (a backup does)."""

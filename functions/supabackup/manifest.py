@@ -6,7 +6,6 @@ object of the backup, so that verify and restore can trust nothing else.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import types
@@ -143,9 +142,9 @@ class Manifest:
                 raise ValueError("objects and tables must be lists")
             data["objects"] = [record(StoredObject, o, "an object") for o in data["objects"]]
             data["tables"] = [record(TableState, t, "a table") for t in data.get("tables", [])]
-            manifest = record(cls, data, "the manifest")
-            for stamp in (manifest.started_at, manifest.finished_at, manifest.snapshot_at):
-                parse_time(stamp)
+            manifest = record(cls, data, "the manifest")  # parses the times it has
+            if not (manifest.started_at and manifest.finished_at and manifest.snapshot_at):
+                raise ValueError("it lacks a time")
             if [o.kind for o in manifest.objects].count("database") != 1:
                 raise ValueError("it does not list one database archive")
             return manifest
@@ -214,7 +213,7 @@ def record(cls: type[R], data: Any, what: str) -> R:
 
 def _fits(value: Any, hint: Any) -> bool:
     """Whether a JSON value is of the annotated type (str, int, float, bool, None, list[X],
-    dict[str, X], X | Y, Any, or a dataclass already built)."""
+    dict[str, X], X | Y, Any, or a record already built). JSON's true is no number."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return True
@@ -227,9 +226,8 @@ def _fits(value: Any, hint: Any) -> bool:
     if origin is dict:
         return isinstance(value, dict) and all(isinstance(k, str) and _fits(v, args[1])
                                                for k, v in value.items())
-    if hint in (int, float):
-        return isinstance(value, int | float) and not isinstance(value, bool) and (
-            hint is float or isinstance(value, int))
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return isinstance(value, hint)
-    return isinstance(value, hint)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)  # str, bool, or a record already built

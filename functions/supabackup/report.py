@@ -98,7 +98,7 @@ def restore_and_report(store: Store, point: RestorePoint, target: ConnectionInfo
     it failed."""
     started = time.monotonic()
     asked = {"at": point.at, "target": target.display(),
-             "method": "replay" if point.replay else "backup"}
+             "method": point.method}
     try:
         report: RestoreReport | PointInTimeReport
         if point.replay:

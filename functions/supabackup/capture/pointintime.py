@@ -85,12 +85,11 @@ class Covering:
 def covering(store: Store, database_id: str, when: datetime) -> Covering:
     """The epoch that covers `when`, or a refusal that names the window capture can reach."""
     history = epochs(store, database_id)
-    started = [i for i, e in enumerate(history) if parse_time(e.base_at) <= when]
-    if not started:
+    index = _begun_by(history, when)
+    if index is None:
         raise ConfigError(f"no change capture of {database_id} covers {when.isoformat()}",
                           "restore a backup instead, or a later time"
                           + (f" (capture starts at {history[0].base_at})" if history else ""))
-    index = started[-1]
     epoch = history[index]
     progress = read_progress(store, database_id, epoch)
     if progress is None:
@@ -112,15 +111,23 @@ def replays(store: Store, database_id: str, when: datetime) -> bool:
     a lost slot, a rewrite), so `when` falls in a gap capture knows it cannot give exactly,
     and is refused naming the times on either side. A time before capture began, or after
     capture was dropped, is not: that is the newest backup at or before it."""
-    started = [e for e in epochs(store, database_id) if parse_time(e.base_at) <= when]
-    if not started:
+    history = epochs(store, database_id)
+    index = _begun_by(history, when)
+    if index is None:
         return False
-    progress = read_progress(store, database_id, started[-1])
+    epoch = history[index]
+    progress = read_progress(store, database_id, epoch)
     if progress is not None and (when <= parse_time(progress.verified_at)
                                  or (progress.ended and progress.ended != DROPPED)):
         return True
     running = read_state(store, database_id)
-    return running is not None and running.start_lsn == started[-1].start_lsn
+    return running is not None and running.start_lsn == epoch.start_lsn
+
+
+def _begun_by(history: list[CaptureState], when: datetime) -> int | None:
+    """The index of the last epoch whose base was taken at or before `when`, if any."""
+    begun = [i for i, e in enumerate(history) if parse_time(e.base_at) <= when]
+    return begun[-1] if begun else None
 
 
 def restore_to_time(store: Store, database_id: str, target: ConnectionInfo,

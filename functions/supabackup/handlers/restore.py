@@ -36,7 +36,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         if request.dry_run:
             return {"at": request.at, "dry_run": True,
                     "backup_id": point.manifest.backup_id if point.manifest else None,
-                    "method": "replay" if point.replay else "backup",
+                    "method": point.method,
                     "plan": describe_point(backups, point, request.options)}
         point.check(request.options)
         target = read_secret("SUPABACKUP_RESTORE_SECRET_ARN")
@@ -47,5 +47,5 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     with run.running(target.redact):
         report = restore_and_report(backups, point, target, run.notify, request.options)
     return run.succeeded({"backup_id": report.backup_id, "at": request.at,
-                          "method": "replay" if point.replay else "backup",
+                          "method": point.method,
                           "target": target.display(), "lines": report.lines()})
