@@ -28,19 +28,22 @@ from . import locks
 from .budget import Budget
 from .dburl import ConnectionInfo
 from .dump import DumpProcess
-from .errors import ConfigError, DuplicateRun
+from .errors import ConfigError, DumpFailed, DuplicateRun
 from .inventory import (
     CONTENT_CHANGED,
     XID_SPACE,
-    BackgroundScan,
+    Listed,
     decide,
+    list_tables,
     scan_tables,
     snapshot_xmin,
 )
 from .manifest import (
+    FORMAT,
     RETENTION_CLASSES,
     Manifest,
     StoredObject,
+    TablePart,
     TableState,
     iso,
     new_backup_id,
@@ -53,12 +56,13 @@ from .profiles import Profile, resolve_profile
 from .roles import drop_reserved, reserved_roles
 from .snapshot import SnapshotSession, connect
 from .store import MANIFEST, BackupWriter, Store
+from .tabledata import Slice, TableDumper, checked_jobs, default_jobs, lock_tables, plan_slices
 
 log = logging.getLogger(__name__)
 
 KINDS = ("full", "incremental")
 ROLES = "roles.sql"
-DATABASE = "database.dump"
+SCHEMA = "schema.dump"
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class BackupRequest:
     time_limit: float | None = None  # seconds the run may take (Lambda's remaining time)
     wait: float = 0.0                # seconds to wait for a run in progress to finish
     snapshot: str | None = None      # an exported snapshot to dump (capture.start's aligned base)
+    jobs: int | None = None          # workers; None: derived from CPUs and memory
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -85,6 +90,8 @@ class BackupRequest:
             raise ConfigError(f"--wait must be a number of seconds, 0 or more (not {self.wait})")
         if self.label is not None and (len(self.label) > 200 or not self.label.isprintable()):
             raise ConfigError("the label must be printable text of at most 200 characters")
+        if self.jobs is not None:
+            checked_jobs(self.jobs)
 
     def database_of(self, conn: ConnectionInfo) -> str:
         """The database's id in the store: as asked, or derived from the connection."""
@@ -162,6 +169,7 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
     parent, escalation = (None, "")
     if request.kind == "incremental":
         parent, escalation = _parent_for(history, profile, started)
+    jobs = request.jobs or default_jobs()
     with SnapshotSession(conn, request.snapshot) as session:
         budget.check(request.kind, session.server.database_size, history)
         budget.on_expiry(session.connection.cancel)
@@ -173,39 +181,44 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
         kind = "incremental" if parent is not None else "full"
         backup_id = (with_kind(request.backup_id, kind) if request.backup_id
                      else new_backup_id(session.server.snapshot_at, kind))
-        if parent is not None:  # which tables to leave out must be known before pg_dump
+        with session.connection.cursor() as cur:
+            listed = list_tables(cur, profile.exclude_schemas, profile.exclude_table_data)
+        lock_tables(session.connection, listed)
+        if parent is not None:  # which tables to dump must be known before the workers start
             scanned = scan_tables(session.connection, profile.exclude_schemas,
                                   parent.snapshot_xmin, connect=lambda: connect(conn),
-                                  snapshot_id=session.snapshot_id, lanes=SCAN_LANES,
+                                  snapshot_id=session.snapshot_id, lanes=min(jobs, SCAN_LANES),
                                   no_data=profile.exclude_table_data, fingerprint=True)
             tables = decide(scanned, parent.tables_by_oid, backup_id)
             for table in tables:
                 if table.reason.startswith(CONTENT_CHANGED):
                     log.warning("%s: %s although change detection found it unchanged; "
                                 "dumped", table.qualified, table.reason)
-        else:  # a full backup dumps everything
-            tables = []
-        unchanged = [t for t in tables if not t.reason]
-        log.info("backup %s of %s: %s, server %s, pg_dump %s, snapshot %s, %d tables "
-                 "unchanged%s", backup_id, conn.display(), kind, session.server.version,
-                 tools.version, session.snapshot_id, len(unchanged),
+        else:  # a full backup dumps everything; its rows are counted from the streams
+            tables = [TableState(oid=t.oid, schema=t.schema, name=t.name,
+                                 relfilenode=t.relfilenode, definition=t.definition, rows=0,
+                                 counters=t.counters, held_in=backup_id, reason="full backup")
+                      for t in listed]
+        by_oid = {t.oid: t for t in listed}
+        to_dump = [by_oid[t.oid] for t in tables if t.reason]
+        slices = plan_slices(to_dump, jobs, session.server.version_num >= 140000,
+                             session.server.block_size)
+        log.info("backup %s of %s: %s, server %s, pg_dump %s, snapshot %s, %d of %d tables "
+                 "to dump in %d parts over %d workers%s", backup_id, conn.display(), kind,
+                 session.server.version, tools.version, session.snapshot_id, len(to_dump),
+                 len(tables), len(slices), jobs,
                  f" (escalated: {escalation})" if escalation else "")
         writer = store.begin(database_id, backup_id)
         tags = {"retention": request.retention, "kind": kind}
-        # A full backup counts and fingerprints every table alongside pg_dump, in the same
-        # snapshot; an incremental did both in its change detection.
-        scan = (BackgroundScan(lambda: connect(conn), session.snapshot_id,
-                               profile.exclude_schemas, profile.exclude_table_data)
-                if parent is None else None)
-        if scan is not None:
-            budget.on_expiry(scan.cancel)
+        dumper = TableDumper(conn, tools, writer, tags, session.snapshot_id,
+                             session.server.encoding, jobs)
+        budget.on_expiry(dumper.stop)
         try:
             roles, platform_roles = _dump_roles(writer, tools, conn, profile, tags, budget)
-            database, warnings = _dump_database(writer, tools, conn, profile, tags,
-                                                session.snapshot_id, session.server.database_size,
-                                                unchanged, budget)
-            if scan is not None:
-                tables = decide(scan.result(), None, backup_id)
+            schema, warnings = _dump_schema(writer, tools, conn, profile, tags,
+                                            session.snapshot_id, listed, budget)
+            parts = dumper.run(slices)
+            tables = _with_parts(tables, by_oid, parts, parent)
             manifest = Manifest(
                 backup_id=backup_id, database_id=database_id, kind=kind,
                 profile=profile.name, retention=request.retention, label=request.label,
@@ -214,24 +227,58 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
                 server_version=session.server.version, database=conn.dbname,
                 database_size=session.server.database_size,
                 pg_dump=tools.path("pg_dump"), pg_dump_version=tools.version,
-                objects=[roles, database], platform_schemas=list(profile.platform_schemas),
+                objects=[roles, schema, *_stored(parts)],
+                platform_schemas=list(profile.platform_schemas),
                 platform_roles=platform_roles,
                 warnings=warnings, escalation=escalation, snapshot_xmin=xmin,
                 base=(parent.base or parent.backup_id) if parent else "",
                 parent=parent.backup_id if parent else "",
-                tables=tables,
+                tables=tables, encoding=session.server.encoding, jobs=jobs,
             )
             if budget.expired:  # never commit past the margin
                 raise budget.ran_out(kind)
             writer.commit(manifest, tags)
         except BaseException:
             log.warning("backup %s failed; discarding what it wrote", backup_id)
-            if scan is not None:
-                scan.cancel()
+            dumper.stop()
             _discard(writer)
             raise
     log.info("backup %s committed: %d bytes", backup_id, manifest.total_bytes)
     return manifest
+
+
+def _with_parts(tables: list[TableState], listed: dict[int, Listed],
+                parts: list[tuple[Slice, TablePart]], parent: Manifest | None
+                ) -> list[TableState]:
+    """Every table's record with the objects that hold its rows: its new parts when this
+    run dumped it (and the rows they hold), else the parent's, which name the backup
+    holding them. An incremental's counted rows must be what its parts hold."""
+    dumped: dict[int, list[TablePart]] = {}
+    for piece, part in sorted(parts, key=lambda p: (p[0].table.oid, p[0].index)):
+        dumped.setdefault(piece.table.oid, []).append(part)
+    before = parent.tables_by_oid if parent else {}
+    out = []
+    for table in tables:
+        if not table.reason:
+            held = before[table.oid]
+            out.append(replace(table, columns=held.columns, parts=held.parts))
+            continue
+        own = dumped.get(table.oid, [])
+        rows = sum(p.rows for p in own)
+        if parent is not None and rows != table.rows:
+            raise DumpFailed(f"{table.qualified}: the COPY gave {rows} rows where the scan "
+                             f"of the same snapshot counted {table.rows}",
+                             "nothing was kept; report this, and take a full backup")
+        out.append(replace(table, rows=rows, columns=list(listed[table.oid].columns),
+                           parts=own))
+    return out
+
+
+def _stored(parts: list[tuple[Slice, TablePart]]) -> list[StoredObject]:
+    """The table parts as objects of this backup's folder (what verify checks)."""
+    return [StoredObject(name=p.name, kind="table-data", size=p.size, sha256=p.sha256,
+                         format="copy", compression=p.compression)
+            for p in sorted((part for _, part in parts), key=lambda p: p.name)]
 
 
 def _parent_for(manifests: list[Manifest], profile: Profile,
@@ -253,6 +300,9 @@ def _parent_for(manifests: list[Manifest], profile: Profile,
         return None, f"the profile changed from {parent.profile} to {profile.name}"
     if parent.snapshot_xmin < 0 or not parent.tables:
         return None, f"{parent.backup_id} recorded no table states to compare with"
+    if parent.format < FORMAT:
+        return None, (f"{parent.backup_id} is of manifest format {parent.format}; a chain "
+                      f"is of one format ({FORMAT} now)")
     return parent, ""
 
 
@@ -294,22 +344,20 @@ def _dump_roles(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo, prof
     return stored, reserved_roles(script, profile.is_reserved)
 
 
-def _dump_database(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo,
-                   profile: Profile, tags: dict[str, str], snapshot_id: str,
-                   expected_bytes: int, unchanged: list[TableState], budget: Budget
-                   ) -> tuple[StoredObject, list[str]]:
-    """pg_dump -Fc in the run's snapshot, streamed straight into a multipart upload.
-
-    Tables proven unchanged keep their definitions here but not their data, which an
-    earlier backup of the chain holds.
-    """
+def _dump_schema(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo,
+                 profile: Profile, tags: dict[str, str], snapshot_id: str,
+                 tables: list[Listed], budget: Budget) -> tuple[StoredObject, list[str]]:
+    """pg_dump -Fc in the run's snapshot, streamed into a multipart upload: everything but
+    the data of `tables`, which the workers dump (pre-data, sequence values, large
+    objects, post-data). Each table is named exactly: a wildcard would also leave out
+    sequence values and materialized view contents."""
     compression = "zstd" if tools.supports_zstd else "gzip"
     level = "--compress=zstd" if tools.supports_zstd else "--compress=6"
     argv = [tools.path("pg_dump"), "--format=custom", level,
             f"--snapshot={snapshot_id}", "--no-sync", *profile.pg_dump_args(),
-            *(f"--exclude-table-data={_exact(t.schema)}.{_exact(t.name)}" for t in unchanged)]
+            *(f"--exclude-table-data={_exact(t.schema)}.{_exact(t.name)}" for t in tables)]
     with DumpProcess(argv, conn, "pg_dump") as proc:
         budget.on_expiry(proc.stop)
-        stored = writer.upload(DATABASE, proc, expected_bytes, tags, kind="database",
+        stored = writer.upload(SCHEMA, proc, 64 * 1024 * 1024, tags, kind="database",
                                format="custom", compression=compression)
         return stored, proc.warnings

@@ -77,7 +77,8 @@ class RestorePoint:
     def check(self, options: RestoreOptions | None) -> None:
         """A replay gives the whole database as it was: it takes no choice of tables or
         profile (a backup does)."""
-        if self.replay and options is not None and options != RestoreOptions():
+        if self.replay and options is not None and (options.tables or
+                                                    options.profile != RestoreOptions.profile):
             raise ConfigError("a restore by replaying change capture takes no tables or "
                               "profile", "restore a backup with them instead (--at BACKUP_ID)")
 

@@ -31,6 +31,7 @@ from .report import (
 )
 from .restore import RestoreOptions
 from .store import Store, StoreURL
+from .tabledata import JOBS_ENV, checked_jobs
 from .verify import VerifyReport
 
 EXIT_BUG = 70
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sns-topic-arn", default=os.environ.get("SUPABACKUP_SNS_TOPIC_ARN"),
                        help="publish the outcome here (default: $SUPABACKUP_SNS_TOPIC_ARN)")
 
+    def jobs_flag(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--jobs", default=os.environ.get(JOBS_ENV), metavar="N",
+                       help=f"{what} (default: ${JOBS_ENV}, else derived from the CPUs and "
+                            "memory of this machine)")
+
     backup = sub.add_parser("backup", help="take a backup")
     backup.add_argument("kind", choices=KINDS)
     backup.add_argument("--database-url", default=os.environ.get("SUPABACKUP_DATABASE_URL"),
@@ -83,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="if another backup of the database is in progress, wait this "
                              "long for it to finish (default: fail at once, naming it)")
+    jobs_flag(backup, "dump tables over N connections at once")
     sns_flag(backup)
 
     lister = sub.add_parser("list", help="list committed backups")
@@ -105,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--profile", default="postgres", choices=PROFILE_NAMES,
                          help="supabase: into a fresh Supabase project, skipping what it "
                               "already has (default: postgres, into an empty database)")
+    jobs_flag(restore, "load tables and build indexes over N connections at once")
     sns_flag(restore)
     capture = sub.add_parser("cdc", help="change capture, for restores to any point in time")
     capture.add_argument("action", choices=("start", "run", "status", "drop"),
@@ -130,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _jobs(value: str | None) -> int | None:
+    return checked_jobs(value, f"--jobs (or ${JOBS_ENV})") if value not in (None, "") else None
+
+
 def require(value: str | None, flag: str, env: str) -> str:
     if not value:
         raise ConfigError(f"{flag} is required", f"pass {flag} or set {env}")
@@ -142,7 +154,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     store = Store(StoreURL.parse(require(args.store, "--store", "SUPABACKUP_STORE")))
     request = BackupRequest(kind=args.kind, profile=args.profile, retention=args.retention,
                             label=args.label, trigger="cli", database_id=args.database_id,
-                            wait=args.wait)
+                            wait=args.wait, jobs=_jobs(args.jobs))
     manifest, outcome = backup_and_report(conn, store, request, Notifier(args.sns_topic_arn))
     print(f"{manifest.backup_id}: {human_bytes(manifest.total_bytes)} in "
           f"{human_duration(outcome.duration_seconds)}, {manifest.tables_dumped} of "
@@ -178,7 +190,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     target = ConnectionInfo.from_url(args.target_url)
     options = RestoreOptions(tables=tuple(t.strip() for arg in args.tables
                                           for t in arg.split(",") if t.strip()),
-                             profile=args.profile)
+                             profile=args.profile, jobs=_jobs(args.jobs))
     point = restore_point(store, resolve_database_id(store, args.database_id), args.at)
     if args.dry_run:
         for line in describe_point(store, point, options):

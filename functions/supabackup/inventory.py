@@ -47,6 +47,7 @@ The fingerprints themselves are in fingerprint.py; the records this produces
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -81,7 +82,10 @@ SELECT c.oid, n.nspname, c.relname, c.relfilenode,
            || coalesce(' dropped ' || string_agg(a.attnum::text, ',' ORDER BY a.attnum)
                        FILTER (WHERE a.attisdropped), ''), 'UTF8')), 'hex'),
        coalesce(s.n_tup_ins + s.n_tup_upd + s.n_tup_del, -1), c.relpages,
-       coalesce(array_agg(a.atttypid) FILTER (WHERE NOT a.attisdropped), '{{}}')
+       coalesce(array_agg(a.atttypid) FILTER (WHERE NOT a.attisdropped), '{{}}'),
+       coalesce(array_agg(a.attname::text ORDER BY a.attnum)
+                FILTER (WHERE NOT a.attisdropped AND a.attgenerated = ''), '{{}}'),
+       pg_relation_size(c.oid)
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
@@ -106,6 +110,93 @@ def snapshot_xmin(conn: psycopg2.extensions.connection) -> int:
     with conn.cursor() as cur:
         cur.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
         return int(cur.fetchone()[0]) % XID_SPACE
+
+
+class Listed(NamedTuple):
+    """One table of the inventory, from the catalog alone (no table is read)."""
+
+    oid: int
+    schema: str
+    name: str
+    relfilenode: int
+    definition: str       # see INVENTORY, and type_signatures for the types it uses
+    counters: int
+    pages: int            # relpages: the planner's estimate
+    type_oids: list[int]  # the live columns' types
+    columns: list[str]    # the columns a COPY of the table holds, in order (not generated)
+    bytes: int            # pg_relation_size: the heap's size now, in bytes
+
+
+def list_tables(cur: psycopg2.extensions.cursor, excluded_schemas: Iterable[str],
+                no_data: Iterable[str] = ()) -> list[Listed]:
+    """The tables whose data a backup holds, in the cursor's snapshot.
+
+    A table's definition also covers what its column types' text form depends on in the
+    catalog (type_signatures): `ALTER TYPE mood RENAME VALUE` or `ALTER TYPE pair ADD
+    ATTRIBUTE` change no row, but they change what a COPY of the table says, so they are
+    a change of definition for change detection.
+    """
+    cur.execute(INVENTORY, {"excluded": [schema_like(p) for p in excluded_schemas] or [""],
+                            "no_data": list(no_data) or [""]})
+    rows = [Listed(*row) for row in cur.fetchall()]
+    signatures = type_signatures(cur, {oid for t in rows for oid in t.type_oids})
+    listed = []
+    for t in rows:
+        signature = ";".join(signatures[oid] for oid in sorted(set(t.type_oids))
+                             if signatures.get(oid))
+        if signature:
+            definition = hashlib.sha256(f"{t.definition} types {signature}".encode()).hexdigest()
+            t = t._replace(definition=definition)
+        listed.append(t)
+    return listed
+
+
+def type_signatures(cur: psycopg2.extensions.cursor, type_oids: set[int]) -> dict[int, str]:
+    """For each type, the catalog state its values' text form depends on, beyond its name.
+
+    An enum's labels in order; a composite's attributes (names and types) in order; and
+    through domains, arrays and ranges, those of what they are made of. Base types map to
+    "" (their output function is their own). Read once per run from pg_type, pg_enum and
+    pg_attribute.
+    """
+    if not type_oids:
+        return {}
+    cur.execute("SELECT oid, typtype, typbasetype, typelem, typrelid, typcategory"
+                " FROM pg_type")
+    types = {row[0]: row[1:] for row in cur.fetchall()}
+    cur.execute("SELECT enumtypid, array_agg(enumlabel::text ORDER BY enumsortorder)"
+                " FROM pg_enum GROUP BY enumtypid")
+    labels = dict(cur.fetchall())
+    cur.execute("SELECT rngtypid, rngsubtype FROM pg_range")
+    subtypes = dict(cur.fetchall())
+    cur.execute("SELECT t.oid, array_agg(ARRAY[a.attname::text, a.atttypid::text]"
+                " ORDER BY a.attnum) FROM pg_type t JOIN pg_attribute a"
+                " ON a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped"
+                " WHERE t.typtype = 'c' GROUP BY t.oid")
+    attributes = dict(cur.fetchall())
+    memo: dict[int, str] = {}
+
+    def signature(oid: int, depth: int = 0) -> str:
+        if oid in memo or oid not in types or depth > 20:
+            return memo.get(oid, "")
+        typtype, base, elem, _relid, category = types[oid]
+        if typtype == "e":
+            text = f"enum {oid} {labels.get(oid, [])!r}"
+        elif typtype == "c":
+            text = f"composite {oid} " + repr([(name, sub, signature(int(sub), depth + 1))
+                                                for name, sub in attributes.get(oid, [])])
+        elif typtype == "d":
+            text = signature(base, depth + 1)
+        elif typtype == "r":
+            text = signature(subtypes.get(oid, 0), depth + 1)
+        elif category == "A" and elem:
+            text = signature(elem, depth + 1)
+        else:
+            text = ""
+        memo[oid] = text
+        return text
+
+    return {oid: signature(oid) for oid in type_oids}
 
 
 class Scanned(NamedTuple):
@@ -137,13 +228,13 @@ def scan_tables(conn: psycopg2.extensions.connection, excluded_schemas: Iterable
     cancel, say), the other lanes' queries are cancelled too.
     """
     with conn.cursor() as cur:
-        cur.execute(INVENTORY, {"excluded": [schema_like(p) for p in excluded_schemas] or [""],
-                                "no_data": list(no_data) or [""]})
-        tables = cur.fetchall()
-        if fingerprint:  # which row hash each table may take (ROW_HASHES)
-            stable = binary_hash_is_stable(cur, {oid for t in tables for oid in t[7]})
-            tables = [(*t[:7], ("r", "t") if stable.issuperset(t[7]) else ("t",))
-                      for t in tables]
+        listed = list_tables(cur, excluded_schemas, no_data)
+        stable = (binary_hash_is_stable(cur, {oid for t in listed for oid in t.type_oids})
+                  if fingerprint else set())
+        # (oid, schema, name, relfilenode, definition, counters, pages, ways): the row hash
+        # each table may take (ROW_HASHES), when fingerprinting
+        tables = [(*t[:7], ("r", "t") if stable.issuperset(t.type_oids) else ("t",))
+                  for t in listed]
     if connect is None or snapshot_id is None:
         lanes = 1
     shares: list[list[tuple]] = [[] for _ in range(max(1, lanes))]

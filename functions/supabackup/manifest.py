@@ -2,6 +2,17 @@
 
 It is written last, with a conditional put, and records the sha256 and size of every
 object of the backup, so that verify and restore can trust nothing else.
+
+Formats (`format`):
+  1  one custom-format pg_dump archive (`database.dump`) holds the schema and all the data;
+     tables an incremental did not dump are read from the archive of the backup holding them.
+  2  `schema.dump` (still of kind "database") holds everything but the data of the backup's
+     tables: pre-data, sequence values, large objects, post-data. Each table's rows are one
+     or more objects of their own (`TablePart`: COPY text, zstd-compressed; a big table is
+     split into page ranges), listed both in `objects` (what this backup's folder holds) and
+     in its `TableState.parts`, which an incremental copies from its parent for a table it
+     did not dump: those name objects in the folder of `held_in`.
+This supabackup writes format 2 and reads both.
 """
 
 from __future__ import annotations
@@ -16,7 +27,8 @@ from typing import Any, TypeVar
 
 from .errors import StoreError
 
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 RETENTION_CLASSES = ("daily", "weekly", "monthly", "pinned")
 R = TypeVar("R")
 _LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
@@ -25,11 +37,26 @@ _LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 @dataclass(frozen=True)
 class StoredObject:
     name: str      # file name inside the backup's folder
-    kind: str      # "roles" | "database"
+    kind: str      # "roles" | "database" (the pg_dump archive) | "table-data"
     size: int
     sha256: str
-    format: str    # "sql" | "custom"
+    format: str    # "sql" | "custom" | "copy" (COPY text)
     compression: str = "none"
+
+
+@dataclass(frozen=True)
+class TablePart:
+    """One object holding some of a table's rows (format 2): COPY text of the columns in
+    `TableState.columns`, in the backup's snapshot, of heap pages [first_page, end_page)
+    (end_page -1: to the end of the table; 0, -1: the whole table)."""
+
+    name: str        # file name inside the folder of the backup that holds the table
+    size: int
+    sha256: str
+    rows: int
+    first_page: int = 0
+    end_page: int = -1
+    compression: str = "zstd"
 
 
 @dataclass(frozen=True)
@@ -46,6 +73,9 @@ class TableState:
     held_in: str         # backup id whose archive holds this table's data
     reason: str = ""     # why this backup dumped it ("" when unchanged)
     fingerprint: str = ""  # content hash in this backup's own snapshot (fingerprint.ROW_HASHES)
+    # Format 2: the columns the parts hold, in order (not the generated ones), and the parts.
+    columns: list[str] = field(default_factory=list)
+    parts: list[TablePart] = field(default_factory=list)
 
     @property
     def qualified(self) -> str:
@@ -83,6 +113,8 @@ class Manifest:
     snapshot_xmin: int = -1
     tables: list[TableState] = field(default_factory=list)  # every table, dumped or not
     format: int = FORMAT
+    encoding: str = ""     # the database's encoding, that of the COPY text (format 2)
+    jobs: int = 0          # workers the run used (format 2)
 
     @property
     def total_bytes(self) -> int:
@@ -130,18 +162,19 @@ class Manifest:
             data = json.loads(raw)
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
-            if isinstance(data.get("format"), int) and data["format"] > FORMAT:
+            if isinstance(data.get("format"), int) and data["format"] > max(READABLE_FORMATS):
                 raise StoreError(f"{key} is of manifest format {data['format']}, newer than "
                                  f"this supabackup reads ({FORMAT})",
                                  "restore it with a newer supabackup (pip install -U, or "
                                  "redeploy the stack)")
-            if data.get("format") != FORMAT:
+            if data.get("format") not in READABLE_FORMATS:
                 raise ValueError(f"unknown manifest format {data.get('format')!r}")
             if not isinstance(data.get("objects"), list) or not isinstance(
                     data.get("tables", []), list):
                 raise ValueError("objects and tables must be lists")
             data["objects"] = [record(StoredObject, o, "an object") for o in data["objects"]]
-            data["tables"] = [record(TableState, t, "a table") for t in data.get("tables", [])]
+            data["tables"] = [record(TableState, _with_parts(t), "a table")
+                              for t in data.get("tables", [])]
             manifest = record(cls, data, "the manifest")  # parses the times it has
             if not (manifest.started_at and manifest.finished_at and manifest.snapshot_at):
                 raise ValueError("it lacks a time")
@@ -164,6 +197,13 @@ class Manifest:
             "base": self.base, "parent": self.parent, "escalation": self.escalation,
             "tables_dumped": self.tables_dumped, "tables_total": len(self.tables),
         }
+
+
+def _with_parts(table: Any) -> Any:
+    """A table record from JSON with its parts built as TableParts (type-checked)."""
+    if isinstance(table, dict) and isinstance(table.get("parts"), list):
+        return {**table, "parts": [record(TablePart, p, "a table part") for p in table["parts"]]}
+    return table
 
 
 def utcnow() -> datetime:

@@ -32,6 +32,8 @@ class ServerInfo:
     version_num: int    # e.g. 150018
     database_size: int  # bytes, pg_database_size() of the dumped database
     snapshot_at: datetime
+    encoding: str = "UTF8"  # the database's: the text of COPY and pg_dump is in it
+    block_size: int = 8192
 
     @property
     def major(self) -> int:
@@ -61,9 +63,11 @@ class SnapshotSession:
                     "SELECT coalesce(%s, pg_export_snapshot()), now(),"
                     " current_setting('server_version'),"
                     " current_setting('server_version_num')::int,"
-                    " pg_database_size(current_database())", (imported,)
+                    " pg_database_size(current_database()),"
+                    " pg_encoding_to_char(encoding), current_setting('block_size')::int"
+                    " FROM pg_database WHERE datname = current_database()", (imported,)
                 )
-                snapshot, now, version, version_num, size = cur.fetchone()
+                snapshot, now, version, version_num, size, encoding, block = cur.fetchone()
         except RunInProgress:
             self.connection.close()
             raise
@@ -77,7 +81,8 @@ class SnapshotSession:
             ) from None
         self.snapshot_id: str = snapshot
         self.server = ServerInfo(version=version.split()[0], version_num=version_num,
-                                 database_size=size, snapshot_at=now)
+                                 database_size=size, snapshot_at=now, encoding=encoding,
+                                 block_size=block)
 
     def __enter__(self) -> SnapshotSession:
         return self

@@ -337,9 +337,12 @@ class Store:
             pipe.close()
         return size, digest.hexdigest()
 
-    def open_object(self, manifest: Manifest, name: str) -> Iterator[bytes]:
-        """Stream one object of a backup in chunks, without a local copy."""
-        key = self.backup_key(manifest.database_id, manifest.backup_id, name)
+    def open_object(self, manifest: Manifest, name: str,
+                    held_in: str | None = None) -> Iterator[bytes]:
+        """Stream one object of a backup in chunks, without a local copy; `held_in`: the
+        backup of the same database whose folder holds it (a table part an incremental
+        did not dump)."""
+        key = self.backup_key(manifest.database_id, held_in or manifest.backup_id, name)
         try:
             body = self.s3.get_object(Bucket=self.url.bucket, Key=key)["Body"]
             yield from body.iter_chunks(chunk_size=1 * MIB)
@@ -357,13 +360,15 @@ class BackupWriter:
     written: list[str] = field(default_factory=list)
 
     def upload(self, name: str, stream: Readable, expected_bytes: int, tags: dict[str, str],
-               *, kind: str, format: str, compression: str = "none") -> StoredObject:
+               *, kind: str, format: str, compression: str = "none",
+               share: int = 1) -> StoredObject:
         """Stream `stream` to S3 until EOF (the stream itself decides if EOF is good); the
-        object as the manifest records it, with the size and sha256 of what was sent."""
+        object as the manifest records it, with the size and sha256 of what was sent.
+        `share`: how many uploads run at once and share PART_MEMORY."""
         reader = HashingReader(stream)
         key = self.store.backup_key(self.database_id, self.backup_id, name)
         part = part_size_for(expected_bytes, self.store.min_part_size)
-        slots = max(1, min(self.store.concurrency, (PART_MEMORY // part - 1) // 2))
+        slots = max(1, min(self.store.concurrency, (PART_MEMORY // share // part - 1) // 2))
         config = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
                                 max_concurrency=slots)
         # Parts read ahead of the uploaders; boto3's constructor does not expose it.

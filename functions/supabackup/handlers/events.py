@@ -10,6 +10,7 @@ secret: the functions read database credentials from Secrets Manager.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,17 +18,19 @@ from ..backup import BackupRequest
 from ..errors import ConfigError
 from ..manifest import iso, new_backup_id, parse_time, utcnow
 from ..restore import RestoreOptions
+from ..tabledata import JOBS_ENV, checked_jobs
 
 FIELDS: dict[str, type] = {"kind": str, "trigger": str, "retention": str, "label": str,
-                           "profile": str, "database_id": str, "tick": str}
+                           "profile": str, "database_id": str, "tick": str, "jobs": int}
 VERIFY_FIELDS: dict[str, type] = {"trigger": str, "backup_id": str, "drill": bool,
                                   "database_id": str}
 RESTORE_FIELDS: dict[str, type] = {"at": str, "tables": list, "profile": str, "dry_run": bool,
-                                   "database_id": str}
+                                   "database_id": str, "jobs": int}
 CAPTURE_FIELDS: dict[str, type] = {"trigger": str, "action": str}
 CAPTURE_ACTIONS = ("run", "start", "status")
 TRIGGERS = ("schedule", "manual")
-TYPE_NAMES = {str: "string", bool: "boolean (true or false)", list: "list"}
+TYPE_NAMES = {str: "string", bool: "boolean (true or false)", list: "list",
+              int: "whole number"}
 
 
 def _checked(event: Any, fields: dict[str, type], example: str) -> dict[str, Any]:
@@ -69,9 +72,16 @@ def parse_backup_event(event: Any, default_profile: str | None = None) -> Backup
         label=event.get("label"),
         trigger=event.get("trigger") or "manual",
         database_id=event.get("database_id"),
+        jobs=_jobs(event),
     )
     return request.with_backup_id(new_backup_id(parse_time(tick) if tick else utcnow(),
                                                 request.kind))
+
+
+def _jobs(event: dict[str, Any]) -> int | None:
+    """The event's "jobs", else the function's SUPABACKUP_JOBS, else None (derived)."""
+    value = event.get("jobs", os.environ.get(JOBS_ENV) or None)
+    return None if value is None else checked_jobs(value, "event field 'jobs'")
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,8 @@ def parse_restore_event(event: Any) -> RestoreRequest:
                           'e.g. "tables": ["public.todos"]')
     return RestoreRequest(at=event.get("at") or "latest",
                           options=RestoreOptions(tables=tuple(tables),
-                                                 profile=event.get("profile") or "postgres"),
+                                                 profile=event.get("profile") or "postgres",
+                                                 jobs=_jobs(event)),
                           dry_run=bool(event.get("dry_run")),
                           database_id=event.get("database_id"))
 

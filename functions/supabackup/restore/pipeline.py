@@ -35,7 +35,18 @@ from ..manifest import Manifest, StoredObject
 from ..pgtools import Child, PgTools, child_env, exit_reason, find_tools
 from ..roles import drop_reserved, plan_roles, quote_ident
 from ..store import Store
-from .plan import Part, RestoreOptions, Step, restore_plan, select_tables, table_names
+from ..tabledata import default_jobs
+from .parallel import restore_parallel
+from .plan import (
+    Part,
+    RestoreOptions,
+    Step,
+    entry_filter,
+    restore_plan,
+    select_tables,
+    table_names,
+    tables_to_load,
+)
 from .supabase import SupabaseTarget
 from .target import apply_roles, check_empty, drop_roles, existing_roles
 
@@ -100,14 +111,26 @@ def run_restore(store: Store, manifest: Manifest, target: ConnectionInfo,
         conn.close()
     try:
         with tempfile.TemporaryDirectory(prefix="supabackup-") as workdir:
-            steps = restore_plan(store, manifest, Path(workdir), selected, supabase,
-                                 frozenset(placeholders))
-            parts = [p for p in steps if isinstance(p, Part)]
-            report.backups = sorted({p.manifest.backup_id for p in parts})
-            report.bytes = _pg_restore(store, steps, target, tools, server_version_num,
-                                       fk_not_valid=selected is not None)
+            if manifest.format >= 2:
+                wanted = entry_filter(selected, supabase, frozenset(placeholders))
+                tables = tables_to_load(manifest, wanted)
+                report.backups = sorted({t.held_in for t in tables if t.parts}
+                                        | {manifest.backup_id})
+                report.bytes = restore_parallel(
+                    store, manifest, target, tools, Path(workdir), options.jobs or default_jobs(),
+                    wanted, tables,
+                    lambda: ScriptFilter(server_version_num, fk_not_valid=selected is not None),
+                    supabase)
+            else:
+                steps = restore_plan(store, manifest, Path(workdir), selected, supabase,
+                                     frozenset(placeholders))
+                parts = [p for p in steps if isinstance(p, Part)]
+                report.backups = sorted({p.manifest.backup_id for p in parts})
+                report.bytes = _pg_restore(store, steps, target, tools, server_version_num,
+                                           fk_not_valid=selected is not None)
     except BaseException:
-        drop_roles(target, report.roles_created)
+        if manifest.format < 2:  # a format-1 restore is one transaction: nothing is left
+            drop_roles(target, report.roles_created)
         raise
     if selected is not None:
         report.notes.append(f"table data restored for: {table_names(manifest, selected)} (other "

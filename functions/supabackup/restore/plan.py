@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BackupNotFound, ConfigError, RestoreFailed
-from ..manifest import Manifest
+from ..manifest import Manifest, TableState
 from ..profiles import PROFILES
 from ..store import Store
+from ..tabledata import checked_jobs
 from .supabase import SupabaseTarget
 from .toc import TocEntry, read_toc
 
@@ -24,8 +25,11 @@ log = logging.getLogger(__name__)
 class RestoreOptions:
     tables: tuple[str, ...] = ()  # schema.name, or name alone when one schema has it
     profile: str = "postgres"     # "supabase": into a fresh Supabase project
+    jobs: int | None = None       # connections (format 2); None: derived from CPUs and memory
 
     def __post_init__(self) -> None:
+        if self.jobs is not None:
+            checked_jobs(self.jobs)
         if self.profile not in PROFILES:
             raise ConfigError(f"unknown restore profile {self.profile!r}",
                               f"choose one of: {', '.join(PROFILES)}")
@@ -61,13 +65,7 @@ def restore_plan(store: Store, manifest: Manifest, workdir: Path,
     server without them) are the platform's own, and only a superuser may own one: they
     are left out.
     """
-    def wanted(entry: TocEntry) -> bool:
-        if entry.desc == "TABLE DATA" and selected is not None and entry.oid not in selected:
-            return False
-        if entry.desc == "EVENT TRIGGER" and entry.owner in placeholders:
-            return False
-        return supabase is None or supabase.keep(entry)
-
+    wanted = entry_filter(selected, supabase, placeholders)
     tocs: dict[str, list[TocEntry]] = {}
 
     def toc(of: Manifest) -> list[TocEntry]:  # each archive's head is read once
@@ -95,6 +93,25 @@ def restore_plan(store: Store, manifest: Manifest, workdir: Path,
                   Part(manifest, (use_list(manifest, supabase.keep_grant, "grants"),),
                        "grants", read_all=False)]
     return steps
+
+
+def entry_filter(selected: set[int] | None, supabase: SupabaseTarget | None,
+                 placeholders: frozenset[str]) -> Callable[[TocEntry], bool]:
+    """Which entries of an archive a restore takes (see restore_plan)."""
+    def wanted(entry: TocEntry) -> bool:
+        if entry.desc == "TABLE DATA" and selected is not None and entry.oid not in selected:
+            return False
+        if entry.desc == "EVENT TRIGGER" and entry.owner in placeholders:
+            return False
+        return supabase is None or supabase.keep(entry)
+    return wanted
+
+
+def tables_to_load(manifest: Manifest, wanted: Callable[[TocEntry], bool]) -> list[TableState]:
+    """The tables of a format-2 backup whose parts a restore loads: those whose TABLE DATA
+    entry `wanted` would take, were it in the archive."""
+    return [t for t in manifest.tables
+            if wanted(TocEntry("", t.oid, "TABLE DATA", t.schema, t.name, ""))]
 
 
 def _holder_parts(store: Store, manifest: Manifest, selected: set[int] | None,

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from ..errors import RestoreFailed
 from ..manifest import Manifest
-from ..pgtools import Child, exit_reason, find_tools
+from ..pgtools import Child, PgTools, exit_reason, find_tools
 from ..store import Store
 
 # pg_dump's entry descriptions with more than one word, longest first; others are one word.
@@ -45,6 +46,8 @@ class TocEntry:
     schema: str    # "-" for objects outside any schema
     name: str
     owner: str
+    dump_id: int = 0
+    deps: tuple[int, ...] = ()  # dump ids it depends on (`pg_restore --list --verbose`)
 
     @classmethod
     def parse(cls, line: str, backup_id: str = "the archive") -> TocEntry:
@@ -54,11 +57,51 @@ class TocEntry:
                                 f"table of contents entry: {line[:200]!r}",
                                 "use the pg_restore of the backup's pg_dump version or newer "
                                 "(SUPABACKUP_PG_BINDIR); run `supabackup verify`")
-        _, _, oid, text = match.groups()
+        dump_id, _, oid, text = match.groups()
         rest, _, owner = text.rpartition(" ")  # the owner is last, and may be empty
         desc = next((d for d in _MULTIWORD if rest.startswith(d + " ")), rest.split(" ", 1)[0])
         schema, _, name = rest[len(desc) + 1:].partition(" ")
-        return cls(line, int(oid), desc, schema, name, owner)
+        return cls(line, int(oid), desc, schema, name, owner, int(dump_id))
+
+
+def parse_listing(text: str, backup_id: str) -> list[TocEntry]:
+    """`pg_restore --list [--verbose]` output as entries, each with the dependencies that
+    the verbose listing gives on the comment line after it."""
+    entries: list[TocEntry] = []
+    for line in text.splitlines():
+        if line.startswith(";\tdepends on:") and entries:
+            deps = tuple(int(d) for d in line.split(":", 1)[1].split())
+            entries[-1] = replace(entries[-1], deps=deps)
+        elif line and not line.startswith(";"):
+            entries.append(TocEntry.parse(line, backup_id))
+    return entries
+
+
+def list_archive(tools: PgTools, path: Path, backup_id: str,
+                 section: str | None = None) -> list[TocEntry]:
+    """The entries of a local archive file (of one section), with their dependencies.
+
+    `pg_restore --list --verbose`, which gives the dependencies, ignores --section; so a
+    section's entries are those the plain listing of it names, taken from the verbose one.
+    """
+    entries = parse_listing(_listing(tools, path, backup_id, "--verbose"), backup_id)
+    if section is None:
+        return entries
+    ids = {e.dump_id for e in parse_listing(
+        _listing(tools, path, backup_id, f"--section={section}"), backup_id)}
+    return [e for e in entries if e.dump_id in ids]
+
+
+def _listing(tools: PgTools, path: Path, backup_id: str, option: str) -> str:
+    child = Child([tools.path("pg_restore"), "--list", option, str(path)], stdout=True)
+    out = child.stdout.read()
+    code, stderr = child.wait()
+    child.close()
+    if code != 0:
+        raise RestoreFailed(f"pg_restore --list of {backup_id} failed ({exit_reason(code)}): "
+                            f"{' '.join(stderr.split())[:500]}",
+                            "run `supabackup verify`; restore another backup")
+    return out.decode("utf-8", "replace")
 
 
 def read_toc(store: Store, manifest: Manifest) -> list[TocEntry]:
@@ -82,6 +125,4 @@ def read_toc(store: Store, manifest: Manifest) -> list[TocEntry]:
         raise RestoreFailed(f"pg_restore --list of {manifest.backup_id} failed "
                             f"({exit_reason(code)}): {' '.join(stderr.split())[:500]}",
                             "run `supabackup verify`; restore another backup")
-    return [TocEntry.parse(line, manifest.backup_id)
-            for line in b"".join(out).decode("utf-8", "replace").splitlines()
-            if line and not line.startswith(";")]
+    return parse_listing(b"".join(out).decode("utf-8", "replace"), manifest.backup_id)
