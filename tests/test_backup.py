@@ -42,8 +42,12 @@ def test_full_backup_commits_manifest_whose_checksums_match_the_objects(
     manifest = run_backup(_conn(cluster, db), store, BackupRequest(label="nightly"))
 
     prefix = f"backups/{manifest.database_id}/backups/{manifest.backup_id}/"
-    assert sorted(stored_keys(s3)) == [prefix + n for n in
-                                       ("database.dump", "manifest.json", "roles.sql")]
+    [item] = manifest.tables
+    assert sorted(stored_keys(s3)) == sorted(
+        prefix + n for n in ("schema.dump", "manifest.json", "roles.sql",
+                             *(p.name for p in item.parts)))
+    assert (item.rows, sum(p.rows for p in item.parts)) == (20000, 20000)
+    assert manifest.format == 2 and item.columns == ["id", "body", "doc"]
     for obj in manifest.objects:
         body = s3.get_object(Bucket=BUCKET, Key=prefix + obj.name)["Body"].read()
         assert (len(body), hashlib.sha256(body).hexdigest()) == (obj.size, obj.sha256)
@@ -51,8 +55,9 @@ def test_full_backup_commits_manifest_whose_checksums_match_the_objects(
     assert manifest.object("database").compression == "zstd"
     assert manifest.label == "nightly"
     assert open_uploads(s3) == []
-    tags = s3.get_object_tagging(Bucket=BUCKET, Key=prefix + "database.dump")["TagSet"]
-    assert {"Key": "retention", "Value": "daily"} in tags
+    for name in ("schema.dump", item.parts[0].name):
+        tags = s3.get_object_tagging(Bucket=BUCKET, Key=prefix + name)["TagSet"]
+        assert {"Key": "retention", "Value": "daily"} in tags
 
 
 def test_full_backup_archive_lists_every_table_and_the_roles_script_names_our_roles(
@@ -65,10 +70,11 @@ def test_full_backup_archive_lists_every_table_and_the_roles_script_names_our_ro
     manifest = run_backup(_conn(pg17, db), store, BackupRequest())
     prefix = f"backups/{manifest.database_id}/backups/{manifest.backup_id}/"
     archive = tmp_path / "db.dump"
-    archive.write_bytes(s3.get_object(Bucket=BUCKET, Key=prefix + "database.dump")["Body"].read())
+    archive.write_bytes(s3.get_object(Bucket=BUCKET, Key=prefix + "schema.dump")["Body"].read())
     listing = subprocess.run([find_tools(17).path("pg_restore"), "--list", str(archive)],
                              capture_output=True, text=True, check=True).stdout
-    assert "TABLE DATA public item" in listing
+    assert "TABLE public item" in listing
+    assert "TABLE DATA public item" not in listing  # its rows are objects of their own
     assert "ACL public TABLE item" in listing
     roles = s3.get_object(Bucket=BUCKET, Key=prefix + "roles.sql")["Body"].read().decode()
     assert "CREATE ROLE sb_app_reader;" in roles

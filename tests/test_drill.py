@@ -81,36 +81,47 @@ def test_drill_restores_the_newest_backup_and_every_table_matches(
     assert _scratch_databases(cluster) == []
 
 
-def _replace_archive_with_a_dump_of_now(cluster: Cluster, db: str, store: Store, s3: Any,
-                                        manifest: Manifest) -> None:
-    """Store a real, whole pg_dump of the database as it is now in place of the backup's
-    archive, and make the manifest's size and sha256 describe it: every checksum agrees."""
-    tools = find_tools(cluster.major)
-    archive = subprocess.run([tools.path("pg_dump"), "--format=custom"],
-                             env=child_env(_conn(cluster, db)), capture_output=True,
-                             check=True).stdout
-    key = store.backup_key(manifest.database_id, manifest.backup_id, "database.dump")
-    s3.put_object(Bucket=BUCKET, Key=key, Body=archive)
-    manifest_key = store.backup_key(manifest.database_id, manifest.backup_id, "manifest.json")
-    doc = json.loads(s3.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
-    for obj in doc["objects"]:
-        if obj["name"] == "database.dump":
-            obj["size"], obj["sha256"] = len(archive), hashlib.sha256(archive).hexdigest()
-    s3.put_object(Bucket=BUCKET, Key=manifest_key, Body=json.dumps(doc).encode())
+def _replace_part_with_a_copy_of_now(cluster: Cluster, db: str, store: Store, s3: Any,
+                                     manifests: list[Manifest], table: str) -> None:
+    """Store a real, whole COPY of `table` as it is now in place of its (one) part, and make
+    the manifests (its holder's, and those relying on it) describe it: every checksum
+    agrees."""
+    import zstandard
+    [state] = [t for t in manifests[0].tables if t.name == table]
+    [part] = state.parts
+    rows = subprocess.run([find_tools(cluster.major).path("psql"), "-X", "-q", "-c",
+                           f"COPY public.{table} ({', '.join(state.columns)}) TO STDOUT"],
+                          env=child_env(_conn(cluster, db)), capture_output=True,
+                          check=True).stdout
+    body = zstandard.ZstdCompressor().compress(rows)
+    s3.put_object(Bucket=BUCKET, Key=store.backup_key(manifests[0].database_id, state.held_in,
+                                                     part.name), Body=body)
+    for manifest in manifests:
+        key = store.backup_key(manifest.database_id, manifest.backup_id, "manifest.json")
+        doc = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        for record in doc["objects"] + [p for t in doc["tables"] for p in t["parts"]]:
+            if record["name"] == part.name:
+                record["size"], record["sha256"] = len(body), hashlib.sha256(body).hexdigest()
+        s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(doc).encode())
 
 
 def test_drill_fails_when_one_tables_data_was_altered_after_the_backup(
         pg17: Cluster, new_db: Any, store: Store, s3: Any, inbox: Inbox) -> None:
-    # GIVEN a backup whose archive holds one table as it was altered after the snapshot
+    # GIVEN a chain whose stored part holds one table as it was altered after the snapshot
+    # (the incremental, which leaves it in the full's folder, fingerprinted it in its own)
     db = new_db(pg17)
     # (a column named like the scan's row alias: the whole row is still what is hashed)
     pg17.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance numeric, sb_row text);"
                  "INSERT INTO accounts SELECT g, g * 10, 'same' FROM generate_series(1, 100) g;"
                  "CREATE TABLE audit (id int, note text);"
                  "INSERT INTO audit SELECT g, 'x' FROM generate_series(1, 10) g", db)
-    full = run_backup(_conn(pg17, db), store, BackupRequest())
+    full = run_backup(_conn(pg17, db), store, BackupRequest(
+        backup_id=new_backup_id(START, "full")))
+    incr = run_backup(_conn(pg17, db), store, BackupRequest(
+        kind="incremental", backup_id=new_backup_id(START + timedelta(days=1), "incremental")))
+    assert {t.held_in for t in incr.tables} == {full.backup_id}
     pg17.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 42", db)
-    _replace_archive_with_a_dump_of_now(pg17, db, store, s3, full)
+    _replace_part_with_a_copy_of_now(pg17, db, store, s3, [full, incr], "accounts")
     # WHEN verify checks the objects only, every checksum agrees
     assert verify_database(store, full.database_id).ok
     # THEN the drill names the altered table, and only it
@@ -126,6 +137,33 @@ def test_drill_fails_when_one_tables_data_was_altered_after_the_backup(
     assert _scratch_databases(pg17) == []
 
 
+def test_the_drill_of_a_full_backup_compares_each_restored_table_with_its_stored_parts(
+        pg15: Cluster, new_db: Any, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full backup records rows but no fingerprint (tabledata.py): its drill proves the
+    restore by reading each restored table back against the lines its parts hold. A
+    restore that changed one value is named."""
+    from supabackup import drill
+    db = new_db(pg15)
+    pg15.execute("CREATE TABLE prices (id int PRIMARY KEY, amount float8, label text);"
+                 "INSERT INTO prices SELECT g, g / 3.0, 'p' || g FROM generate_series(1, 200) g;"
+                 "CREATE TABLE other (id int); INSERT INTO other VALUES (1)", db)
+    full = run_backup(_conn(pg15, db), store, BackupRequest())
+    assert {t.fingerprint for t in full.tables} == {""}
+    assert verify_database(store, full.database_id, drill=_conn(pg15)).ok
+    restore = drill.run_restore
+
+    def lossy(store: Store, manifest: Manifest, target: ConnectionInfo) -> Any:
+        report = restore(store, manifest, target)  # then "rounds" one float, as a lossy
+        pg15.execute("UPDATE prices SET amount = round(amount::numeric, 6) WHERE id = 7",
+                     target.dbname)                # restore would
+        return report
+
+    monkeypatch.setattr(drill, "run_restore", lossy)
+    report = verify_database(store, full.database_id, drill=_conn(pg15))
+    assert [str(f).split(" (")[0] for f in report.findings] == [
+        f"{full.backup_id}/public.prices: content differs from its stored parts"]
+
+
 def test_drill_names_a_table_whose_rows_went_missing(pg15: Cluster, new_db: Any,
                                                      store: Store, s3: Any) -> None:
     db = new_db(pg15)
@@ -133,7 +171,7 @@ def test_drill_names_a_table_whose_rows_went_missing(pg15: Cluster, new_db: Any,
                  db)
     full = run_backup(_conn(pg15, db), store, BackupRequest())
     pg15.execute("DELETE FROM orders WHERE id > 6", db)
-    _replace_archive_with_a_dump_of_now(pg15, db, store, s3, full)
+    _replace_part_with_a_copy_of_now(pg15, db, store, s3, [full], "orders")
     report = verify_database(store, full.database_id, drill=_conn(pg15))
     assert [str(f) for f in report.findings] == [
         f"{full.backup_id}/public.orders: 6 rows restored, the backup's snapshot held 9"]
@@ -145,10 +183,10 @@ def test_drill_is_not_run_on_a_backup_that_failed_to_verify(pg15: Cluster, new_d
     pg15.execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)", db)
     full = run_backup(_conn(pg15, db), store, BackupRequest())
     s3.delete_object(Bucket=BUCKET, Key=store.backup_key(full.database_id, full.backup_id,
-                                                         "database.dump"))
+                                                         "schema.dump"))
     problems = [str(f) for f in verify_database(store, full.database_id,
                                                 drill=_conn(pg15)).findings]
-    assert problems == [f"{full.backup_id}/database.dump: missing",
+    assert problems == [f"{full.backup_id}/schema.dump: missing",
                         f"{full.backup_id}/drill: not run: the backup relies on "
                         f"{full.backup_id}, which failed to verify"]
     assert _scratch_databases(pg15) == []

@@ -46,12 +46,15 @@ def supabase_backup(pg15: Cluster, tmp_path_factory: pytest.TempPathFactory) -> 
         manifest = run_backup(ConnectionInfo.from_url(pg15.url(db)), store,
                                    BackupRequest(profile="supabase"))
         prefix = store.backup_key(manifest.database_id, manifest.backup_id)
-        archive = tmp_path_factory.mktemp("supabase") / "database.dump"
-        archive.write_bytes(s3.get_object(Bucket=BUCKET, Key=f"{prefix}/database.dump")["Body"].read())
+        archive = tmp_path_factory.mktemp("supabase") / "schema.dump"
+        archive.write_bytes(s3.get_object(Bucket=BUCKET, Key=f"{prefix}/schema.dump")["Body"].read())
         roles = s3.get_object(Bucket=BUCKET, Key=f"{prefix}/roles.sql")["Body"].read().decode()
     listing = subprocess.run([find_tools(15).path("pg_restore"), "--list", str(archive)],
                              capture_output=True, text=True, check=True).stdout
-    return manifest, _entries(listing), roles
+    # A table's rows are parts of their own (format 2): the manifest's tables with parts are
+    # the backup's table data, as the archive's TABLE DATA entries were.
+    data = [f"TABLE DATA {t.schema} {t.name} " for t in manifest.tables if t.parts]
+    return manifest, _entries(listing) + data, roles
 
 
 def _entries(listing: str) -> list[str]:

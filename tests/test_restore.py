@@ -9,7 +9,7 @@ from supabackup.backup import BackupRequest, run_backup
 from supabackup.catalog import select_backup
 from supabackup.dburl import ConnectionInfo
 from supabackup.errors import BackupNotFound, RestoreFailed, StoreError
-from supabackup.restore import run_restore
+from supabackup.restore import RestoreOptions, run_restore
 from supabackup.store import Store
 
 from devkit.compare import differences, table_fingerprints
@@ -39,7 +39,7 @@ def test_every_common_kind_of_object_round_trips_to_an_identical_dump(
     report = run_restore(store, manifest, _conn(cluster, target))
     # THEN a pg_dump of each is the same, apart from order
     assert differences(cluster.url(source), cluster.url(target)) == []
-    assert report.bytes == manifest.object("database").size
+    assert report.bytes == sum(o.size for o in manifest.objects if o.kind != "roles")
     assert "sb_test_reader" in report.roles_existing
 
 
@@ -90,7 +90,13 @@ def test_damaged_archive_is_refused_and_the_target_stays_empty(
     source, target = new_db(pg17), new_db(pg17)
     pg17.psql_file(SQL / "all_kinds.sql", source)
     manifest = run_backup(_conn(pg17, source), store, BackupRequest())
-    key = store.backup_key(manifest.database_id, manifest.backup_id, "database.dump")
+    _damage(s3, store.backup_key(manifest.database_id, manifest.backup_id, "schema.dump"), damage)
+    with pytest.raises((StoreError, RestoreFailed), match="schema.dump does not match"):
+        run_restore(store, manifest, _conn(pg17, target))
+    assert _user_relations(pg17, target) == 0
+
+
+def _damage(s3: Any, key: str, damage: str) -> None:
     data = bytearray(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF
@@ -99,9 +105,33 @@ def test_damaged_archive_is_refused_and_the_target_stays_empty(
     else:
         data += b"trailing garbage"
     s3.put_object(Bucket=BUCKET, Key=key, Body=bytes(data))
-    with pytest.raises((StoreError, RestoreFailed), match="database.dump does not match|pg_restore"):
-        run_restore(store, manifest, _conn(pg17, target))
-    assert _user_relations(pg17, target) == 0
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "append"])
+def test_a_damaged_table_part_loads_none_of_its_rows_and_the_restore_says_what_it_did(
+        pg15: Cluster, new_db: Any, store: Store, s3: Any, damage: str) -> None:
+    """The part's sha256 is checked before its COPY may end: the COPY is aborted, and the
+    error names the part, says how far the restore got and that the target is incomplete.
+    The same restore into a new database from an undamaged backup then succeeds."""
+    source, target, again = new_db(pg15), new_db(pg15), new_db(pg15)
+    pg15.execute("CREATE TABLE big (id int PRIMARY KEY, body text);"
+                 "INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 50000) g;"
+                 "CREATE TABLE small (id int); INSERT INTO small VALUES (1)", source)
+    manifest = run_backup(_conn(pg15, source), store, BackupRequest())
+    [big] = [t for t in manifest.tables if t.name == "big"]
+    key = store.backup_key(manifest.database_id, manifest.backup_id, big.parts[0].name)
+    original = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    _damage(s3, key, damage)
+    with pytest.raises(RestoreFailed) as failed:
+        run_restore(store, manifest, _conn(pg15, target), RestoreOptions(jobs=2))
+    message = str(failed.value)
+    assert f"{big.parts[0].name} does not match its manifest" in message or (
+        "zstd" in message and big.parts[0].name in message), message
+    assert "table parts loaded" in message and "the target is incomplete" in message
+    assert pg15.execute("SELECT count(*) FROM big", target) == [(0,)]
+    s3.put_object(Bucket=BUCKET, Key=key, Body=original)
+    run_restore(store, manifest, _conn(pg15, again), RestoreOptions(jobs=2))
+    assert differences(pg15.url(source), pg15.url(again)) == []
 
 
 def test_select_backup_by_id_time_and_latest(pg15: Cluster, new_db: Any, store: Store) -> None:
@@ -177,10 +207,10 @@ def test_dry_run_names_every_archive_a_chain_restore_reads_and_touches_nothing(
         kind="incremental", backup_id=new_backup_id(start + timedelta(days=1), "incremental")))
     lines = describe_plan(store, incr)
     assert lines[0].startswith(f"restore of {incr.backup_id} (incremental")
-    assert any(line.startswith(f"  {full.backup_id}/database.dump ") and
-               line.endswith("data of 1 table(s): public.kept") for line in lines)
-    assert [line.split()[-1] for line in lines if line.startswith(f"  {incr.backup_id}/database")] \
-        == ["pre-data", "data", "post-data"]
+    parts = {line.split()[-1]: line.split()[0] for line in lines if "/tables/" in line}
+    assert {table: where.split("/")[0] for table, where in parts.items()} == {
+        "public.kept": full.backup_id, "public.moved": incr.backup_id}
+    assert any(line.startswith(f"  {incr.backup_id}/schema.dump ") for line in lines)
 
 
 def test_at_a_time_capture_does_not_cover_restores_the_newest_backup_before_it_and_says_so(

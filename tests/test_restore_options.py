@@ -67,7 +67,7 @@ def test_tables_from_an_incremental_takes_held_data_from_the_full(
     assert {t.name: t.held_in for t in incr.tables} == {
         "kept": full.backup_id, "busy": incr.backup_id}
     plan = describe_plan(store, incr, RestoreOptions(tables=("kept",)))
-    assert any(f"{full.backup_id}/database.dump" in line and "public.kept" in line
+    assert any(f"{full.backup_id}/tables/" in line and "public.kept" in line
                for line in plan)
     report = run_restore(store, incr, _conn(pg17, target), RestoreOptions(tables=("kept",)))
     assert report.backups == [full.backup_id, incr.backup_id]

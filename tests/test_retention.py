@@ -93,14 +93,15 @@ def test_apply_retention_retags_every_object_and_reports_changes(
     from supabackup.dburl import ConnectionInfo
     from supabackup.manifest import new_backup_id
     db = new_db(pg15)
-    pg15.execute("CREATE TABLE t (id int)", db)
+    pg15.execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)", db)
     conn = ConnectionInfo.from_url(pg15.url(db))
     at = datetime(2026, 11, 22, 3, tzinfo=UTC)
     full = run_backup(conn, store, BackupRequest(retention="weekly",
                                                  backup_id=new_backup_id(at, "full")))
     changes = apply_retention(store, store.manifests(full.database_id))
     assert [str(c) for c in changes] == [f"{full.backup_id}: weekly -> monthly"]
-    for name in ("roles.sql", "database.dump", "manifest.json"):
+    for name in ("roles.sql", "schema.dump", "manifest.json",
+                 *(o.name for o in full.objects if o.kind == "table-data")):
         tags = s3.get_object_tagging(Bucket=store.url.bucket,
                                      Key=store.backup_key(full.database_id, full.backup_id,
                                                           name))["TagSet"]

@@ -8,7 +8,12 @@ proves that those bytes are the database. The drill
     fingerprint the backup recorded inside its own snapshot with the restored table's
     -> drops the scratch database and the roles the restore created
 
-so it catches what no checksum can: an archive that is whole but does not hold what the
+A table its backup recorded no fingerprint for (a format-2 full backup hashes none; see
+tabledata.py) is compared with its stored parts instead: the restored table must give
+back the very lines stored, which proves the restore, though not the dump itself; the
+next incremental fingerprints every table in its own snapshot, and its drill does.
+
+So it catches what no checksum can: an archive that is whole but does not hold what the
 snapshot held (a table altered between snapshot and dump, a restore that loses rows,
 an incremental that takes a table's data from the wrong backup, or that called a changed
 table unchanged). The last is why every backup records every table's count and
@@ -22,18 +27,22 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import zstandard
 from psycopg2 import sql
 
 from .db import connect, run_statement
 from .dburl import ConnectionInfo
 from .errors import RestoreFailed
-from .fingerprint import table_contents
-from .manifest import Manifest
+from .fingerprint import copy_text_fingerprint, table_contents
+from .manifest import Manifest, TableState
+from .pgtools import Child, child_env, find_tools
 from .restore import RestoreReport, drop_roles, run_restore
 from .store import Store
+from .tabledata import copy_settings, copy_target
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +86,7 @@ def run_drill(store: Store, manifest: Manifest, server: ConnectionInfo) -> Drill
            "create a scratch database", "the drill's user needs CREATEDB")
     try:
         report.restore = run_restore(store, manifest, scratch)
-        report.mismatches = compare(manifest, scratch, report)
+        report.mismatches = compare(manifest, scratch, report, store)
     finally:
         _drop_database(server, scratch.dbname)
         if report.restore is not None:
@@ -87,8 +96,10 @@ def run_drill(store: Store, manifest: Manifest, server: ConnectionInfo) -> Drill
     return report
 
 
-def compare(manifest: Manifest, restored: ConnectionInfo, report: DrillReport) -> list[Mismatch]:
-    """Each table the backup recorded against the restored table: rows, then content."""
+def compare(manifest: Manifest, restored: ConnectionInfo, report: DrillReport,
+            store: Store | None = None) -> list[Mismatch]:
+    """Each table the backup recorded against the restored table: rows, then content (the
+    recorded fingerprint; without one, and with `store`, the table's stored parts)."""
     expected = {(t.schema, t.name): t for t in manifest.tables}
     conn = connect(restored)
     try:
@@ -107,6 +118,12 @@ def compare(manifest: Manifest, restored: ConnectionInfo, report: DrillReport) -
         if rows != table.rows:
             mismatches.append(Mismatch(name, f"{rows} rows restored, the backup's snapshot "
                                              f"held {table.rows}"))
+        elif not table.fingerprint and table.parts and store is not None:
+            stored, restored_text = _parts_against_restored(store, manifest, table, restored)
+            if stored != restored_text:
+                mismatches.append(Mismatch(name, f"content differs from its stored parts "
+                                                 f"({restored_text[1]} restored, {stored[1]} "
+                                                 f"stored; {rows} rows)"))
         elif not table.fingerprint:
             report.unfingerprinted += 1
         elif fingerprint != table.fingerprint:
@@ -114,6 +131,33 @@ def compare(manifest: Manifest, restored: ConnectionInfo, report: DrillReport) -
                                              f"(fingerprint {fingerprint}, recorded "
                                              f"{table.fingerprint}; {rows} rows in both)"))
     return mismatches
+
+
+def _parts_against_restored(store: Store, manifest: Manifest, table: TableState,
+                            restored: ConnectionInfo) -> tuple[tuple[int, str], tuple[int, str]]:
+    """copy_text_fingerprint of the table's stored parts and of a COPY of the restored
+    table, under the settings the backup's COPY had."""
+    def stored() -> Iterator[bytes]:
+        for part in table.parts:
+            unzstd = zstandard.ZstdDecompressor().decompressobj()
+            for chunk in store.open_object(manifest, part.name, table.held_in):
+                yield unzstd.decompress(chunk)
+
+    tools = find_tools(manifest.pg_dump_major, purpose="restore")
+    copy = Child([tools.path("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                  "-c", copy_settings(manifest.encoding),
+                  "-c", f"COPY {copy_target(table)} TO STDOUT"],
+                 child_env(restored, application="supabackup drill"), stdout=True)
+    try:
+        restored_text = copy_text_fingerprint(iter(lambda: copy.stdout.read(1 << 20), b""))
+        code, stderr = copy.wait()
+    finally:
+        copy.kill()
+        copy.close()
+    if code != 0:
+        raise RestoreFailed(f"the drill could not read {table.qualified} back: "
+                            f"{' '.join(stderr.split())[:300]}", "see the drill server's log")
+    return copy_text_fingerprint(stored()), restored_text
 
 
 def _admin(server: ConnectionInfo, statement: sql.Composable, what: str, hint: str) -> None:

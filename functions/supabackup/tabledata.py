@@ -47,7 +47,7 @@ from .dburl import ConnectionInfo
 from .dump import DumpProcess
 from .errors import ConfigError, DumpFailed
 from .inventory import Listed
-from .manifest import TablePart
+from .manifest import TablePart, TableState
 from .pgtools import PgTools
 from .store import BackupWriter
 
@@ -221,26 +221,40 @@ class CompressingReader:
         return out
 
 
+def copy_target(table: Listed | TableState) -> str:
+    """`"schema"."name" ("col", ...)` for COPY: the columns a part holds, in order (none
+    when the table has no column to copy)."""
+    target = ".".join(_ident(p) for p in (table.schema, table.name))
+    columns = ", ".join(_ident(c) for c in table.columns)
+    return f"{target} ({columns})" if columns else target
+
+
 def copy_out_sql(piece: Slice) -> str:
     """The COPY that gives `piece`'s rows as pg_dump's COPY would give them."""
     table = piece.table
     target = ".".join(_ident(p) for p in (table.schema, table.name))
     columns = ", ".join(_ident(c) for c in table.columns)
     if piece.whole:  # COPY of a table is its own rows, never its children's
-        return f"COPY {target} ({columns}) TO STDOUT"
+        return f"COPY {copy_target(table)} TO STDOUT"
     where = f"ctid >= '({piece.first_page},0)'"
     if piece.end_page >= 0:
         where += f" AND ctid < '({piece.end_page},0)'"
-    return f"COPY (SELECT {columns or 'NULL'} FROM ONLY {target} WHERE {where}) TO STDOUT"
+    # A table without a column to copy (all generated, or none) gives an empty line a row.
+    return f"COPY (SELECT {columns} FROM ONLY {target} WHERE {where}) TO STDOUT"
 
 
 def session_sql(snapshot_id: str, encoding: str, extra: dict[str, str] | None = None) -> str:
     """BEGIN in the run's snapshot, with the settings that fix the text of every value."""
-    settings = {**output.STABLE, "row_security": "off", "client_encoding": encoding,
-                "statement_timeout": "0", **(extra or {})}
-    sets = "; ".join(f"SET {name} = {_literal(value)}" for name, value in settings.items())
-    return (f"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; "
-            f"SET TRANSACTION SNAPSHOT {_literal(snapshot_id)}; {sets}")
+    settings = {"row_security": "off", "statement_timeout": "0", **(extra or {})}
+    return (f"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT "
+            f"{_literal(snapshot_id)}; {copy_settings(encoding, settings)}")
+
+
+def copy_settings(encoding: str, extra: dict[str, str] | None = None) -> str:
+    """SET statements for a session that writes or reads COPY text: output.STABLE (the text
+    of every value, as pg_dump fixes it) and the text's encoding; for psql -c."""
+    settings = {**output.STABLE, "client_encoding": encoding or "UTF8", **(extra or {})}
+    return "; ".join(f"SET {name} = {_literal(value)}" for name, value in settings.items())
 
 
 def _ident(name: str) -> str:

@@ -5,9 +5,10 @@ A backup nobody has read back is a hope. For each backup, verify
   - re-reads every object and checks its size and sha256 against the manifest;
   - reads every archive through to its end with pg_restore (into /dev/null), which
     decompresses every data block: a truncated or damaged archive fails there even when
-    `pg_restore --list` (which reads only the table of contents) would not;
+    `pg_restore --list` (which reads only the table of contents) would not; and every
+    table part (format 2) through zstd;
   - checks the chain: an incremental's base, and every backup holding data it relies on,
-    must exist and itself be readable.
+    must exist and itself be readable, and list every part it relies on as recorded.
 A manifest that cannot be parsed is a finding of its own, named by its key.
 
 With a drill server, verify then restores the chosen backup (or the newest) into a
@@ -20,6 +21,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+import zstandard
 
 from .dburl import ConnectionInfo
 from .drill import DrillReport, run_drill
@@ -88,6 +91,7 @@ def verify_database(store: Store, database_id: str, backup_id: str | None = None
         if manifest is None:
             continue
         report.findings += _check_chain(manifest, manifests)
+        report.findings += _check_held_parts(manifest, manifests)
         report.findings += _check_objects(store, manifest, report)
         report.verified.append(bid)
     if drill is not None:
@@ -145,8 +149,7 @@ def _check_objects(store: Store, manifest: Manifest, report: VerifyReport) -> li
         if obj.name not in present:
             findings.append(Finding(manifest.backup_id, obj.name, "missing"))
             continue
-        size, digest, archive_error = _read_through(store, manifest, obj.name,
-                                                    obj.format == "custom")
+        size, digest, archive_error = _read_through(store, manifest, obj.name, obj.format)
         report.bytes_read += size
         if size != obj.size:
             findings.append(Finding(manifest.backup_id, obj.name,
@@ -156,8 +159,27 @@ def _check_objects(store: Store, manifest: Manifest, report: VerifyReport) -> li
                                     "sha256 does not match the manifest (same size: "
                                     "the content was altered)"))
         if archive_error:
+            reader = "pg_restore" if obj.format == "custom" else "zstd"
             findings.append(Finding(manifest.backup_id, obj.name,
-                                    f"pg_restore cannot read it through: {archive_error}"))
+                                    f"{reader} cannot read it through: {archive_error}"))
+    return findings
+
+
+def _check_held_parts(manifest: Manifest, manifests: dict[str, Manifest]) -> list[Finding]:
+    """Every part a table of `manifest` names in another backup's folder is an object that
+    backup's manifest lists, with the same size and sha256 (format 2)."""
+    findings = []
+    for table in manifest.tables:
+        holder = manifests.get(table.held_in)
+        if table.held_in == manifest.backup_id or holder is None:
+            continue  # its own parts are its objects; a missing holder is a chain finding
+        listed = {o.name: o for o in holder.objects}
+        for part in table.parts:
+            obj = listed.get(part.name)
+            if obj is None or (obj.size, obj.sha256) != (part.size, part.sha256):
+                findings.append(Finding(manifest.backup_id, "chain",
+                                        f"{table.qualified}'s part {part.name} is not in "
+                                        f"{holder.backup_id} as recorded"))
     return findings
 
 
@@ -171,20 +193,42 @@ class _Discard:
         pass
 
 
+class _Unzstd:
+    """A sink that decompresses a zstd stream and keeps what is wrong with it."""
+
+    def __init__(self) -> None:
+        self._zstd = zstandard.ZstdDecompressor().decompressobj()
+        self.error = ""
+
+    def write(self, data: bytes) -> int:
+        if not self.error:
+            try:
+                self._zstd.decompress(data)
+            except zstandard.ZstdError as exc:
+                self.error = str(exc)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.error and not self._zstd.eof:
+            self.error = "it ends before its last frame does (truncated)"
+
+
 def _read_through(store: Store, manifest: Manifest, name: str,
-                  archive: bool) -> tuple[int, str, str]:
-    """Stream an object once: its size, its sha256 and, for an archive, pg_restore's verdict."""
+                  format: str) -> tuple[int, str, str]:
+    """Stream an object once: its size, its sha256 and, for an archive, pg_restore's verdict
+    (for a table part, zstd's)."""
     child = None
-    if archive:
+    if format == "custom":
         tools = find_tools(manifest.pg_dump_major, purpose="verify")
         child = Child([tools.path("pg_restore"), "--file=/dev/null"], stdin=True)
+    sink = _Unzstd() if format == "copy" else _Discard()
     try:
-        size, digest = store.stream_to(manifest, name, child.stdin if child else _Discard())
+        size, digest = store.stream_to(manifest, name, child.stdin if child else sink)
     except StoreError as exc:
         if child is not None:
             child.kill()
         return 0, "", f"could not be read: {exc}"
-    verdict = ""
+    verdict = sink.error if isinstance(sink, _Unzstd) else ""
     if child is not None:
         code, stderr = child.wait()
         if code != 0:

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import zstandard
 
-from .. import output
 from ..dburl import ConnectionInfo
 from ..errors import RestoreFailed
 from ..manifest import Manifest, TablePart, TableState
 from ..pgtools import Child, PgTools, child_env, exit_reason
 from ..store import Store
+from ..tabledata import copy_settings, copy_target
 from .supabase import SupabaseTarget
 from .toc import TocEntry, list_archive
 
@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 PARALLEL = frozenset({"INDEX", "CONSTRAINT", "FK CONSTRAINT", "CHECK CONSTRAINT",
                       "INDEX ATTACH"})
 DEADLOCK_RETRIES = 3
+INCOMPLETE = "the target is incomplete: drop it and restore into a new, empty database"
+DAMAGED = ("the object is damaged: run `supabackup verify`; the target is incomplete: drop "
+           "it and restore another backup into a new, empty database")
 
 
 @dataclass
@@ -164,20 +167,17 @@ class Loader:
         text = self.target.redact(stderr).strip()
         errors = [ln for ln in text.splitlines() if "error" in ln.lower()]
         detail = "; ".join(errors)[:1500] or text[-1500:]
-        return RestoreFailed(f"{what} failed ({exit_reason(code)}): {detail}",
-                             "the target is incomplete: drop it and restore into a new, "
-                             "empty database")
+        return RestoreFailed(f"{what} failed ({exit_reason(code)}): {detail}", INCOMPLETE)
 
     # --- table parts ------------------------------------------------------------------
 
     def load_part(self, table: TableState, part: TablePart) -> int:
         """One part's rows into its table; its size and sha256 are checked first."""
         what = f"loading {table.qualified} from {table.held_in}/{part.name}"
-        target = ".".join(_ident(p) for p in (table.schema, table.name))
-        columns = ", ".join(_ident(c) for c in table.columns)
-        sets = "; ".join(f"SET {k} = {_literal(v)}" for k, v in self.session.items())
+        sets = copy_settings(self.manifest.encoding, self.session)
         child = self._child([self.tools.path("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
-                             "-c", sets, "-c", f"COPY {target} ({columns}) FROM STDIN"],
+                             "-c", sets,
+                             "-c", f"COPY {copy_target(table)} FROM STDIN"],
                             stdin=True)
         digest, size = hashlib.sha256(), 0
         unzstd = zstandard.ZstdDecompressor().decompressobj()
@@ -189,21 +189,20 @@ class Loader:
                     child.stdin.write(unzstd.decompress(chunk))
                 if size != part.size or digest.hexdigest() != part.sha256:
                     child.kill()  # before its input ends: the COPY never completes
+                    differs = (f"size {size}, expected {part.size}" if size != part.size
+                               else "same size, but its sha256 differs")
                     raise RestoreFailed(
-                        f"{table.held_in}/{part.name} does not match its manifest (size "
-                        f"{size}, expected {part.size})",
-                        "the object is damaged: run `supabackup verify` and restore "
-                        "another backup into a new database")
+                        f"{table.held_in}/{part.name} does not match its manifest ({differs})",
+                        DAMAGED)
                 if not unzstd.eof:
                     child.kill()
-                    raise RestoreFailed(f"{table.held_in}/{part.name} ends mid-frame",
-                                        "run `supabackup verify`; restore another backup")
+                    raise RestoreFailed(f"{table.held_in}/{part.name} ends mid-frame", DAMAGED)
             except BrokenPipeError:
                 pass  # psql stopped; its exit status says why
             except zstandard.ZstdError as exc:
                 child.kill()
                 raise RestoreFailed(f"{table.held_in}/{part.name} is not a zstd stream: {exc}",
-                                    "run `supabackup verify`; restore another backup") from None
+                                    DAMAGED) from None
             child.end_input()
             code, stderr = child.wait()
         except BaseException:
@@ -298,9 +297,8 @@ def restore_parallel(store: Store, manifest: Manifest, target: ConnectionInfo,
     archive = workdir / "schema.dump"
     size = _download(store, manifest, archive)
     loader = Loader(store, manifest, target, tools, script_filter, jobs, archive,
-                    {**output.STABLE, "row_security": "off", "statement_timeout": "0",
-                     "lock_timeout": "0", "client_encoding": manifest.encoding or "UTF8",
-                     **(session or {})})
+                    {"row_security": "off", "statement_timeout": "0", "lock_timeout": "0",
+                     **session})
     sections = {s: [e for e in list_archive(tools, archive, manifest.backup_id, s) if wanted(e)]
                 for s in ("pre-data", "data", "post-data")}
     try:
@@ -344,11 +342,3 @@ def _download(store: Store, manifest: Manifest, path: Path) -> int:
                             "the object is damaged: run `supabackup verify` and restore "
                             "another backup; nothing was restored")
     return size
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"

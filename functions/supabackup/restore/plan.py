@@ -155,14 +155,36 @@ def describe_plan(store: Store, manifest: Manifest, options: RestoreOptions | No
     roles = manifest.object("roles")
     lines.append(f"  roles      {manifest.backup_id}/{roles.name}  {roles.size} bytes")
     selected = select_tables(manifest, options.tables)
+    if manifest.format >= 2:
+        lines += _describe_parts(manifest, selected)
+    else:
+        lines += _describe_steps(store, manifest, selected)
+    if selected is not None:
+        lines.append(f"  table data of: {table_names(manifest, selected)} only")
+    return lines
+
+
+def _describe_parts(manifest: Manifest, selected: set[int] | None) -> list[str]:
+    schema = manifest.object("database")
+    lines = [f"  {manifest.backup_id}/{schema.name}  {schema.size} bytes  the schema: "
+             "pre-data first; sequence values, indexes, constraints and the rest last"]
+    for table in manifest.tables:
+        if selected is not None and table.oid not in selected:
+            continue
+        for part in table.parts:
+            lines.append(f"  {table.held_in}/{part.name}  {part.size} bytes  "
+                         f"{part.rows} rows of {table.qualified}")
+    return lines
+
+
+def _describe_steps(store: Store, manifest: Manifest, selected: set[int] | None) -> list[str]:
+    lines = []
     with tempfile.TemporaryDirectory(prefix="supabackup-") as workdir:
         for step in restore_plan(store, manifest, Path(workdir), selected):
             if isinstance(step, Part):
                 obj = step.manifest.object("database")
                 lines.append(f"  {step.manifest.backup_id}/{obj.name}  {obj.size} bytes  "
                              f"{step.what}")
-    if selected is not None:
-        lines.append(f"  table data of: {table_names(manifest, selected)} only")
     return lines
 
 
