@@ -66,27 +66,55 @@ def test_an_extra_object_is_named(chain: Any, store: Store, s3: Any) -> None:
         f"{incr.backup_id}/stray.bin: extra object, not in the manifest"]
 
 
+def _largest_part(manifest: Manifest) -> str:
+    return max((o for o in manifest.objects if o.kind == "table-data"), key=lambda o: o.size).name
+
+
+@pytest.mark.parametrize("which", ["schema.dump", "a table part"])
 @pytest.mark.parametrize("damage, expected", [
-    (lambda d: d[:-4096], "size"),
+    (lambda d: d[:-200], "size"),
     (lambda d: d + b"appended", "size"),
     (lambda d: d[:len(d) // 2] + bytes([d[len(d) // 2] ^ 0x01]) + d[len(d) // 2 + 1:],
      "sha256 does not match the manifest (same size: the content was altered)"),
 ])
 def test_a_damaged_archive_is_named(chain: Any, store: Store, s3: Any, damage: Any,
-                                    expected: str) -> None:
+                                    expected: str, which: str) -> None:
     full, _ = chain
-    _rewrite(s3, _key(store, full, "database.dump"), damage)
+    name = which if which == "schema.dump" else _largest_part(full)
+    _rewrite(s3, _key(store, full, name), damage)
     problems = _problems(store, full)
-    assert problems and all(p.startswith(f"{full.backup_id}/database.dump: ") for p in problems)
+    assert problems and all(p.startswith(f"{full.backup_id}/{name}: ") for p in problems)
     assert expected in problems[0]
 
 
+@pytest.mark.parametrize("which, reader", [("schema.dump", "pg_restore"),
+                                           ("a table part", "zstd")])
 def test_a_truncated_archive_fails_the_read_through_too(chain: Any, store: Store,
-                                                       s3: Any) -> None:
+                                                       s3: Any, which: str, reader: str) -> None:
     full, _ = chain
-    _rewrite(s3, _key(store, full, "database.dump"), lambda d: d[: len(d) * 3 // 4])
+    name = which if which == "schema.dump" else _largest_part(full)
+    _rewrite(s3, _key(store, full, name), lambda d: d[: len(d) * 3 // 4])
     problems = _problems(store, full)
-    assert any("pg_restore cannot read it through" in p for p in problems), problems
+    assert any(p.startswith(f"{full.backup_id}/{name}: {reader} cannot read it through")
+               for p in problems), problems
+
+
+def test_a_part_an_incremental_relies_on_is_checked_against_its_holder(
+        chain: Any, store: Store, s3: Any) -> None:
+    """The incremental names parts in the full's folder: verify of the incremental alone
+    reads the full too, and a part the full no longer lists as recorded is named."""
+    import json
+    full, incr = chain
+    held = next(t for t in incr.tables if t.held_in == full.backup_id and t.parts)
+    key = _key(store, full, "manifest.json")
+    doc = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    for obj in doc["objects"]:
+        if obj["name"] == held.parts[0].name:
+            obj["sha256"] = "0" * 64
+    s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(doc).encode())
+    problems = _problems(store, incr, incr.backup_id)
+    assert f"{incr.backup_id}/chain: {held.qualified}'s part {held.parts[0].name} is not in " \
+           f"{full.backup_id} as recorded" in problems, problems
 
 
 def test_a_damaged_manifest_is_named(chain: Any, store: Store, s3: Any) -> None:

@@ -15,10 +15,12 @@ change's window; the restored database takes the same next writes as the source.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,8 +31,9 @@ from supabackup.backup import BackupRequest, run_backup
 from supabackup.dburl import ConnectionInfo
 from supabackup.errors import SupabackupError
 from supabackup.manifest import new_backup_id
-from supabackup.restore import run_restore
+from supabackup.restore import RestoreOptions, run_restore
 from supabackup.store import Store
+from supabackup.tabledata import SPLIT_ENV
 
 from devkit.pg import Cluster
 
@@ -235,10 +238,16 @@ def _incremental_case(cluster: Cluster, store: Store, source: Source, db: str,
     database_id = f"diff-{db}"
     epoch = datetime(2026, 11, 1, tzinfo=UTC) + timedelta(days=next(_ticks))
 
+    # Workers and page ranges vary with the seed: 1, 2 or 4 of them, and ranges of 2 to 8
+    # pages, so that tables of a few pages are split and their edges are tested too.
+    jobs = (1, 2, 4)[result.seed % 3]
+    split = str(8192 * (2 + 2 * (result.seed % 4)))
+
     def backup(kind: str, n: int) -> Any:
         backup_id = new_backup_id(epoch + timedelta(seconds=n), kind)
-        return run_backup(conn, store, BackupRequest(kind=kind, database_id=database_id,
-                                                     backup_id=backup_id))
+        with _environment(SPLIT_ENV, split):
+            return run_backup(conn, store, BackupRequest(kind=kind, database_id=database_id,
+                                                         backup_id=backup_id, jobs=jobs))
 
     backup("full", 0)
     points = []
@@ -250,8 +259,22 @@ def _incremental_case(cluster: Cluster, store: Store, source: Source, db: str,
         points.append((manifest, picture(cluster.url(db), source=True)))
     _restore_each(cluster, source, db, result, targets, [
         (f"restore of {manifest.backup_id}", expected,
-         lambda target, manifest=manifest: run_restore(store, manifest, target))
+         lambda target, manifest=manifest: run_restore(store, manifest, target,
+                                                       RestoreOptions(jobs=jobs)))
         for manifest, expected in points])
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def _restore_each(cluster: Cluster, source: Source, db: str, result: CaseResult,

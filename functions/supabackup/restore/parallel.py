@@ -164,9 +164,9 @@ class Loader:
             raise self._failed(what, code, stderr)
 
     def _failed(self, what: str, code: int, stderr: str) -> RestoreFailed:
-        text = self.target.redact(stderr).strip()
-        errors = [ln for ln in text.splitlines() if "error" in ln.lower()]
-        detail = "; ".join(errors)[:1500] or text[-1500:]
+        lines = [" ".join(ln.split()) for ln in self.target.redact(stderr).splitlines()]
+        errors = [ln for ln in lines if "error" in ln.lower() or "FATAL" in ln]
+        detail = "; ".join(errors or [ln for ln in lines if ln])[-1500:]
         return RestoreFailed(f"{what} failed ({exit_reason(code)}): {detail}", INCOMPLETE)
 
     # --- table parts ------------------------------------------------------------------
