@@ -235,3 +235,41 @@ def test_a_restore_whose_target_fails_part_way_says_what_it_did_and_a_rerun_succ
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
+
+
+def test_a_migration_queued_behind_the_backup_makes_it_fail_soon_and_then_runs(
+        pg15: Cluster, new_db: Any, store: Store, s3: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ALTER TABLE waits for the run's lock, and every later lock on the table waits
+    behind it, the workers' too. They give up after WORKER_LOCK_TIMEOUT (here 1s), the
+    run fails naming the lock and stores nothing, and the migration then goes through."""
+    from supabackup import backup
+    from supabackup.errors import DumpFailed
+    db = new_db(pg15)
+    pg15.execute("CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 1000)", db)
+    for module in (backup, tabledata):
+        monkeypatch.setattr(module, "WORKER_LOCK_TIMEOUT", "1s")
+    migrated = threading.Event()
+
+    def migrate() -> None:
+        pg15.execute("ALTER TABLE t ADD COLUMN note text DEFAULT 'x'", db)
+        migrated.set()
+
+    dump_roles = backup._dump_roles
+
+    def roles_then_a_migration(*args: Any) -> Any:
+        threading.Thread(target=migrate, daemon=True).start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not pg15.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'ALTER TABLE t %'"
+                " AND wait_event_type = 'Lock'"):
+            time.sleep(0.01)
+        return dump_roles(*args)
+
+    monkeypatch.setattr(backup, "_dump_roles", roles_then_a_migration)
+    started = time.monotonic()
+    with pytest.raises(DumpFailed, match="queued behind this backup; the backup gave way"):
+        run_backup(_conn(pg15, db), store, BackupRequest(jobs=2))
+    assert time.monotonic() - started < 30
+    assert migrated.wait(30), "the migration must run once the backup gave up"
+    assert stored_keys(s3) == []

@@ -1,15 +1,17 @@
 """Full and incremental backups, as a list of named steps.
 
-    check the store -> choose the parent (incremental) -> open the snapshot -> choose
-    pg_dump -> find the changed tables -> dump roles -> dump database (without the data of
-    unchanged tables) -> write the manifest (last, conditionally)
+    check the store -> choose the parent (incremental) -> open the snapshot -> list and
+    lock the tables -> find the changed tables (incremental) -> dump roles -> dump the
+    schema (pg_dump, without the tables' rows) -> dump the rows of every table that
+    changed over N workers (tabledata.py) -> write the manifest (last, conditionally)
 
-Every backup records, for every table, the exact row count and content fingerprint read in
-its own snapshot: a full backup reads them on one more connection alongside pg_dump; an
-incremental in its change-detection scan, which reads every table before pg_dump anyway
-and hashes the rows in the same pass. So an incremental reads no table twice, compares
-each fingerprint with the previous backup's (inventory.decide), and its restore drill
-checks every table against the snapshot, also the tables it left where they are held.
+A full backup records every table's exact row count, counted from the workers' streams
+(no table is read twice). An incremental's change detection reads every table before the
+workers start, counting and fingerprinting each in one pass; it compares them with the
+previous backup's (inventory.decide), its workers' counts must equal the scan's, and its
+restore drill checks every table against the snapshot, also the tables whose parts it
+references in an older backup's folder. A chain is of one manifest format: an
+incremental whose parent is older escalates to a full backup.
 
 Failure handling sits in one place: any exception after the first upload discards
 everything the run wrote, so a failed run leaves no manifest and no orphaned upload.
@@ -31,6 +33,7 @@ from .dump import DumpProcess
 from .errors import ConfigError, DumpFailed, DuplicateRun
 from .inventory import (
     CONTENT_CHANGED,
+    WORKER_LOCK_TIMEOUT,
     XID_SPACE,
     Listed,
     decide,
@@ -355,6 +358,7 @@ def _dump_schema(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo,
     level = "--compress=zstd" if tools.supports_zstd else "--compress=6"
     argv = [tools.path("pg_dump"), "--format=custom", level,
             f"--snapshot={snapshot_id}", "--no-sync", *profile.pg_dump_args(),
+            f"--lock-wait-timeout={WORKER_LOCK_TIMEOUT}",
             *(f"--exclude-table-data={_exact(t.schema)}.{_exact(t.name)}" for t in tables)]
     with DumpProcess(argv, conn, "pg_dump") as proc:
         budget.on_expiry(proc.stop)

@@ -87,6 +87,9 @@ def dump_hint(detail: str) -> str:
     lowered = detail.lower()
     if "server version mismatch" in lowered or "aborting because of server version" in lowered:
         return "use a pg_dump at least as new as the server (see SUPABACKUP_PG_BINDIR)"
+    if "lock timeout" in lowered or ("lock table" in lowered and "timeout" in lowered):
+        return ("a table's lock was wanted by another session (a migration?) queued behind "
+                "this backup; the backup gave way: run it again when that is done")
     if "permission denied" in lowered:
         return "the database user lacks a privilege; grant it or exclude the object"
     if any(w in lowered for w in ("terminat", "connection", "server closed", "pqgetcopydata")):

@@ -1,13 +1,15 @@
 """Content fingerprints of tables: an order-independent hash of every row, read in a
 backup's snapshot and again after a restore.
 
-Every backup records, for every table, the row count and fingerprint read in its own
+An incremental records, for every table, the row count and fingerprint read in its own
 snapshot (see ROW_HASHES), so that a restore drill proves the restored data is the data
-the snapshot held, table by table, including the tables an incremental leaves where an
-older backup holds them: a wrong "unchanged" shows up there as a mismatch. The
-fingerprints are fresh in every backup rather than inherited, or refreshed on a rotating
-schedule, because the incremental's detection scan reads every row anyway: hashing them
-in the same pass costs server CPU, and no second read.
+the snapshot held, table by table, including the tables it leaves where an older backup
+holds them: a wrong "unchanged" shows up there as a mismatch. The fingerprints are fresh
+in every incremental rather than inherited, because its detection scan reads every row
+anyway: hashing them in the same pass costs server CPU, and no second read. A full
+backup reads each table once, in its COPY, and records counts only (tabledata.py); its
+drill compares each restored table with the lines of its stored parts instead
+(copy_text_fingerprint).
 """
 
 from __future__ import annotations

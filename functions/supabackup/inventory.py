@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 
 XID_SPACE = 1 << 32
+# How long a connection of a run other than its snapshot's own waits for a table's lock.
+WORKER_LOCK_TIMEOUT = "10s"
 
 
 XID_HALF = 1 << 31
@@ -272,12 +274,18 @@ def scan_tables(conn: psycopg2.extensions.connection, excluded_schemas: Iterable
 
 def in_snapshot(connect: Callable[[], psycopg2.extensions.connection], snapshot_id: str,
                 work: Callable[[psycopg2.extensions.cursor], None]) -> None:
-    """Run `work` on a new connection whose transaction imports the run's snapshot."""
+    """Run `work` on a new connection whose transaction imports the run's snapshot.
+
+    Its lock waits are bounded (WORKER_LOCK_TIMEOUT): the run's own session holds every
+    table, so a migration that queues behind it would otherwise queue this connection
+    behind itself, and the application behind both, until the run ended, which it never
+    would."""
     conn = connect()
     try:
         conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
         with conn.cursor() as cur:
             cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot_id,))
+            cur.execute("SET LOCAL lock_timeout = %s", (WORKER_LOCK_TIMEOUT,))
             work(cur)
     finally:
         conn.close()
@@ -359,54 +367,6 @@ def _threshold(cur: psycopg2.extensions.cursor, since_xmin: int) -> int | None:
     cur.execute("SELECT age(%s::text::xid)", (str(since_xmin),))
     k = int(cur.fetchone()[0])
     return k if 0 <= k < XID_HALF else None
-
-
-class BackgroundScan:
-    """A full backup's `scan_tables` with fingerprints, on a second connection that imports
-    the run's snapshot.
-
-    It runs alongside pg_dump rather than before it: a full backup dumps every table
-    whatever the scan finds. Both see the same snapshot, so the counts and fingerprints
-    are those of the archive. (An incremental needs none: its change detection, which
-    must end before pg_dump starts, fingerprints every table in the same pass.)
-    """
-
-    def __init__(self, connect: Callable[[], psycopg2.extensions.connection],
-                 snapshot_id: str, excluded_schemas: Iterable[str],
-                 no_data: Iterable[str] = ()) -> None:
-        self._result: list[Scanned] = []
-        self._error: BaseException | None = None
-        self._conn: psycopg2.extensions.connection | None = None
-        self._thread = threading.Thread(
-            target=self._run, daemon=True,
-            args=(connect, snapshot_id, list(excluded_schemas), list(no_data)))
-        self._thread.start()
-
-    def _run(self, connect: Callable[[], psycopg2.extensions.connection], snapshot_id: str,
-             excluded: list[str], no_data: list[str]) -> None:
-        def kept() -> psycopg2.extensions.connection:  # so that cancel() can reach it
-            self._conn = connect()
-            return self._conn
-
-        try:
-            def work(cur: psycopg2.extensions.cursor) -> None:
-                self._result = scan_tables(cur.connection, excluded, None, no_data=no_data,
-                                           fingerprint=True)
-            in_snapshot(kept, snapshot_id, work)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
-            self._error = exc
-
-    def cancel(self) -> None:
-        """Stop the scan of a run that failed: no query of ours outlives the run."""
-        if self._conn is not None and not self._conn.closed:
-            self._conn.cancel()
-        self._thread.join(timeout=10)
-
-    def result(self) -> list[Scanned]:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._result
 
 
 def decide(scanned: Iterable[tuple], previous: dict[int, TableState] | None,

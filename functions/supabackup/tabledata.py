@@ -25,6 +25,9 @@ and disjoint, the last one is open-ended, and every tuple lives on exactly one p
 no row is lost or read twice at an edge. The tables are locked (ACCESS SHARE, as
 pg_dump does) for the run, so none is truncated or rewritten while the workers read it;
 and one that was between the snapshot and the lock is found and refused (lock_tables).
+A worker waits at most WORKER_LOCK_TIMEOUT for its table's lock (as pg_dump's parallel
+workers take theirs with NOWAIT): a migration queued behind the run's lock would
+otherwise queue the worker, and the application behind both, for good.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from . import output
 from .dburl import ConnectionInfo
 from .dump import DumpProcess
 from .errors import ConfigError, DumpFailed
-from .inventory import Listed
+from .inventory import WORKER_LOCK_TIMEOUT, Listed
 from .manifest import TablePart, TableState
 from .pgtools import PgTools
 from .store import BackupWriter
@@ -245,7 +248,8 @@ def copy_out_sql(piece: Slice) -> str:
 
 def session_sql(snapshot_id: str, encoding: str, extra: dict[str, str] | None = None) -> str:
     """BEGIN in the run's snapshot, with the settings that fix the text of every value."""
-    settings = {"row_security": "off", "statement_timeout": "0", **(extra or {})}
+    settings = {"row_security": "off", "statement_timeout": "0",
+                "lock_timeout": WORKER_LOCK_TIMEOUT, **(extra or {})}
     return (f"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT "
             f"{_literal(snapshot_id)}; {copy_settings(encoding, settings)}")
 
