@@ -141,6 +141,8 @@ def _test_tools(machine: Machine) -> list[Missing]:
         found.append(Missing("time", str(machine.gnu_time)))
     if not machine.keyring.is_file():
         found.append(Missing("debian-archive-keyring", str(machine.keyring)))
+    if not _program(machine, "zstd"):  # the README's restore by hand, which a test runs
+        found.append(Missing("zstd", "zstd"))
     return found
 
 

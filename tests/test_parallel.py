@@ -273,3 +273,23 @@ def test_a_migration_queued_behind_the_backup_makes_it_fail_soon_and_then_runs(
     assert time.monotonic() - started < 30
     assert migrated.wait(30), "the migration must run once the backup gave up"
     assert stored_keys(s3) == []
+
+
+def test_an_incremental_does_not_chain_from_a_backup_of_another_format() -> None:
+    """A chain is of one format: an incremental whose parent is a format-1 backup (one
+    archive, no parts to reference) becomes a full backup and says why."""
+    from datetime import timedelta
+
+    from supabackup.backup import _parent_for
+    from supabackup.manifest import Manifest, parse_time
+    from supabackup.profiles import PROFILES
+
+    from .helpers import REPO
+    [raw] = [p for p in (REPO / "tests" / "data" / "format1").rglob("manifest.json")
+             if p.parent.name.endswith("full")]
+    old = Manifest.from_json(raw.read_bytes())
+    assert old.format == 1
+    parent, why = _parent_for([old], PROFILES[old.profile],
+                              parse_time(old.snapshot_at) + timedelta(days=1))
+    assert parent is None and why == (f"{old.backup_id} is of manifest format 1; a chain is "
+                                      "of one format (2 now)")

@@ -97,6 +97,11 @@ def _listing(tools: PgTools, path: Path, backup_id: str, option: str) -> str:
     out = child.stdout.read()
     code, stderr = child.wait()
     child.close()
+    return _listed(out, code, stderr, backup_id)
+
+
+def _listed(out: bytes, code: int, stderr: str, backup_id: str) -> str:
+    """pg_restore --list's output, or the clear error of a listing that failed."""
     if code != 0:
         raise RestoreFailed(f"pg_restore --list of {backup_id} failed ({exit_reason(code)}): "
                             f"{' '.join(stderr.split())[:500]}",
@@ -121,8 +126,5 @@ def read_toc(store: Store, manifest: Manifest) -> list[TocEntry]:
     finally:
         code, stderr = child.wait()
         reader.join()
-    if code != 0:
-        raise RestoreFailed(f"pg_restore --list of {manifest.backup_id} failed "
-                            f"({exit_reason(code)}): {' '.join(stderr.split())[:500]}",
-                            "run `supabackup verify`; restore another backup")
-    return parse_listing(b"".join(out).decode("utf-8", "replace"), manifest.backup_id)
+    return parse_listing(_listed(b"".join(out), code, stderr, manifest.backup_id),
+                         manifest.backup_id)
