@@ -293,3 +293,114 @@ def test_an_incremental_does_not_chain_from_a_backup_of_another_format() -> None
                               parse_time(old.snapshot_at) + timedelta(days=1))
     assert parent is None and why == (f"{old.backup_id} is of manifest format 1; a chain is "
                                       "of one format (2 now)")
+
+
+# --- what the breaker found -------------------------------------------------------------
+
+def test_an_extensions_tables_are_left_to_pg_dump_as_pg_dump_leaves_them(
+        pg15: Cluster, new_db: Any, store: Store) -> None:
+    """A table that belongs to an extension gets its rows from CREATE EXTENSION (and a
+    config table's user rows from pg_dump's own filter): a part of its own would load
+    them a second time."""
+    source, target = new_db(pg15), new_db(pg15)
+    pg15.execute("CREATE EXTENSION IF NOT EXISTS hstore;"
+                 "CREATE TABLE member (id int); INSERT INTO member VALUES (1), (2);"
+                 "ALTER EXTENSION hstore ADD TABLE member;"
+                 "CREATE TABLE own (id int); INSERT INTO own VALUES (1)", source)
+    manifest = run_backup(_conn(pg15, source), store, BackupRequest(jobs=2))
+    assert [t.name for t in manifest.tables] == ["own"]
+    run_restore(store, manifest, _conn(pg15, target), RestoreOptions(jobs=2))
+    assert differences(pg15.url(source), pg15.url(target)) == []
+
+
+@pytest.mark.parametrize("ddl, when", [
+    ("ALTER TABLE app.t RENAME TO t_old; CREATE TABLE app.t (a text, b text)", "began"),
+    ("ALTER TABLE app.t RENAME COLUMN a TO tmp; ALTER TABLE app.t RENAME COLUMN b TO a;"
+     " ALTER TABLE app.t RENAME COLUMN tmp TO b", "began"),
+    ("ALTER TABLE app.t DROP COLUMN b; ALTER TABLE app.t ADD COLUMN b text", "began"),
+    ("ALTER SCHEMA app RENAME TO app_old; CREATE SCHEMA app; CREATE TABLE app.t (a text, b text)",
+     "ran"),
+], ids=["table_renamed_and_recreated", "columns_swapped", "column_readded",
+        "schema_renamed_mid_run"])
+def test_a_table_changed_between_the_snapshot_and_its_copy_is_refused(
+        pg15: Cluster, new_db: Any, store: Store, s3: Any, monkeypatch: pytest.MonkeyPatch,
+        ddl: str, when: str) -> None:
+    """The workers COPY by name. DDL that commits after the snapshot but before the run's
+    locks (or, for a schema rename, which locks no table, at any time) would make a name
+    find another table or other columns: the run refuses instead of storing it."""
+    from supabackup import backup
+    from supabackup.errors import DumpFailed
+    db = new_db(pg15)
+    pg15.execute("CREATE SCHEMA app; CREATE TABLE app.t (a text, b text);"
+                 "INSERT INTO app.t SELECT 'A' || g, 'B' || g FROM generate_series(1, 5) g", db)
+    if when == "began":
+        lock = backup.lock_tables
+        monkeypatch.setattr(backup, "lock_tables", lambda conn, listed: (
+            pg15.execute(ddl, db), lock(conn, listed))[1])
+    else:
+        run = tabledata.TableDumper.run
+        monkeypatch.setattr(tabledata.TableDumper, "run", lambda self, slices, *rest: (
+            pg15.execute(ddl, db), run(self, slices, *rest))[1])
+    with pytest.raises(DumpFailed, match=f"app.t changed {'as the backup began' if when == 'began' else 'while the backup ran'}"):
+        run_backup(_conn(pg15, db), store, BackupRequest(jobs=2))
+    assert stored_keys(s3) == []
+
+
+def test_a_databases_timeouts_do_not_reach_the_runs_own_sessions(
+        pg15: Cluster, new_db: Any, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """statement_timeout and idle_in_transaction_session_timeout set for the database are
+    the application's: the snapshot's session idles while the workers run, and a scan of a
+    table is one long query."""
+    source, target = new_db(pg15), new_db(pg15)
+    pg15.execute("CREATE TABLE t (id int, body text);"
+                 "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 400000) g;"
+                 # longer than any query of pg_dumpall's, shorter than a scan of t
+                 f"ALTER DATABASE {source} SET statement_timeout = '100ms';"
+                 f"ALTER DATABASE {source} SET idle_in_transaction_session_timeout = '500ms'",
+                 source)
+    run = tabledata.TableDumper.run
+
+    def idle_first(self: Any, slices: Any, *rest: Any) -> Any:
+        time.sleep(1.5)  # the snapshot's session idles in its transaction meanwhile
+        return run(self, slices, *rest)
+
+    monkeypatch.setattr(tabledata.TableDumper, "run", idle_first)
+    full = run_backup(_conn(pg15, source), store, BackupRequest(
+        backup_id="20261122T030000Z-full", jobs=1))
+    pg15.execute("INSERT INTO t VALUES (0, 'new')", source)
+    incr = run_backup(_conn(pg15, source), store, BackupRequest(
+        kind="incremental", backup_id="20261123T030000Z-incr", jobs=1))
+    assert (full.kind, incr.kind) == ("full", "incremental")
+    run_restore(store, incr, _conn(pg15, target), RestoreOptions(jobs=2))
+    assert pg15.execute("SELECT count(*) FROM t", target) == [(400001,)]
+
+
+def test_a_latin1_database_with_a_non_ascii_name_backs_up_restores_and_drills(
+        pg17: Cluster, store: Store) -> None:
+    from supabackup.verify import verify_database
+    source, target = "sb_latin1_src", "sb_latin1_dst"
+    for db in (source, target):
+        pg17.drop_database(db)
+        pg17.execute(f"CREATE DATABASE {db} TEMPLATE template0 ENCODING 'LATIN1'"
+                     " LC_COLLATE 'C' LC_CTYPE 'C'")
+    try:
+        pg17.execute('CREATE TABLE "tablé" (id int, t text);'
+                     "INSERT INTO \"tablé\" VALUES (1, 'café'), (2, 'naïve')", source)
+        run_backup(_conn(pg17, source), store, BackupRequest(
+            backup_id="20261122T030000Z-full", jobs=2))
+        pg17.execute("INSERT INTO \"tablé\" VALUES (3, 'über')", source)
+        incr = run_backup(_conn(pg17, source), store, BackupRequest(
+            kind="incremental", backup_id="20261123T030000Z-incr", jobs=2))
+        assert (incr.database_encoding, incr.encoding) == ("LATIN1", "UTF8")
+        assert incr.tables[0].fingerprint
+        from supabackup.restore.toc import read_toc  # its rows are in parts, not in the archive
+        assert [e for e in read_toc(store, incr) if e.desc == "TABLE DATA"] == []
+        run_restore(store, incr, _conn(pg17, target))
+        rows = 'SELECT id, t, convert_to(t, \'LATIN1\') FROM "tablé" ORDER BY id'
+        assert pg17.execute(rows, target) == pg17.execute(rows, source)
+        assert len(pg17.execute(rows, target)) == 3
+        report = verify_database(store, incr.database_id, drill=_conn(pg17, "postgres"))
+        assert report.ok, report.findings
+    finally:
+        for db in (source, target):
+            pg17.drop_database(db)

@@ -40,6 +40,7 @@ from .inventory import (
     list_tables,
     scan_tables,
     snapshot_xmin,
+    unchanged_since,
 )
 from .manifest import (
     FORMAT,
@@ -59,7 +60,15 @@ from .profiles import Profile, resolve_profile
 from .roles import drop_reserved, reserved_roles
 from .snapshot import SnapshotSession, connect
 from .store import MANIFEST, BackupWriter, Store
-from .tabledata import Slice, TableDumper, checked_jobs, default_jobs, lock_tables, plan_slices
+from .tabledata import (
+    Slice,
+    TableDumper,
+    checked_jobs,
+    copy_encoding,
+    default_jobs,
+    lock_tables,
+    plan_slices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +196,7 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
         with session.connection.cursor() as cur:
             listed = list_tables(cur, profile.exclude_schemas, profile.exclude_table_data)
         lock_tables(session.connection, listed)
+        _refuse_changed(conn, listed, profile, "as the backup began")
         if parent is not None:  # which tables to dump must be known before the workers start
             scanned = scan_tables(session.connection, profile.exclude_schemas,
                                   parent.snapshot_xmin, connect=lambda: connect(conn),
@@ -214,13 +224,16 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
         writer = store.begin(database_id, backup_id)
         tags = {"retention": request.retention, "kind": kind}
         dumper = TableDumper(conn, tools, writer, tags, session.snapshot_id,
-                             session.server.encoding, jobs)
+                             copy_encoding(session.server.encoding), jobs)
         budget.on_expiry(dumper.stop)
         try:
             roles, platform_roles = _dump_roles(writer, tools, conn, profile, tags, budget)
             schema, warnings = _dump_schema(writer, tools, conn, profile, tags,
-                                            session.snapshot_id, listed, budget)
+                                            session.snapshot_id, listed, budget,
+                                            session.server.database_size,
+                                            session.server.encoding)
             parts = dumper.run(slices)
+            _refuse_changed(conn, listed, profile, "while the backup ran")
             tables = _with_parts(tables, by_oid, parts, parent)
             manifest = Manifest(
                 backup_id=backup_id, database_id=database_id, kind=kind,
@@ -236,7 +249,8 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
                 warnings=warnings, escalation=escalation, snapshot_xmin=xmin,
                 base=(parent.base or parent.backup_id) if parent else "",
                 parent=parent.backup_id if parent else "",
-                tables=tables, encoding=session.server.encoding, jobs=jobs,
+                tables=tables, encoding=copy_encoding(session.server.encoding),
+                database_encoding=session.server.encoding, jobs=jobs,
             )
             if budget.expired:  # never commit past the margin
                 raise budget.ran_out(kind)
@@ -248,6 +262,23 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
             raise
     log.info("backup %s committed: %d bytes", backup_id, manifest.total_bytes)
     return manifest
+
+
+def _refuse_changed(conn: ConnectionInfo, listed: list[Listed], profile: Profile,
+                    when: str) -> None:
+    """Stop the run if a table is not, in the catalog as it is now, what the snapshot
+    listed: the workers COPY by name, and a name that found another table (renamed,
+    re-created, its columns moved) would be stored as this one."""
+    fresh = connect(conn)
+    try:
+        changed = unchanged_since(fresh, listed, profile.exclude_schemas,
+                                  profile.exclude_table_data)
+    finally:
+        fresh.close()
+    if changed:
+        raise DumpFailed(f"{', '.join(changed[:5])} changed {when} (renamed, truncated, "
+                         "rewritten, re-created or altered)",
+                         "run again; nothing of this run was kept")
 
 
 def _with_parts(tables: list[TableState], listed: dict[int, Listed],
@@ -349,7 +380,8 @@ def _dump_roles(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo, prof
 
 def _dump_schema(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo,
                  profile: Profile, tags: dict[str, str], snapshot_id: str,
-                 tables: list[Listed], budget: Budget) -> tuple[StoredObject, list[str]]:
+                 tables: list[Listed], budget: Budget, expected_bytes: int,
+                 encoding: str) -> tuple[StoredObject, list[str]]:
     """pg_dump -Fc in the run's snapshot, streamed into a multipart upload: everything but
     the data of `tables`, which the workers dump (pre-data, sequence values, large
     objects, post-data). Each table is named exactly: a wildcard would also leave out
@@ -359,9 +391,13 @@ def _dump_schema(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo,
     argv = [tools.path("pg_dump"), "--format=custom", level,
             f"--snapshot={snapshot_id}", "--no-sync", *profile.pg_dump_args(),
             f"--lock-wait-timeout={WORKER_LOCK_TIMEOUT}",
+            # in the encoding of our names: a pattern read in the database's own (LATIN1,
+            # say) would not find "tablé", whose rows would then be stored twice
+            f"--encoding={copy_encoding(encoding)}",
             *(f"--exclude-table-data={_exact(t.schema)}.{_exact(t.name)}" for t in tables)]
     with DumpProcess(argv, conn, "pg_dump") as proc:
         budget.on_expiry(proc.stop)
-        stored = writer.upload(SCHEMA, proc, 64 * 1024 * 1024, tags, kind="database",
+        # Large objects are in it: its parts are sized for the whole database.
+        stored = writer.upload(SCHEMA, proc, expected_bytes, tags, kind="database",
                                format="custom", compression=compression)
         return stored, proc.warnings

@@ -12,7 +12,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from . import __version__, capture
@@ -264,10 +266,18 @@ COMMANDS = {"backup": cmd_backup, "list": cmd_list, "restore": cmd_restore,
             "verify": cmd_verify, "cdc": cmd_cdc}
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (docker stop, systemd, timeout) cleans up as Ctrl-C does: the run stops
+        # its workers, aborts its uploads, removes what it wrote and gives back its lease.
+        signal.signal(signal.SIGTERM, _interrupted)
     try:
         return COMMANDS[args.command](args)
     except SupabackupError as exc:

@@ -30,11 +30,25 @@ USER_SCHEMAS = user_schemas()
 def connect(conn: ConnectionInfo) -> psycopg2.extensions.connection:
     """Open a connection, turning libpq's failures into one clear, password-free error."""
     try:
-        return psycopg2.connect(**conn.psycopg_kwargs())
+        connection = psycopg2.connect(**conn.psycopg_kwargs())
     except psycopg2.OperationalError as exc:
         detail = conn.error_line(exc)
         raise ConnectionFailed(f"cannot connect to {conn.display()}: {detail}",
                                connection_hint(detail, conn)) from None
+    # Our SQL and names are Unicode: psycopg2 quotes an identifier in the connection's
+    # encoding, and a LATIN1 database's default would garble a name like "tablé".
+    connection.set_client_encoding("UTF8")
+    # A database's or role's timeouts are for its application, not for our sessions (as
+    # pg_dump and pg_restore set them off for theirs): a scan of a big table is one query.
+    try:
+        with connection.cursor() as cur:
+            cur.execute("SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0")
+        connection.commit()
+    except psycopg2.Error as exc:
+        connection.close()
+        raise ConnectionFailed(f"cannot set up a session on {conn.display()}: "
+                               f"{conn.error_line(exc)}", connection_hint("", conn)) from None
+    return connection
 
 
 def run_statement(conn: ConnectionInfo, statement: str | sql.Composable,

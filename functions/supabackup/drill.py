@@ -82,15 +82,25 @@ def run_drill(store: Store, manifest: Manifest, server: ConnectionInfo) -> Drill
     """Restore `manifest` into a new scratch database on `server`, compare, clean up."""
     report = DrillReport(backup_id=manifest.backup_id, server=server.display())
     scratch = replace(server, dbname=SCRATCH_PREFIX + secrets.token_hex(4))
-    _admin(server, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch.dbname)),
+    # In the backup's encoding: fingerprints hash the server's bytes of each value.
+    encoding = sql.SQL("") if manifest.database_encoding in ("", "UTF8") else sql.SQL(
+        " TEMPLATE template0 ENCODING {} LC_COLLATE 'C' LC_CTYPE 'C'").format(
+        sql.Literal(manifest.database_encoding))
+    _admin(server, sql.SQL("CREATE DATABASE {}{}").format(sql.Identifier(scratch.dbname),
+                                                          encoding),
            "create a scratch database", "the drill's user needs CREATEDB")
+    created: list[str] = []
     try:
-        report.restore = run_restore(store, manifest, scratch)
+        try:
+            report.restore = run_restore(store, manifest, scratch)
+        except RestoreFailed as exc:  # a restore over N connections leaves what it did
+            created = exc.report.roles_created if isinstance(exc.report, RestoreReport) else []
+            raise
+        created = report.restore.roles_created
         report.mismatches = compare(manifest, scratch, report, store)
     finally:
         _drop_database(server, scratch.dbname)
-        if report.restore is not None:
-            drop_roles(server, report.restore.roles_created)
+        drop_roles(server, created)
     log.info("drill of %s: %d tables, %d rows compared, %d mismatch(es)", manifest.backup_id,
              report.tables, report.rows, len(report.mismatches))
     return report

@@ -56,7 +56,8 @@ class DumpProcess:
         code, stderr = self.child.wait()
         text = self.conn.redact(stderr)
         errors = [ln for ln in text.splitlines()
-                  if ": error:" in ln or "FATAL" in ln
+                  if ": error:" in ln or "FATAL" in ln or ln.startswith("ERROR:")  # psql's
+                  or "COPY data transfer failed" in ln
                   or (": detail:" in ln and "Command was" not in ln)]
         self.warnings = [ln for ln in text.splitlines() if ": warning:" in ln]
         if code != 0 or errors:

@@ -51,7 +51,10 @@ class BackupNotFound(StoreError):
 
 
 class RestoreFailed(SupabackupError):
-    """A restore did not complete; the target was left as the error describes."""
+    """A restore did not complete; the target was left as the error describes, and
+    `report` (a RestoreReport, when the restore got that far) says what it created."""
+
+    report: Any = None
 
 
 class VerifyFailed(SupabackupError):

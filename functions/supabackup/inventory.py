@@ -87,13 +87,17 @@ SELECT c.oid, n.nspname, c.relname, c.relfilenode,
        coalesce(array_agg(a.atttypid) FILTER (WHERE NOT a.attisdropped), '{{}}'),
        coalesce(array_agg(a.attname::text ORDER BY a.attnum)
                 FILTER (WHERE NOT a.attisdropped AND a.attgenerated = ''), '{{}}'),
-       pg_relation_size(c.oid)
+       pg_relation_size(c.oid), pg_table_size(c.oid)
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
 LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
 WHERE c.relkind = 'r' AND c.relpersistence <> 't'
   AND {user_schemas(parameters=True)}
+  -- an extension's tables: pg_dump leaves their rows to CREATE EXTENSION, but for those a
+  -- config table's filter keeps (pg_extension_config_dump), which it dumps itself
+  AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                  AND d.objid = c.oid AND d.deptype = 'e')
   AND NOT n.nspname LIKE ANY (%(excluded)s)
   AND NOT format('%%s.%%s', n.nspname, c.relname) = ANY (%(no_data)s)
 GROUP BY c.oid, n.nspname, c.relname, c.relfilenode, c.relpages, s.n_tup_ins, s.n_tup_upd,
@@ -127,6 +131,7 @@ class Listed(NamedTuple):
     type_oids: list[int]  # the live columns' types
     columns: list[str]    # the columns a COPY of the table holds, in order (not generated)
     bytes: int            # pg_relation_size: the heap's size now, in bytes
+    total_bytes: int = 0  # pg_table_size: with its TOAST table (values stored out of line)
 
 
 def list_tables(cur: psycopg2.extensions.cursor, excluded_schemas: Iterable[str],
@@ -151,6 +156,20 @@ def list_tables(cur: psycopg2.extensions.cursor, excluded_schemas: Iterable[str]
             t = t._replace(definition=definition)
         listed.append(t)
     return listed
+
+
+def unchanged_since(conn: psycopg2.extensions.connection, listed: list[Listed],
+                    excluded_schemas: Iterable[str], no_data: Iterable[str] = ()) -> list[str]:
+    """The listed tables that the catalog as it is now (not as the snapshot saw it) holds
+    otherwise: another name, file, definition or columns, or gone. `conn` must not be in
+    the snapshot's transaction. Empty when every table is as listed."""
+    with conn.cursor() as cur:
+        now = {t.oid: t for t in list_tables(cur, excluded_schemas, no_data)}
+    conn.rollback()
+    def same(a: Listed, b: Listed | None) -> bool:
+        return b is not None and (a.schema, a.name, a.relfilenode, a.definition, a.columns) \
+            == (b.schema, b.name, b.relfilenode, b.definition, b.columns)
+    return [f"{t.schema}.{t.name}" for t in listed if not same(t, now.get(t.oid))]
 
 
 def type_signatures(cur: psycopg2.extensions.cursor, type_oids: set[int]) -> dict[int, str]:
@@ -285,7 +304,8 @@ def in_snapshot(connect: Callable[[], psycopg2.extensions.connection], snapshot_
         conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
         with conn.cursor() as cur:
             cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot_id,))
-            cur.execute("SET LOCAL lock_timeout = %s", (WORKER_LOCK_TIMEOUT,))
+            cur.execute("SET LOCAL lock_timeout = %s; SET LOCAL statement_timeout = 0",
+                        (WORKER_LOCK_TIMEOUT,))
             work(cur)
     finally:
         conn.close()

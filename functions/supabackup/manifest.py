@@ -113,7 +113,10 @@ class Manifest:
     snapshot_xmin: int = -1
     tables: list[TableState] = field(default_factory=list)  # every table, dumped or not
     format: int = FORMAT
-    encoding: str = ""     # the database's encoding, that of the COPY text (format 2)
+    # Format 2: the COPY text's encoding (UTF8; SQL_ASCII, unconverted, for a SQL_ASCII
+    # database) and the database's own, which a drill's scratch database takes.
+    encoding: str = ""
+    database_encoding: str = ""
     jobs: int = 0          # workers the run used (format 2)
 
     @property

@@ -50,6 +50,13 @@ class SnapshotSession:
         try:
             self.connection.set_session(isolation_level="REPEATABLE READ", readonly=True)
             with self.connection.cursor() as cur:
+                # The run's workers import the snapshot until the run ends: this session
+                # must not be timed out by a database's or role's settings (pg_dump too
+                # sets them off for itself), nor its own statements.
+                cur.execute("SET idle_in_transaction_session_timeout = 0;"
+                            " SET statement_timeout = 0")
+                if self.connection.server_version >= 170000:
+                    cur.execute("SET transaction_timeout = 0")
                 if imported:
                     cur.execute("SET TRANSACTION SNAPSHOT %s", (imported,))
                 # Held by this session until the run ends: one backup of a database at a time.

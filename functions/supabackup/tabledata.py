@@ -24,7 +24,9 @@ a TID range scan on PostgreSQL 14+ (older servers are not split): ranges are con
 and disjoint, the last one is open-ended, and every tuple lives on exactly one page, so
 no row is lost or read twice at an edge. The tables are locked (ACCESS SHARE, as
 pg_dump does) for the run, so none is truncated or rewritten while the workers read it;
-and one that was between the snapshot and the lock is found and refused (lock_tables).
+and one that was between the snapshot and the lock is found and refused, as is a table
+found under another name when the workers are done (a schema renamed takes no table
+lock): backup.py compares the catalog of now with the snapshot's, before and after.
 A worker waits at most WORKER_LOCK_TIMEOUT for its table's lock (as pg_dump's parallel
 workers take theirs with NOWAIT): a migration queued behind the run's lock would
 otherwise queue the worker, and the application behind both, for good.
@@ -142,34 +144,38 @@ def plan_slices(tables: Iterable[Listed], jobs: int, split_ranges: bool,
     size and the workers).
     """
     tables = list(tables)
-    total = sum(t.bytes for t in tables)
+    total = sum(_size(t) for t in tables)
     if range_bytes is None:
         range_bytes = int(os.environ.get(SPLIT_ENV, "0") or 0) or (
             min(MAX_RANGE, max(MIN_RANGE, total // (4 * jobs))) if jobs > 1 else MAX_RANGE)
     slices = []
     for table in tables:
+        size = _size(table)  # with TOAST: a table of files in bytea has a small heap
         pages = table.bytes // block_size
-        count = math.ceil(table.bytes / range_bytes) if range_bytes > 0 else 1
-        if not split_ranges or table.bytes <= 1.5 * range_bytes or pages < 2 or count < 2:
-            slices.append(Slice(table, 0, bytes=table.bytes))
+        count = math.ceil(size / range_bytes) if range_bytes > 0 else 1
+        if not split_ranges or size <= 1.5 * range_bytes or pages < 2 or count < 2:
+            slices.append(Slice(table, 0, bytes=size))
             continue
         step = math.ceil(pages / count)
         edges = list(range(0, pages, step))
         for i, first in enumerate(edges):
             end = -1 if i == len(edges) - 1 else edges[i + 1]
-            covered = ((pages if end < 0 else end) - first) * block_size
-            slices.append(Slice(table, i, first, end, covered))
+            covered = ((pages if end < 0 else end) - first) / pages
+            slices.append(Slice(table, i, first, end, int(size * covered)))
     return sorted(slices, key=lambda s: (-s.bytes, s.table.oid, s.index))
+
+
+def _size(table: Listed) -> int:
+    return max(table.bytes, table.total_bytes)
 
 
 def lock_tables(conn: psycopg2.extensions.connection, tables: list[Listed]) -> None:
     """Hold ACCESS SHARE on every table for the run, in the snapshot's own transaction.
 
-    pg_dump does the same: no TRUNCATE, VACUUM FULL, CLUSTER or rewriting ALTER TABLE can
-    run until the backup ends (they wait; the application's reads and writes do not).
-    One that committed between the snapshot and the lock would make the workers read the
-    new, empty or rewritten file: its relfilenode in the snapshot's catalog then differs
-    from the one the lock found, and the run stops rather than store it.
+    pg_dump does the same: no TRUNCATE, VACUUM FULL, CLUSTER, rename or ALTER TABLE can
+    run until the backup ends (they wait; the application's reads and writes do not). One
+    that committed between the snapshot and the lock is caught afterwards by comparing
+    the catalog as it is now with the snapshot's (inventory.unchanged_since).
     """
     if not tables:
         return
@@ -180,21 +186,13 @@ def lock_tables(conn: psycopg2.extensions.connection, tables: list[Listed]) -> N
                 names = sql.SQL(", ").join(sql.Identifier(t.schema, t.name)
                                            for t in tables[start:start + 500])
                 cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(names))
-            cur.execute("SELECT n.nspname || '.' || c.relname FROM pg_class c"
-                        " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                        " WHERE c.oid = ANY (%s)"
-                        " AND pg_relation_filenode(c.oid) IS DISTINCT FROM c.relfilenode",
-                        ([t.oid for t in tables],))
-            moved = [r[0] for r in cur.fetchall()]
         except psycopg2.Error as exc:
             detail = " ".join(str(exc).split())[:300]
-            raise DumpFailed(f"cannot lock the tables to back up: {detail}",
-                             "a table was dropped or renamed as the backup began, or a "
-                             f"migration held a lock for over {LOCK_TIMEOUT}; run again"
-                             ) from None
-    if moved:
-        raise DumpFailed(f"{', '.join(moved[:5])} was truncated or rewritten as the backup "
-                         "began", "run again; nothing of this run was kept")
+            hint = ("grant the backup's user SELECT on it (pg_dump needs the same)"
+                    if "permission denied" in detail else
+                    "a table was dropped or renamed as the backup began, or a migration held "
+                    f"a lock for over {LOCK_TIMEOUT}; run again")
+            raise DumpFailed(f"cannot lock the tables to back up: {detail}", hint) from None
 
 
 class CompressingReader:
@@ -252,6 +250,13 @@ def session_sql(snapshot_id: str, encoding: str, extra: dict[str, str] | None = 
                 "lock_timeout": WORKER_LOCK_TIMEOUT, **(extra or {})}
     return (f"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT "
             f"{_literal(snapshot_id)}; {copy_settings(encoding, settings)}")
+
+
+def copy_encoding(database_encoding: str) -> str:
+    """The encoding of a backup's COPY text: UTF8, which every encoding converts to and
+    from (and in which our SQL names its tables); a SQL_ASCII database's bytes, which
+    have no encoding to convert from, pass as they are."""
+    return "SQL_ASCII" if database_encoding == "SQL_ASCII" else "UTF8"
 
 
 def copy_settings(encoding: str, extra: dict[str, str] | None = None) -> str:
@@ -320,7 +325,9 @@ class TableDumper:
                 if self._stopped.is_set():
                     proc.stop()
                 stream = CompressingReader(proc)
-                stored = self.writer.upload(piece.name, stream, piece.bytes, self.tags,
+                # Part sizes follow the whole table's size (no range holds more than it),
+                # so that even a range far larger than planned fits S3's 10,000 parts.
+                stored = self.writer.upload(piece.name, stream, _size(piece.table), self.tags,
                                             kind="table-data", format="copy",
                                             compression="zstd", share=self.jobs)
             finally:

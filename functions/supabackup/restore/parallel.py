@@ -20,6 +20,7 @@ error says to drop it and restore into a new database.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -109,59 +110,53 @@ class Loader:
                 child.stop()
 
     def apply_entries(self, entries: list[TocEntry], what: str, before: bytes = b"") -> None:
-        """The archive's `entries` (after SQL of our own) in one psql transaction."""
-        script = before + (self._script(entries) if entries else b"")
-        if script:
-            self._psql(script, what)
-
-    def _script(self, entries: list[TocEntry]) -> bytes:
-        listing = self.archive.with_name(f"list-{threading.get_ident()}-{entries[0].dump_id}")
-        listing.write_text("".join(e.line + "\n" for e in entries))
-        child = self._child([self.tools.path("pg_restore"), "--file=-",
-                             f"--use-list={listing}", str(self.archive)], stdout=True)
-        try:
-            out = child.stdout.read()
-            code, stderr = child.wait()
-        finally:
-            self._done(child)
-            child.close()
-            listing.unlink(missing_ok=True)
-        if code != 0:
-            raise RestoreFailed(f"pg_restore of {self.manifest.backup_id}'s schema failed "
-                                f"({exit_reason(code)}): {' '.join(stderr.split())[:500]}",
-                                "run `supabackup verify`; restore another backup")
-        script_filter = self.script_filter()
-        lines, in_copy = [], False
-        for line in out.splitlines(keepends=True):
-            if in_copy:
-                in_copy = line != b"\\.\n"
-            elif line.startswith(b"COPY ") and line.endswith(b" FROM stdin;\n"):
-                in_copy = True
-            else:
-                line = script_filter.statement(line)  # type: ignore[attr-defined]
-            lines.append(line)
-        return b"".join(lines)
-
-    def _psql(self, script: bytes, what: str) -> None:
+        """The archive's `entries` (after SQL of our own) in one psql transaction, streamed
+        from pg_restore through ScriptFilter (large objects can be large); once more when
+        it deadlocked with another worker's."""
+        if not entries and not before:
+            return
         for attempt in range(DEADLOCK_RETRIES + 1):
-            child = self._child([self.tools.path("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
-                                 "--single-transaction", "-o", "/dev/null"], stdin=True)
-            try:
-                try:
-                    child.stdin.write(script)
-                except BrokenPipeError:
-                    pass  # psql stopped; its exit status says why
-                child.end_input()
-                code, stderr = child.wait()
-            finally:
-                self._done(child)
-                child.close()
+            code, stderr = self._apply_once(entries, before)
             if code == 0:
                 return
             if "deadlock detected" in stderr and attempt < DEADLOCK_RETRIES:
                 log.info("%s: deadlock with another worker; trying again", what)
                 continue
             raise self._failed(what, code, stderr)
+
+    def _apply_once(self, entries: list[TocEntry], before: bytes) -> tuple[int, str]:
+        psql = self._child([self.tools.path("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                            "--single-transaction", "-o", "/dev/null"], stdin=True)
+        listing = self.archive.with_name(
+            f"list-{threading.get_ident()}-{entries[0].dump_id if entries else 0}")
+        restore = None
+        try:
+            with contextlib.suppress(BrokenPipeError):  # psql stopped: its status says why
+                psql.stdin.write(before)
+            if entries:
+                listing.write_text("".join(e.line + "\n" for e in entries))
+                restore = self._child([self.tools.path("pg_restore"), "--file=-",
+                                       f"--use-list={listing}", str(self.archive)], stdout=True)
+                self.script_filter().pump(restore.stdout, psql.stdin)  # type: ignore[attr-defined]
+                code, stderr = restore.wait()
+                if code != 0:
+                    psql.kill()  # before its input ends: the transaction never commits
+                    raise RestoreFailed(
+                        f"pg_restore of {self.manifest.backup_id}'s schema failed "
+                        f"({exit_reason(code)}): {' '.join(stderr.split())[:500]}",
+                        "run `supabackup verify`; " + INCOMPLETE)
+            psql.end_input()  # only now may psql reach its COMMIT
+            return psql.wait()
+        except BaseException:
+            psql.kill()
+            raise
+        finally:
+            for child in (psql, restore):
+                if child is not None:
+                    child.kill()
+                    self._done(child)
+                    child.close()
+            listing.unlink(missing_ok=True)
 
     def _failed(self, what: str, code: int, stderr: str) -> RestoreFailed:
         lines = [" ".join(ln.split()) for ln in self.target.redact(stderr).splitlines()]
@@ -299,7 +294,11 @@ def restore_parallel(store: Store, manifest: Manifest, target: ConnectionInfo,
     loader = Loader(store, manifest, target, tools, script_filter, jobs, archive,
                     {"row_security": "off", "statement_timeout": "0", "lock_timeout": "0",
                      **session})
-    sections = {s: [e for e in list_archive(tools, archive, manifest.backup_id, s) if wanted(e)]
+    # A table's rows come from its parts; were the archive to hold them too, they are not
+    # loaded twice.
+    parted = {t.oid for t in manifest.tables if t.parts}
+    sections = {s: [e for e in list_archive(tools, archive, manifest.backup_id, s)
+                    if wanted(e) and not (e.desc == "TABLE DATA" and e.oid in parted)]
                 for s in ("pre-data", "data", "post-data")}
     try:
         loader.progress.phase = "the schema (pre-data)"

@@ -128,8 +128,13 @@ def run_restore(store: Store, manifest: Manifest, target: ConnectionInfo,
                 report.backups = sorted({p.manifest.backup_id for p in parts})
                 report.bytes = _pg_restore(store, steps, target, tools, server_version_num,
                                            fk_not_valid=selected is not None)
-    except BaseException:
+    except RestoreFailed as exc:
         if manifest.format < 2:  # a format-1 restore is one transaction: nothing is left
+            drop_roles(target, report.roles_created)
+        exc.report = report  # what it created, for whoever drops the incomplete target
+        raise
+    except BaseException:
+        if manifest.format < 2:
             drop_roles(target, report.roles_created)
         raise
     if selected is not None:
