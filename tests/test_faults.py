@@ -384,6 +384,7 @@ def test_a_workers_connection_terminated_mid_copy_fails_the_run_naming_the_cause
     # the others', which were killed once it failed
     cause = (re.escape(f"COPY of {where} failed (exit status 2): ")
              + "(FATAL:  terminating connection due to administrator command"
+             + "|COPY data transfer failed: server closed the connection unexpectedly"
              + "|connection to server was lost)")
     assert re.match(cause, message), message
     assert "the connection was lost mid-dump" in message, message
