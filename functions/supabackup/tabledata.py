@@ -217,7 +217,8 @@ class CompressingReader:
             else:  # the stream ended well (DumpProcess raises if psql did not)
                 self._buffer += self._zstd.flush()
                 self._done = True
-        out = bytes(self._buffer[:want])
+        with memoryview(self._buffer) as view:  # one copy of the part, not two
+            out = bytes(view[:want])
         del self._buffer[:want]
         return out
 
