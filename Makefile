@@ -11,7 +11,7 @@ PG17   := build/postgresql-17/.version
 # aws-sam-cli and checkov pin conflicting versions of shared packages: a venv each.
 TOOLS  := build/tools/sam/.installed build/tools/checkov/.installed
 
-.PHONY: setup test demo bench lint layer clean fuzz
+.PHONY: setup test demo bench bench-parallel lint layer clean fuzz
 
 setup: $(VENV)/.installed $(PG17)
 
@@ -52,6 +52,10 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/bench_full.py
+
+# Parallel backups and restores over a slow link (bench/README.md); about 9 minutes.
+bench-parallel: setup
+	$(BIN)/python bench/bench_parallel.py
 
 lint: setup
 	$(BIN)/ruff check functions devkit tests bench layers
