@@ -57,7 +57,7 @@ from .manifest import (
 )
 from .pgtools import PgTools, find_tools
 from .profiles import Profile, resolve_profile
-from .roles import drop_reserved, reserved_roles
+from .roles import drop_reserved, quote_ident, reserved_roles
 from .snapshot import SnapshotSession, connect
 from .store import MANIFEST, BackupWriter, Store
 from .tabledata import (
@@ -352,11 +352,6 @@ def _discard(writer: BackupWriter) -> None:
         log.error("could not remove the failed backup %s's objects: %s", writer.backup_id, exc)
 
 
-def _exact(name: str) -> str:
-    """A pg_dump pattern that matches exactly this name (quoted: no wildcards, any case)."""
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _dump_roles(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo, profile: Profile,
                 tags: dict[str, str], budget: Budget
                 ) -> tuple[StoredObject, list[str]]:
@@ -394,7 +389,9 @@ def _dump_schema(writer: BackupWriter, tools: PgTools, conn: ConnectionInfo,
             # in the encoding of our names: a pattern read in the database's own (LATIN1,
             # say) would not find "tablé", whose rows would then be stored twice
             f"--encoding={copy_encoding(encoding)}",
-            *(f"--exclude-table-data={_exact(t.schema)}.{_exact(t.name)}" for t in tables)]
+            # each name quoted: a pg_dump pattern that matches exactly it (no wildcards)
+            *(f"--exclude-table-data={quote_ident(t.schema)}.{quote_ident(t.name)}"
+              for t in tables)]
     with DumpProcess(argv, conn, "pg_dump") as proc:
         budget.on_expiry(proc.stop)
         # Large objects are in it: its parts are sized for the whole database.

@@ -99,3 +99,7 @@ def plan_roles(script: str, existing_roles: set[str]) -> RolePlan:
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

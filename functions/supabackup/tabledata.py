@@ -41,6 +41,7 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import TypeVar
 
 import psycopg2
 import psycopg2.extensions
@@ -54,9 +55,11 @@ from .errors import ConfigError, DumpFailed
 from .inventory import WORKER_LOCK_TIMEOUT, Listed
 from .manifest import TablePart, TableState
 from .pgtools import PgTools
+from .roles import quote_ident, quote_literal
 from .store import BackupWriter
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 MIB = 1024 * 1024
 READ_CHUNK = MIB
@@ -226,23 +229,28 @@ class CompressingReader:
 def copy_target(table: Listed | TableState) -> str:
     """`"schema"."name" ("col", ...)` for COPY: the columns a part holds, in order (none
     when the table has no column to copy)."""
-    target = ".".join(_ident(p) for p in (table.schema, table.name))
-    columns = ", ".join(_ident(c) for c in table.columns)
-    return f"{target} ({columns})" if columns else target
+    columns = _columns(table)
+    return f"{_qualified(table)} ({columns})" if columns else _qualified(table)
+
+
+def _qualified(table: Listed | TableState) -> str:
+    return f"{quote_ident(table.schema)}.{quote_ident(table.name)}"
+
+
+def _columns(table: Listed | TableState) -> str:
+    return ", ".join(quote_ident(c) for c in table.columns)
 
 
 def copy_out_sql(piece: Slice) -> str:
     """The COPY that gives `piece`'s rows as pg_dump's COPY would give them."""
     table = piece.table
-    target = ".".join(_ident(p) for p in (table.schema, table.name))
-    columns = ", ".join(_ident(c) for c in table.columns)
     if piece.whole:  # COPY of a table is its own rows, never its children's
         return f"COPY {copy_target(table)} TO STDOUT"
     where = f"ctid >= '({piece.first_page},0)'"
     if piece.end_page >= 0:
         where += f" AND ctid < '({piece.end_page},0)'"
     # A table without a column to copy (all generated, or none) gives an empty line a row.
-    return f"COPY (SELECT {columns} FROM ONLY {target} WHERE {where}) TO STDOUT"
+    return f"COPY (SELECT {_columns(table)} FROM ONLY {_qualified(table)} WHERE {where}) TO STDOUT"
 
 
 def session_sql(snapshot_id: str, encoding: str, extra: dict[str, str] | None = None) -> str:
@@ -250,7 +258,7 @@ def session_sql(snapshot_id: str, encoding: str, extra: dict[str, str] | None = 
     settings = {"row_security": "off", "statement_timeout": "0",
                 "lock_timeout": WORKER_LOCK_TIMEOUT, **(extra or {})}
     return (f"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT "
-            f"{_literal(snapshot_id)}; {copy_settings(encoding, settings)}")
+            f"{quote_literal(snapshot_id)}; {copy_settings(encoding, settings)}")
 
 
 def copy_encoding(database_encoding: str) -> str:
@@ -264,15 +272,8 @@ def copy_settings(encoding: str, extra: dict[str, str] | None = None) -> str:
     """SET statements for a session that writes or reads COPY text: output.STABLE (the text
     of every value, as pg_dump fixes it) and the text's encoding; for psql -c."""
     settings = {**output.STABLE, "client_encoding": encoding or "UTF8", **(extra or {})}
-    return "; ".join(f"SET {name} = {_literal(value)}" for name, value in settings.items())
+    return "; ".join(f"SET {name} = {quote_literal(value)}" for name, value in settings.items())
 
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 class TableDumper:
@@ -293,25 +294,12 @@ class TableDumper:
             for proc in list(self._running):
                 proc.stop()
 
-    def run(self, slices: list[Slice],
-            on_done: Callable[[Slice, TablePart], None] | None = None
-            ) -> list[tuple[Slice, TablePart]]:
+    def run(self, slices: list[Slice]) -> list[tuple[Slice, TablePart]]:
         """Each slice with the part it became, in the order given."""
-        with ThreadPoolExecutor(max_workers=self.jobs,
-                                thread_name_prefix="supabackup-dump") as pool:
-            futures = [pool.submit(self._dump, piece) for piece in slices]
-            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in finished if f.exception() is not None]
-            if failed:
-                self.stop()
-                for future in futures:
-                    future.cancel()
-                wait(futures)
-                raise _first_cause(failed, futures)
-        done = [(piece, future.result()) for piece, future in zip(slices, futures, strict=True)]
-        for piece, part in done if on_done else ():
-            on_done(piece, part)  # type: ignore[misc]
-        return done
+        parts = run_all(self.jobs, "supabackup-dump",
+                        [lambda piece=piece: self._dump(piece) for piece in slices],  # type: ignore[misc]
+                        self.stop)
+        return list(zip(slices, parts, strict=True))
 
     def _dump(self, piece: Slice) -> TablePart:
         if self._stopped.is_set():
@@ -341,8 +329,25 @@ class TableDumper:
                          end_page=piece.end_page)
 
 
-def _first_cause(failed: list[Future[TablePart]],
-                 futures: list[Future[TablePart]]) -> BaseException:
+def run_all(jobs: int, name: str, work: list[Callable[[], R]],
+            stop: Callable[[], None]) -> list[R]:
+    """Run `work` over `jobs` threads; the results, in order. The first failure calls
+    `stop` (which kills what the others run), cancels what has not started, waits for
+    the rest, and raises the error that started it, not one of those it killed."""
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix=name) as pool:
+        futures = [pool.submit(job) for job in work]
+        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in finished if f.exception() is not None]
+        if failed:
+            stop()
+            for future in futures:
+                future.cancel()
+            wait(futures)
+            raise _first_cause(failed, futures)
+        return [f.result() for f in futures]
+
+
+def _first_cause(failed: list[Future[R]], futures: list[Future[R]]) -> BaseException:
     """The error that started the failure: a worker's own, not one killed after it."""
     errors = [f.exception() for f in failed]
     for future in futures:

@@ -24,7 +24,7 @@ import contextlib
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +36,7 @@ from ..errors import RestoreFailed
 from ..manifest import Manifest, TablePart, TableState
 from ..pgtools import Child, PgTools, child_env, exit_reason
 from ..store import Store
-from ..tabledata import copy_settings, copy_target
+from ..tabledata import copy_settings, copy_target, run_all
 from .supabase import SupabaseTarget
 from .toc import TocEntry, list_archive
 
@@ -221,7 +221,7 @@ class Loader:
         jobs: list[Callable[[], int]] = [
             (lambda table=table, part=part: self.load_part(table, part))  # type: ignore[misc]
             for table, part in ordered]
-        return sum(self._pool(jobs))
+        return sum(run_all(self.jobs, "supabackup-restore", jobs, self.stop))
 
     def run_entries(self, entries: list[TocEntry]) -> None:
         """Indexes and constraints over N connections, each after what it depends on."""
@@ -259,20 +259,6 @@ class Loader:
                 wait(running)
         if errors:
             raise errors[0]
-
-    def _pool(self, work: Iterable[Callable[[], int]]) -> list[int]:
-        with ThreadPoolExecutor(max_workers=self.jobs,
-                                thread_name_prefix="supabackup-restore") as pool:
-            futures = [pool.submit(job) for job in work]
-            wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in futures if f.done() and f.exception() is not None]
-            if failed:
-                self.stop()
-                for future in futures:
-                    future.cancel()
-                wait(futures)
-                raise failed[0].exception()  # type: ignore[misc]
-            return [f.result() for f in futures]
 
 
 def restore_parallel(store: Store, manifest: Manifest, target: ConnectionInfo,

@@ -35,6 +35,7 @@ from ..db import user_schemas
 from ..inventory import schema_like
 from ..manifest import Manifest
 from ..profiles import PROFILES, SUPABASE_MIGRATION_TABLES
+from ..roles import quote_literal
 from .toc import TocEntry
 
 # What a backup holds in a platform schema that belongs to the user.
@@ -130,7 +131,7 @@ class SupabaseTarget:
         owner (and PUBLIC's EXECUTE on routines, which is PostgreSQL's own default) came
         from the project's default privileges; the backup's grants follow this.
         """
-        skip = ", ".join(_literal(p) for p in self.ignored_schemas)
+        skip = ", ".join(quote_literal(p) for p in self.ignored_schemas)
         return f"""DO $supabackup$
 DECLARE r record;
 BEGIN
@@ -161,6 +162,3 @@ END $supabackup$;
             out.append(f"restored into platform schemas: {', '.join(self.kept)}")
         return out
 
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
