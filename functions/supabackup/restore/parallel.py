@@ -315,13 +315,8 @@ def restore_parallel(store: Store, manifest: Manifest, target: ConnectionInfo,
 def _download(store: Store, manifest: Manifest, path: Path) -> int:
     """The schema archive to a local file (pg_restore seeks in it), checked on the way."""
     obj = manifest.object("database")
-    digest, size = hashlib.sha256(), 0
-    with path.open("wb") as out:
-        for chunk in store.open_object(manifest, obj.name):
-            digest.update(chunk)
-            size += len(chunk)
-            out.write(chunk)
-    if size != obj.size or digest.hexdigest() != obj.sha256:
+    size, digest = store.stream_to(manifest, obj.name, path.open("wb"))  # it closes the file
+    if size != obj.size or digest != obj.sha256:
         raise RestoreFailed(f"{manifest.backup_id}/{obj.name} does not match its manifest "
                             f"(size {size}, expected {obj.size})",
                             "the object is damaged: run `supabackup verify` and restore "
