@@ -112,8 +112,19 @@ def test_restore_at_each_time_equals_the_source_as_it_was_then(
     assert before["public.scratch"][0] == 0 and before["public.events"][0] == 0
 
 
-def test_a_run_that_dies_before_advancing_the_slot_duplicates_nothing(
-        logical: Cluster, store: Store) -> None:
+def _stored_commits(store: Store, database_id: str) -> list[str]:
+    """The commit LSN of every stored transaction, in store order, duplicates kept."""
+    lsns = []
+    for segment in capture.segments(store, database_id):
+        raw = store.read_small(segment.key)
+        assert raw is not None
+        lsns += [json.loads(line)["commit_lsn"] for line in gzip.decompress(raw).splitlines()]
+    return lsns
+
+
+@pytest.mark.parametrize("seconds", [None, 3.0], ids=["once", "streaming"])
+def test_a_run_killed_between_storing_and_confirming_stores_nothing_twice_and_loses_nothing(
+        logical: Cluster, store: Store, seconds: float | None) -> None:
     db = "cdc_crash"
     logical.drop_database(db)
     logical.create_database(db)
@@ -124,24 +135,33 @@ def test_a_run_that_dies_before_advancing_the_slot_duplicates_nothing(
     def crash(segment: capture.Segment) -> None:
         raise RuntimeError("killed after the upload, before the slot advanced")
 
+    # GIVEN a run killed after its segment and index entry were stored, before the confirm
     with pytest.raises(RuntimeError):
-        capture.run(_conn(logical, db), store, base.database_id, after_upload=crash)
+        capture.run(_conn(logical, db), store, base.database_id, after_upload=crash,
+                    seconds=seconds, policy=capture.FlushPolicy(interval=0.5))
+    crashed = capture.segments(store, base.database_id)
+    assert len(crashed) == 1 and crashed[0].transactions == 1
+    assert logical.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots "
+                           f"WHERE slot_name = 'supabackup_{db}'", db)[0][0] != crashed[0].end_lsn
     logical.execute(ROUNDS[1], db)
-    # the next run stores the first round's transactions again, with the second's
-    again = capture.run(_conn(logical, db), store, base.database_id).segment
-    assert again is not None and again.transactions == 2
-    assert len(capture.segments(store, base.database_id)) == 2
+    # WHEN the next run reads the slot, which still holds the first round
+    again = capture.run(_conn(logical, db), store, base.database_id, seconds=seconds,
+                        policy=capture.FlushPolicy(interval=0.5))
+    # THEN it stores only the second round, chained to the crashed run's segment
+    assert again.segment is not None and again.transactions == 1
+    assert again.segment.after == crashed[0].end_lsn
+    stored = _stored_commits(store, base.database_id)
+    assert len(stored) == len(set(stored)) == 2
     last = capture.run(_conn(logical, db), store, base.database_id)
     assert last.segment is None and last.covered_through is not None  # advanced
     # each stored transaction carries its xid, commit LSN and commit time
-    import gzip
-    raw = store.read_small(again.key)
+    raw = store.read_small(again.segment.key)
     assert raw is not None
     first = json.loads(gzip.decompress(raw).splitlines()[0])
     assert int(first["xid"]) > 0 and "/" in first["commit_lsn"] and first["commit_time"]
-    when = last.covered_through
-    assert _restore_at(logical, store, base.database_id, when, "cdc_crash_restored") == \
-        table_fingerprints(logical.url(db))
+    # and a restore to the latest time is the source, exactly
+    assert _restore_at(logical, store, base.database_id, last.covered_through,
+                       "cdc_crash_restored") == table_fingerprints(logical.url(db))
 
 
 def _as_the_stack(cluster: Cluster, db: str, variable: str, s3: Any, inbox: Any,
@@ -262,9 +282,21 @@ def test_the_command_line_captures_and_restores_to_a_point_in_time(
     expected = table_fingerprints(url)
     time.sleep(0.05)
     logical.execute(ROUNDS[1], db)  # after the point in time: must not be restored
-    assert "transaction(s)" in cli("cdc", "run", "--database-url", url)
-    status = json.loads(cli("cdc", "status", "--database-url", url))
+    assert "transaction(s)" in cli("cdc", "run", "--database-url", url, "--for", "2",
+                                   "--flush-interval", "0.5")
+    status = json.loads(cli("cdc", "status", "--database-url", url, "--json"))
     assert status["slot"]["wal_status"] and status["tables_without_identity"] == []
+    assert status["wal_status"] == status["slot"]["wal_status"]
+    assert "safe_wal_size" in status and status["retained_wal_bytes"] >= 0
+    assert status["epoch"]["start_lsn"] and status["not_replayable"] == []
+    # captured_through is the newest stored commit; the window reaches from the base on
+    assert parse_time(status["captured_through"]) > when
+    window = status["window"]
+    assert parse_time(window["earliest"]) < when < parse_time(window["latest"])
+    assert window["gaps"] == []
+    plain = cli("cdc", "status", "--database-url", url)
+    assert f"captured through: {status['captured_through']}" in plain
+    assert f"reach: {window['earliest']} to {window['latest']}" in plain
     logical.drop_database("cdc_cli_restored")
     logical.create_database("cdc_cli_restored")
     out = cli("restore", "--target-url", logical.url("cdc_cli_restored"), "--at", when.isoformat())

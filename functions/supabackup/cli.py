@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from . import __version__, capture
 from .backup import KINDS, BackupRequest
+from .capture.stream import FlushPolicy
 from .catalog import describe_point, resolve_database_id, restore_point
 from .dburl import ConnectionInfo
 from .errors import ConfigError, SupabackupError, VerifyFailed
@@ -126,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--max-retained-wal", type=int, metavar="BYTES",
                          help="run: drop the slot and start over (a new base) when it holds "
                               "more WAL than this, before it fills the disk (0: no limit)")
+    capture.add_argument("--for", dest="seconds", type=float, metavar="SECONDS",
+                         help="run: stay connected and stream for this long, storing what "
+                              "commits every --flush-interval (default: drain once, exit)")
+    capture.add_argument("--flush-interval", type=float, default=5.0, metavar="SECONDS",
+                         help="run --for: store what has committed at least this often "
+                              "(default 5: the recovery point)")
+    capture.add_argument("--json", action="store_true", help="status: as JSON")
     sns_flag(capture)
 
     verify = sub.add_parser("verify", help="re-read backups and prove they are whole")
@@ -219,15 +227,27 @@ def cmd_cdc(args: argparse.Namespace) -> int:
             print(f"warning: a restore to a time gives this as of the base only: {line}",
                   file=sys.stderr)
     elif args.action == "run":
+        try:
+            policy = FlushPolicy(interval=args.flush_interval)
+        except ValueError as exc:
+            raise ConfigError(f"--flush-interval: {exc}") from None
         result = capture_and_report(conn, store, database_id, Notifier(args.sns_topic_arn),
-                                    args.max_retained_wal or None)
+                                    args.max_retained_wal or None, seconds=args.seconds,
+                                    policy=policy)
         segment = result.segment
-        print(f"stored {segment.transactions} transaction(s), the last committed at "
-              f"{segment.last_commit_time}" if segment else "nothing new to store")
+        if result.left:
+            print(f"left without draining: {result.left}")
+        print(f"stored {result.transactions} transaction(s) in {result.segments} segment(s), "
+              f"the last committed at {segment.last_commit_time}" if segment
+              else "nothing new to store")
+        if result.covered_through is not None:
+            print(f"restores to a time now reach {result.covered_through.isoformat()}")
         if result.restarted:
             print(f"started a new epoch: {result.restarted}")
     elif args.action == "status":
-        print(json.dumps(capture.status(conn, store, database_id), indent=2, default=str))
+        found = capture.status(conn, store, database_id)
+        print(json.dumps(found, indent=2, default=str) if args.json
+              else "\n".join(capture.status_lines(found)))
     else:
         dropped = capture.drop(conn, store, database_id)
         print(f"dropped slot {dropped.slot}; what was captured stays restorable" if dropped

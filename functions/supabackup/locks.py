@@ -1,4 +1,5 @@
-"""One backup run at a time per database, and one backup per schedule tick.
+"""One backup run at a time per database, and one backup per schedule tick; one capture
+drainer at a time.
 
 Two guards, because either alone can fail:
 
@@ -15,6 +16,10 @@ A second delivery of the same schedule tick (EventBridge delivers at least once)
 the tick's lease or the tick's backup and stops, as a DuplicateRun: the first delivery
 does the work and reports it. Any other run that finds the lease held waits up to
 `wait` seconds, then fails and says who holds it.
+
+Change capture holds a lease of its own, `<database-id>/locks/capture.json` (purpose
+"capture"), for as long as it streams plus a margin, renewed as it goes (`renew`): a
+drainer that was killed blocks the next one for that margin only.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 
 LEASE = timedelta(minutes=20)
 POLL_SECONDS = 5.0
+RUNS = {"backup": "backup", "capture": "capture run"}  # what a lease's holder is called
 
 
 @dataclass(frozen=True)
@@ -45,14 +51,15 @@ class Lease:
 
 def acquire(store: Store, database_id: str, owner: str, tick: str | None = None,
             wait: float = 0.0, now: Callable[[], datetime] = utcnow,
-            sleep: Callable[[float], None] = time.sleep) -> Lease:
-    """Take the database's lease, or raise DuplicateRun or RunInProgress."""
-    key = store.key(database_id, "locks", "backup.json")
+            sleep: Callable[[float], None] = time.sleep, purpose: str = "backup",
+            hold: timedelta = LEASE, poll: float = POLL_SECONDS) -> Lease:
+    """Take the database's lease for `purpose` (held for `hold`), or raise DuplicateRun or
+    RunInProgress."""
+    key = store.key(database_id, "locks", f"{purpose}.json")
     waited = 0.0
     while True:
         taken = now()
-        body = json.dumps({"owner": owner, "tick": tick, "taken_at": iso(taken),
-                           "expires_at": iso(taken + LEASE)}).encode()
+        body = _body(owner, tick, taken, hold)
         if store.create_exclusive(key, body):
             return Lease(key, owner, tick)
         held = _read(store, key)
@@ -69,12 +76,26 @@ def acquire(store: Store, database_id: str, owner: str, tick: str | None = None,
                                "nothing to do: that run reports its outcome")
         if waited >= wait:
             raise RunInProgress(
-                f"another backup of {database_id} is in progress: {held['owner']}, since "
-                f"{held['taken_at']}",
+                f"another {RUNS.get(purpose, purpose)} of {database_id} is in progress: "
+                f"{held['owner']}, since {held['taken_at']}",
                 "let it finish (its SNS message says how it ended) and run again; if it was "
                 f"killed, its lease expires at {held['expires_at']}")
-        sleep(POLL_SECONDS)
-        waited += POLL_SECONDS
+        sleep(poll)
+        waited += poll
+
+
+def renew(store: Store, lease: Lease, hold: timedelta, now: Callable[[], datetime] = utcnow
+          ) -> None:
+    """Hold the lease for `hold` from now (a long run's heartbeat), if it is still ours."""
+    held = _read(store, lease.key)
+    if held is not None and held.get("owner") == lease.owner:
+        store.put_small(lease.key, _body(lease.owner, lease.tick, now(), hold),
+                        "application/json")
+
+
+def _body(owner: str, tick: str | None, taken: datetime, hold: timedelta) -> bytes:
+    return json.dumps({"owner": owner, "tick": tick, "taken_at": iso(taken),
+                       "expires_at": iso(taken + hold)}).encode()
 
 
 def release(store: Store, lease: Lease) -> None:

@@ -17,6 +17,7 @@ from . import capture
 from .backup import BackupRequest, run_backup
 from .capture import CaptureRun
 from .capture.pointintime import PointInTimeReport, restore_to_time
+from .capture.stream import FlushPolicy
 from .catalog import RestorePoint
 from .dburl import ConnectionInfo
 from .errors import CaptureError, DuplicateRun, SupabackupError, VerifyFailed
@@ -125,13 +126,17 @@ def restore_and_report(store: Store, point: RestorePoint, target: ConnectionInfo
 
 
 def capture_and_report(conn: ConnectionInfo, store: Store, database_id: str,
-                       notifier: Notifier, max_retained_wal: int | None = None) -> CaptureRun:
-    """One change-capture run. It runs every minute, so SNS hears only what needs a person:
-    a failed run, a lost slot (changes since the last run cannot be restored) and a new
-    epoch after a schema change."""
+                       notifier: Notifier, max_retained_wal: int | None = None,
+                       seconds: float | None = None, policy: FlushPolicy | None = None
+                       ) -> CaptureRun:
+    """One change-capture run. It runs all the time, so SNS hears only what needs a
+    person: a failed run, a lost slot (naming the times no restore can reach now) and a
+    new epoch after a schema change. A run that left because another drainer holds the
+    lease says nothing: the schedule overlaps runs on purpose."""
     started = time.monotonic()
     try:
-        result = capture.run(conn, store, database_id, max_retained_wal=max_retained_wal)
+        result = capture.run(conn, store, database_id, max_retained_wal=max_retained_wal,
+                             seconds=seconds, policy=policy)
     except BaseException as exc:
         notifier.publish(Outcome(kind="capture", database=database_id, error=exc,
                                  scrub=conn.redact, duration_seconds=time.monotonic() - started))
@@ -140,11 +145,12 @@ def capture_and_report(conn: ConnectionInfo, store: Store, database_id: str,
         notifier.publish(Outcome(
             kind="capture", database=database_id, duration_seconds=time.monotonic() - started,
             error=CaptureError(f"changes lost since the last capture run: "
-                                   f"{result.restarted}; a new base was taken",
+                                   f"{result.restarted}; a new base was taken; no restore "
+                                   f"can reach the times from {result.lost_window}",
                                    "check what dropped or invalidated the slot (max_slot_wal_"
                                    "keep_size, a manual drop); restores after the new base "
                                    "are whole again"),
-            details={"slot": result.slot}))
+            details={"slot": result.slot, "lost_window": result.lost_window}))
     elif result.restarted:
         notifier.publish(Outcome(kind="capture", database=database_id,
                                  duration_seconds=time.monotonic() - started,

@@ -183,9 +183,12 @@ class Store:
             raise store_error(exc, key) from None
         return True
 
-    def put_small(self, key: str, body: bytes, content_type: str = "") -> None:
+    def put_small(self, key: str, body: bytes, content_type: str = "",
+                  tags: dict[str, str] | None = None) -> None:
         """Put a small object whole (capture's segments, index entries and records)."""
-        extra = {"ContentType": content_type} if content_type else {}
+        extra: dict[str, str] = {"ContentType": content_type} if content_type else {}
+        if tags:
+            extra["Tagging"] = tagging(tags)
         try:
             self.s3.put_object(Bucket=self.url.bucket, Key=key, Body=body, **extra)
         except (ClientError, BotoCoreError) as exc:
@@ -296,11 +299,13 @@ class Store:
         prefix = self.backup_key(database_id, backup_id) + "/"
         return {k[len(prefix):] for k in self.list_keys(prefix)}
 
-    def list_keys(self, prefix: str) -> list[str]:
+    def list_keys(self, prefix: str, start_after: str = "") -> list[str]:
+        """Every key under `prefix` (after `start_after`, when given), in key order."""
         keys = []
         paginator = self.s3.get_paginator("list_objects_v2")
+        extra = {"StartAfter": start_after} if start_after else {}
         try:
-            for page in paginator.paginate(Bucket=self.url.bucket, Prefix=prefix):
+            for page in paginator.paginate(Bucket=self.url.bucket, Prefix=prefix, **extra):
                 keys += [o["Key"] for o in page.get("Contents", [])]
         except (ClientError, BotoCoreError) as exc:
             raise store_error(exc, str(self.url)) from None

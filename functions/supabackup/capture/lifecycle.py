@@ -1,62 +1,54 @@
-"""Change capture's life: start (the slot and its aligned base), run (check, store, advance),
-status, drop.
+"""Change capture's life: start (the slot and its aligned base), run (drain the slot, once
+or streaming), a new epoch when one must end, status, drop.
 
     start: create the slot with an exported snapshot -> take the base full backup in that
            very snapshot (no gap, no overlap) -> record the epoch
-    run:   check the schema (every object's definition) and read the sequences, at a WAL
-           position L -> peek the slot's committed transactions -> write them as one
-           gzip'd segment -> write its index entry (the commit marker, like a manifest)
-           -> advance the slot -> record that the epoch covers everything committed
-           before L (its progress)
+    run:   under the capture lease: drain the slot, once (a peek) or streaming for a while
+           (drain.py, stream.py) -> when the epoch must end, a new slot and base
 
-Delivery is at least once: a run that dies after writing its segment but before advancing
-the slot leaves those transactions in the slot, and the next run stores them again.
-Replay de-duplicates by commit LSN, so a transaction is applied once whatever the store
-holds twice. DDL is not in the stream: a run that finds the definitions changed ends the
-epoch at its last check and starts a new one (a new slot and base).
+DDL is not in the stream: a run that finds the definitions changed ends the epoch at its
+last check and starts a new one (a new slot and base). So does a slot that was lost, and
+a table rewritten outside the stream; the times between the two epochs cannot be
+restored exactly, and restores refuse them, naming both sides.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timedelta
+from dataclasses import asdict, replace
+from datetime import timedelta
 from typing import Any
 
-import psycopg2.errors
-from psycopg2 import sql
-
-from .. import output
+from .. import locks, output
 from ..backup import BackupRequest, run_backup
-from ..db import USER_SCHEMAS, connect
+from ..db import connect
 from ..dburl import ConnectionInfo
 from ..definitions import definitions_fingerprint
-from ..errors import CaptureError, ConfigError, StoreError
-from ..manifest import Manifest, iso, parse_time, utcnow
+from ..errors import CaptureError, ConfigError, RunInProgress, StoreError
+from ..manifest import Manifest, parse_time, utcnow
 from ..store import Store
+from .drain import CaptureRun, drain_once, open_drain, table_files
 from .pointintime import DROPPED
 from .slot import (
-    MAX_CHANGES,
     abandon,
     create_slot,
     drop_publications,
     drop_slot,
     identity_tables,
     not_replayable,
-    peek,
     publications,
     require_direct,
     slot_name,
     slot_status,
-    whole_transactions,
 )
 from .state import (
     CaptureState,
-    Check,
     Progress,
     Segment,
+    epochs,
     lsn_int,
     lsn_key,
     progress_key,
@@ -65,95 +57,15 @@ from .state import (
     read_state,
     segments,
     store_key,
-    write_segment,
 )
+from .stream import FINAL_MARGIN, FlushPolicy, stream_epoch
+from .window import window_of
 
 log = logging.getLogger(__name__)
 
-
-def _checked(db: Any) -> Check:
-    """The run's check, read at one WAL position (see Check)."""
-    with db.cursor() as cur:
-        # The time first, then the flushed WAL position (decoding reads up to it), then the
-        # definitions. A transaction committed by then is in the slot when the run peeks;
-        # one that sees a DDL the definitions below do not show started after they were
-        # read, so its commit time is later than `at`.
-        cur.execute("SELECT clock_timestamp()")
-        at = cur.fetchone()[0]
-        lsn = _flushed_through_insert(cur)
-        schema = definitions_fingerprint(cur)
-        sequences = _sequences(cur)
-        cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
-        large_objects = int(cur.fetchone()[0])
-        files = _files(cur)
-    return Check(lsn=lsn, at=iso(at), schema=schema, sequences=sequences,
-                 large_objects=large_objects, files=files)
-
-
-def _files(cur: Any) -> dict[str, int]:
-    """Each logged table's relfilenode: a new one means its rows were written anew."""
-    cur.execute(f"""
-        SELECT n.nspname || '.' || c.relname, c.relfilenode FROM pg_class c
-        JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND {USER_SCHEMAS}""")
-    return {name: int(node) for name, node in cur.fetchall()}
-
-
-def _rewritten(previous: Progress | None, check: Check,
-               transactions: list[dict[str, Any]]) -> list[str]:
-    """Tables whose rows were written anew since the previous check without a TRUNCATE in
-    the stream: ALTER TABLE ... ALTER COLUMN ... TYPE with USING (even to the same type,
-    so no definition changes), VACUUM FULL, CLUSTER. A rewrite is not decoded, so what it
-    changed is not in the stream (the last two change nothing, and cost a new base)."""
-    if previous is None or not previous.files:
-        return []
-    truncated = set(previous.truncated_after) | _truncated(transactions, below=check.lsn)
-    return sorted(name for name, node in check.files.items()
-                  if previous.files.get(name, node) != node and name not in truncated)
-
-
-def _truncated(transactions: list[dict[str, Any]], below: str = "", since: str = "") -> set[str]:
-    """schema.table of every table the transactions truncated, committed before `below`
-    or at or after `since`."""
-    return {f"{c['schema']}.{c['table']}" for t in transactions for c in t["changes"]
-            if c["action"] == "T"
-            and (not below or lsn_int(t["commit_lsn"]) < lsn_int(below))
-            and (not since or lsn_int(t["commit_lsn"]) >= lsn_int(since))}
-
-
-def _flushed_through_insert(cur: Any, patience: float = 2.0) -> str:
-    """The WAL position inserted by now, once it is flushed (decoding reads only flushed
-    WAL). With synchronous_commit off a commit is visible before it is flushed; the WAL
-    writer flushes it within a few hundred milliseconds. Past `patience`, the flushed
-    position as it is (the run then covers less)."""
-    cur.execute("SELECT pg_current_wal_insert_lsn()::text")
-    inserted = cur.fetchone()[0]
-    deadline = time.monotonic() + patience
-    while True:
-        cur.execute("SELECT pg_current_wal_flush_lsn()::text, pg_current_wal_flush_lsn() >= %s",
-                    (inserted,))
-        flushed, done = cur.fetchone()
-        if done:
-            return str(inserted)
-        if time.monotonic() > deadline:
-            return str(flushed)
-        time.sleep(0.01)
-
-
-def _sequences(cur: Any) -> dict[str, list[Any]]:
-    """[last_value, is_called] of every sequence the user may read: the stream has none."""
-    cur.execute(f"""
-        SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind = 'S' AND c.relpersistence = 'p' AND {USER_SCHEMAS}
-          AND CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(c.oid, 'SELECT') END
-        ORDER BY 1""")
-    names = [r[0] for r in cur.fetchall()]
-    if not names:
-        return {}
-    cur.execute(sql.SQL(" UNION ALL ").join(
-        sql.SQL("SELECT {}, last_value, is_called FROM {}").format(sql.Literal(n), sql.SQL(n))
-        for n in names))  # regclass text: names the server quoted itself
-    return {name: [int(value), bool(called)] for name, value, called in cur.fetchall()}
+MAX_SECONDS = 24 * 3600     # the longest --for
+MAX_WAIT = 60.0             # seconds a stream waits for the drainer before it to end
+LEASE_MARGIN = 90           # seconds a stream's lease outlives its last renewal
 
 
 def _schema_in(conn: ConnectionInfo, snapshot: str) -> tuple[str, list[str], dict[str, int]]:
@@ -165,7 +77,7 @@ def _schema_in(conn: ConnectionInfo, snapshot: str) -> tuple[str, list[str], dic
         with db.cursor() as cur:
             cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
             output.pin(cur, local=True)
-            return definitions_fingerprint(cur), identity_tables(cur), _files(cur)
+            return definitions_fingerprint(cur), identity_tables(cur), table_files(cur)
     finally:
         db.close()
 
@@ -209,115 +121,82 @@ def start(conn: ConnectionInfo, store: Store, request: BackupRequest) -> tuple[C
     return state, base
 
 
-@dataclass(frozen=True)
-class CaptureRun:
-    """What one capture run did."""
-
-    segment: Segment | None       # the transactions it stored, if any
-    slot: dict[str, Any]          # the slot's health (slot_status) before the run
-    restarted: str = ""           # why it started a new epoch ("" when it did not)
-    lost: bool = False            # the slot was gone: changes since the last run are lost
-    covered_through: datetime | None = None  # restores now reach times up to this one
-
-
 def run(conn: ConnectionInfo, store: Store, database_id: str,
         after_upload: Callable[[Segment], None] = lambda segment: None,
-        max_retained_wal: int | None = None) -> CaptureRun:
-    """One capture run: check, store the slot's committed transactions, advance the slot.
+        max_retained_wal: int | None = None, seconds: float | None = None,
+        policy: FlushPolicy | None = None, owner: str = "") -> CaptureRun:
+    """A capture run: one drain of what the slot holds, or, with `seconds`, a stream of it
+    for that long (stream.py); under the capture lease, so a second drainer started at
+    the same time waits a little, then leaves and says so (CaptureRun.left).
 
     A slot that is gone (dropped by hand, or invalidated for holding too much WAL) starts a
     new epoch: a new slot and base, and the run reports the loss. So does a slot that holds
     more than `max_retained_wal` bytes, which is dropped before it fills the disk, and
     definitions that changed since the base (DDL is not in the stream: later changes must
-    be replayed onto a base that has it). `after_upload` runs between the segment's commit
-    and the slot's advance (tests crash there on purpose).
+    be replayed onto a base that has it). A stream goes on in the new epoch while its time
+    lasts. `after_upload` runs between a segment's commit and the slot's confirm (tests
+    crash there on purpose).
     """
     require_direct(conn)
-    state = read_state(store, database_id)
-    if state is None:
+    if max_retained_wal is not None and max_retained_wal < 0:
+        raise ConfigError(f"the retained-WAL limit must be 0 (none) or more bytes, not "
+                          f"{max_retained_wal}")
+    if seconds is not None and not 0 < seconds <= MAX_SECONDS:
+        raise ConfigError(f"--for must be between 0 and {MAX_SECONDS} seconds, not {seconds}")
+    if read_state(store, database_id) is None:
         raise ConfigError(f"change capture of {database_id} is not started",
                           "run `supabackup cdc start` first")
-    db = connect(conn)
+    deadline = time.monotonic() + (seconds or 0)
+    hold = timedelta(seconds=LEASE_MARGIN + (policy or FlushPolicy()).idle_interval)
     try:
-        db.autocommit = True
-        with db.cursor() as cur:
-            output.pin(cur)  # values decode in this session: as replay will read them
-        if max_retained_wal is not None and max_retained_wal < 0:
-            raise ConfigError(f"the retained-WAL limit must be 0 (none) or more bytes, not "
-                              f"{max_retained_wal}")
-        health = slot_status(db, state.slot)
-        if health and health["plugin"] != state.plugin:
-            raise StoreError(f"capture state of {database_id} says plugin {state.plugin}, but "
-                             f"the slot {state.slot} decodes with {health['plugin']}",
-                             "the state is damaged: `supabackup cdc drop`, then `cdc start`")
-        reason = ""
-        if health.get("wal_status") in (None, "lost"):
-            reason = (f"the replication slot {state.slot} is gone" if not health
-                      else f"the replication slot {state.slot} was invalidated (wal_status lost)")
-        elif max_retained_wal is not None and health["retained_wal_bytes"] > max_retained_wal:
-            reason = (f"the slot held {health['retained_wal_bytes']} bytes of WAL, over the "
-                      f"limit of {max_retained_wal}")
-        check = None if reason else _checked(db)
-        if check is not None and check.schema != state.schema:
-            reason = "the schema changed"
-        if reason:
-            db.close()
-            return _restarted(conn, store, database_id, state, reason, health,
-                              lost=reason != "the schema changed")
-        assert check is not None
-        try:
-            rows, peeked = peek(db, state)
-        except psycopg2.errors.ObjectInUse:
-            raise CaptureError(f"another capture run is reading the slot {state.slot}",
-                               "this run stored nothing; the other one goes on") from None
-        transactions, end_lsn = whole_transactions(rows)
-        segment = None
-        if transactions:
-            segment = write_segment(store, database_id, transactions, end_lsn, check)
-            after_upload(segment)
-            try:
-                with db.cursor() as cur:
-                    cur.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
-                                (state.slot, end_lsn))
-            except psycopg2.errors.ObjectInUse:  # stored; the next run de-duplicates
-                raise CaptureError(f"another capture run is reading the slot {state.slot}",
-                                   "what this run stored counts; the slot advances with the "
-                                   "next run") from None
-            log.info("captured %d transaction(s) up to %s into %s", segment.transactions,
-                     end_lsn, segment.key)
+        lease = locks.acquire(store, database_id, owner or f"capture {uuid.uuid4().hex[:8]}",
+                              purpose="capture", hold=hold if seconds else locks.LEASE,
+                              wait=min(seconds / 4, MAX_WAIT) if seconds else 0.0, poll=1.0)
+    except RunInProgress as exc:
+        log.info("leaving: %s", exc.message)
+        return CaptureRun(left=exc.message)
+    try:
+        return _drain(conn, store, database_id, after_upload, max_retained_wal, seconds,
+                      deadline, policy or FlushPolicy(), lambda: locks.renew(store, lease, hold),
+                      lambda: locks.renew(store, lease, locks.LEASE))
     finally:
-        db.close()
-    rewritten = _rewritten(read_progress(store, database_id, state), check, transactions)
-    if rewritten:
-        return replace(_restarted(conn, store, database_id, state,
-                                  f"{', '.join(rewritten)} rewritten outside the change stream "
-                                  "(ALTER TABLE ... USING, VACUUM FULL or CLUSTER)", health,
-                                  lost=False), segment=segment)
-    progress = _progress_after(check, transactions, end_lsn, complete=peeked < MAX_CHANGES)
-    put_json(store, progress_key(store, database_id, state), asdict(progress))
-    return CaptureRun(segment, health, covered_through=parse_time(progress.verified_at))
+        locks.release(store, lease)
 
 
-def _progress_after(check: Check, transactions: list[dict[str, Any]], end_lsn: str,
-                    complete: bool) -> Progress:
-    """What the epoch covers after a run: all before the check, or, when the peek stopped
-    at MAX_CHANGES, up to the last whole transaction it stored."""
-    after = sorted(_truncated(transactions, since=check.lsn))
-    if complete or not transactions or lsn_int(end_lsn) >= lsn_int(check.lsn):
-        return Progress(verified_lsn=check.lsn, verified_at=check.at, sequences=check.sequences,
-                        sequences_at=check.at, large_objects=check.large_objects,
-                        files=check.files, truncated_after=after)
-    # A later transaction (not stored yet) may share the last stored one's commit time.
-    before_last = parse_time(transactions[-1]["commit_time"]) - timedelta(microseconds=1)
-    return Progress(verified_lsn=end_lsn, verified_at=iso(before_last),
-                    sequences=check.sequences, sequences_at=check.at,
-                    large_objects=check.large_objects, files=check.files, truncated_after=after)
+def _drain(conn: ConnectionInfo, store: Store, database_id: str,
+           after_upload: Callable[[Segment], None], max_retained_wal: int | None,
+           seconds: float | None, deadline: float, policy: FlushPolicy,
+           heartbeat: Callable[[], None], before_base: Callable[[], None]) -> CaptureRun:
+    total = CaptureRun()
+    while True:
+        drain, reason, health = open_drain(conn, store, database_id, max_retained_wal,
+                                           after_upload)
+        total.slot = total.slot or health
+        lost = bool(reason)
+        if drain is not None:
+            try:
+                done, reason = (stream_epoch(drain, deadline, policy, heartbeat) if seconds
+                                else drain_once(drain))
+            finally:
+                drain.close()
+            total.absorb(done)
+        if not reason:
+            return total
+        before_base()
+        total.absorb(_restarted(conn, store, database_id, reason, lost=lost))
+        if not seconds or time.monotonic() >= deadline - FINAL_MARGIN:
+            return total
 
 
-def _restarted(conn: ConnectionInfo, store: Store, database_id: str, state: CaptureState,
-               reason: str, health: dict[str, Any], lost: bool) -> CaptureRun:
-    """End the epoch at its last check, start the next one; the run that did it."""
+def _restarted(conn: ConnectionInfo, store: Store, database_id: str, reason: str,
+               lost: bool) -> CaptureRun:
+    """End the epoch at its last check, start the next one; what that did. No restore can
+    reach the times between the two (`lost_window`): the ended epoch's changes after its
+    last check were lost (`lost`), or cannot be replayed onto either base (DDL, a
+    rewrite)."""
     log.warning("change capture of %s starts a new epoch: %s", database_id, reason)
+    state = read_state(store, database_id)
+    assert state is not None  # the drain that found the reason read it
     previous = read_progress(store, database_id, state) or Progress(state.start_lsn,
                                                                      state.base_at)
     put_json(store, progress_key(store, database_id, state),
@@ -333,7 +212,8 @@ def _restarted(conn: ConnectionInfo, store: Store, database_id: str, state: Capt
     _, base = start(conn, store, BackupRequest(
         database_id=database_id, retention="weekly", profile=profile,
         label=f"change capture base: {reason}"[:200], trigger="schedule"))
-    return CaptureRun(None, health, reason, lost=lost,
+    return CaptureRun(restarted=reason, lost=lost,
+                      lost_window=f"{previous.verified_at} to {base.snapshot_at}",
                       covered_through=parse_time(base.snapshot_at))
 
 
@@ -364,25 +244,87 @@ def drop(conn: ConnectionInfo, store: Store, database_id: str) -> CaptureState |
 
 
 def status(conn: ConnectionInfo, store: Store, database_id: str) -> dict[str, Any]:
-    """What `cdc status` prints and the capture function reports as metrics."""
+    """What `cdc status` prints and the capture function reports as metrics: the slot's
+    health, how far capture has stored (`captured_through`, the commit time of the newest
+    stored transaction), the window a restore can reach, and what it cannot replay."""
     state = read_state(store, database_id)
     db = connect(conn)
     try:
         db.autocommit = True
         inexact = not_replayable(db)
-        found = {"started": state is not None,
-                 "slot": slot_status(db, state.slot) if state else {},
-                 "tables_without_identity": [line.split(":")[0] for line in inexact
-                                             if "no replica identity" in line],
-                 "not_replayable": inexact}
+        health = slot_status(db, state.slot) if state else {}
     finally:
         db.close()
-    if state is not None:
+    history = [(e, read_progress(store, database_id, e)) for e in epochs(store, database_id)]
+    found: dict[str, Any] = {
+        "started": state is not None, "database_id": database_id,
+        "epoch": ({"start_lsn": state.start_lsn, "base": state.base, "base_at": state.base_at,
+                   "slot": state.slot, "plugin": state.plugin} if state else None),
+        "slot": health,
+        "retained_wal_bytes": health.get("retained_wal_bytes"),
+        "wal_status": health.get("wal_status"), "safe_wal_size": health.get("safe_wal_size"),
+        "captured_through": _captured_through(store, database_id, history),
+        "window": window_of(history).as_dict(),
+        "tables_without_identity": [line.split(":")[0] for line in inexact
+                                    if "no replica identity" in line],
+        "not_replayable": inexact}
+    if state is not None:  # the names of 0.5, kept for scripts that read them
         found.update(plugin=state.plugin, base=state.base, start_lsn=state.start_lsn)
-        progress = read_progress(store, database_id, state)
+        progress = dict(history).get(state) if history else None
         if progress is not None:
             found["covered_through"] = progress.verified_at
-    captured = segments(store, database_id)
-    if captured:
-        found["last_commit_captured"] = captured[-1].last_commit_time
+    if found["captured_through"]:
+        found["last_commit_captured"] = found["captured_through"]
     return found
+
+
+def _captured_through(store: Store, database_id: str,
+                      history: list[tuple[CaptureState, Progress | None]]) -> str | None:
+    """The commit time of the newest stored transaction: the newest segment an epoch's
+    progress names, or (a store written before 0.6) the newest in the index."""
+    named = [p.last_segment for _, p in history if p is not None and p.last_segment]
+    if named:
+        newest = max(named, key=lsn_int)
+        entry = segments(store, database_id, after_lsn=_just_before(newest))
+        found = [s for s in entry if s.end_lsn == newest]
+        if found:
+            return found[0].last_commit_time
+    captured = segments(store, database_id)
+    return captured[-1].last_commit_time if captured else None
+
+
+def _just_before(lsn: str) -> str:
+    value = lsn_int(lsn) - 1
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def status_lines(found: dict[str, Any]) -> list[str]:
+    """`cdc status` for a person."""
+    if not found["started"] and not found["window"]["earliest"]:
+        return [f"change capture of {found['database_id']} is not started "
+                "(`supabackup cdc start`)"]
+    lines = []
+    epoch = found["epoch"]
+    if epoch:
+        lines.append(f"capturing {found['database_id']} through slot {epoch['slot']} "
+                     f"({epoch['plugin']}); epoch from {epoch['start_lsn']}, base "
+                     f"{epoch['base']} at {epoch['base_at']}")
+    else:
+        lines.append(f"change capture of {found['database_id']} is stopped (dropped); what "
+                     "it captured stays restorable")
+    lines.append(f"captured through: {found['captured_through'] or 'nothing yet'} "
+                 "(the newest stored transaction's commit)")
+    window = found["window"]
+    lines.append(f"restores to a time reach: {window['earliest']} to {window['latest']}"
+                 if window["earliest"] else "restores to a time reach: nothing yet")
+    lines += [f"  gap (refused): {g['from']} to {g['to']}: {g['why']}" for g in window["gaps"]]
+    if found["slot"]:
+        safe = found["safe_wal_size"]
+        lines.append(f"slot: {found['wal_status']}, holds {found['retained_wal_bytes']} bytes "
+                     "of WAL" + (f", {safe} bytes more before it is lost (safe_wal_size)"
+                                 if safe is not None else ", no limit (max_slot_wal_keep_size)"))
+    elif epoch:
+        lines.append("slot: GONE (the next `cdc run` starts a new epoch; changes since the "
+                     "last run are lost)")
+    lines += [f"not replayable: {line}" for line in found["not_replayable"]]
+    return lines

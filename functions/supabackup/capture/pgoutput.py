@@ -75,36 +75,48 @@ def timestamp_text(micros: int) -> str:
 def changes(rows: Iterable[tuple[str, str, bytes]],
             type_name: Callable[[int, int], str]) -> list[tuple[str, dict[str, Any]]]:
     """(lsn, wal2json-shaped change) for each message of `rows` (lsn, xid, data)."""
-    relations: dict[int, Relation] = {}
-    out: list[tuple[str, dict[str, Any]]] = []
-    for lsn, _xid, data in rows:
+    decoder = Decoder(type_name)
+    return [(lsn, change) for lsn, _xid, data in rows for change in decoder.feed(lsn, data)]
+
+
+class Decoder:
+    """pgoutput's messages, one at a time, as wal2json-shaped changes. A decoding session
+    sends a table's Relation once, before its first row: the decoder keeps them for the
+    session (a peek's rows, or a replication stream)."""
+
+    def __init__(self, type_name: Callable[[int, int], str]) -> None:
+        self.type_name = type_name
+        self.relations: dict[int, Relation] = {}
+
+    def feed(self, lsn: str, data: bytes) -> list[dict[str, Any]]:
         r = _Reader(bytes(data))
         kind = chr(r.take("!B"))
         if kind == "B":
             final_lsn, ts, xid = r.take("!Q"), r.take("!q"), r.take("!I")
-            out.append((lsn, {"action": "B", "lsn": lsn_text(final_lsn), "xid": xid,
-                              "timestamp": timestamp_text(ts)}))
-        elif kind == "C":
+            return [{"action": "B", "lsn": lsn_text(final_lsn), "xid": xid,
+                     "timestamp": timestamp_text(ts)}]
+        if kind == "C":
             r.take("!B")
             commit_lsn, end_lsn, ts = r.take("!Q"), r.take("!Q"), r.take("!q")
-            out.append((lsn, {"action": "C", "lsn": lsn_text(commit_lsn),
-                              "nextlsn": lsn_text(end_lsn), "timestamp": timestamp_text(ts)}))
-        elif kind == "R":
+            return [{"action": "C", "lsn": lsn_text(commit_lsn), "nextlsn": lsn_text(end_lsn),
+                     "timestamp": timestamp_text(ts)}]
+        if kind == "R":
             oid, schema, table = r.take("!I"), r.string(), r.string()
             r.take("!B")  # replica identity setting
             columns = []
             for _ in range(r.take("!H")):
                 flags, name = r.take("!B"), r.string()
                 columns.append(Column(name, r.take("!I"), r.take("!i"), bool(flags & 1)))
-            relations[oid] = Relation(schema, table, tuple(columns))
-        elif kind in ("I", "U", "D"):
-            out.append((lsn, _row_change(kind, r, relations, type_name)))
-        elif kind == "T":
+            self.relations[oid] = Relation(schema, table, tuple(columns))
+            return []
+        if kind in ("I", "U", "D"):
+            return [_row_change(kind, r, self.relations, self.type_name)]
+        if kind == "T":
             count, _options = r.take("!I"), r.take("!B")
-            for oid in [r.take("!I") for _ in range(count)]:
-                rel = relations[oid]
-                out.append((lsn, {"action": "T", "schema": rel.schema, "table": rel.table}))
-    return out
+            return [{"action": "T", "schema": self.relations[oid].schema,
+                     "table": self.relations[oid].table}
+                    for oid in [r.take("!I") for _ in range(count)]]
+        return []  # Origin, Type: nothing to replay
 
 
 def _row_change(kind: str, r: _Reader, relations: dict[int, Relation],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -137,6 +138,43 @@ def admin(conn: ConnectionInfo, statement: str, hint: str) -> None:
         f"{detail}", hint))
 
 
+STREAM_OPTIONS = {
+    "wal2json": {"format-version": "2", "include-timestamp": "1", "include-lsn": "1",
+                 "include-xids": "1", "include-transaction": "1"},
+    "pgoutput": {"proto_version": "1"},
+}
+
+
+def start_stream(conn: ConnectionInfo, state: CaptureState) -> tuple[Any, Any, bool]:
+    """(replication connection, its cursor streaming the slot from where it was confirmed,
+    whether numbers come as strings: see EXACT_NUMBERS). The slot is the guard against a
+    second reader: one that is active refuses, as a peek does."""
+    options = dict(STREAM_OPTIONS[state.plugin])
+    if state.plugin == "pgoutput":
+        options["publication_names"] = state.publication
+    tries = [True, False] if state.plugin == "wal2json" else [True]
+    for exact in tries:
+        repl = _replication_connection(conn)
+        cur = repl.cursor()
+        try:
+            cur.start_replication(slot_name=state.slot, decode=False, status_interval=10,
+                                  options={**options, "numeric-data-types-as-string": "1"}
+                                  if exact and state.plugin == "wal2json" else options)
+            return repl, cur, exact or state.plugin == "pgoutput"
+        except psycopg2.errors.InvalidParameterValue:  # wal2json before 2.6
+            repl.close()
+            if state.plugin != "wal2json" or not exact:
+                raise
+        except psycopg2.errors.ObjectInUse:
+            repl.close()
+            raise CaptureError(f"another capture run is reading the slot {state.slot}",
+                               "this run stored nothing; the other one goes on") from None
+        except BaseException:
+            repl.close()
+            raise
+    raise AssertionError("unreachable")  # the last try either returns or raises
+
+
 def _replication_connection(conn: ConnectionInfo) -> Any:
     try:
         return psycopg2.connect(**conn.psycopg_kwargs(),
@@ -196,20 +234,25 @@ def peek(db: Any, state: CaptureState) -> tuple[list[tuple[str, dict[str, Any]]]
                 cur.execute(PEEK["wal2json"].format(""), (state.slot, MAX_CHANGES))
                 exact = False
             fetched = cur.fetchall()
-            return [(lsn, _from_wal2json(json.loads(data, parse_int=str, parse_float=str,
-                                                    parse_constant=str), exact))
-                    for lsn, _xid, data in fetched], len(fetched)
+            return ([(lsn, wal2json_change(data, exact)) for lsn, _xid, data in fetched],
+                    len(fetched))
         cur.execute(PEEK["pgoutput"], (state.slot, MAX_CHANGES, state.publication))
         rows = cur.fetchall()
-        names: dict[tuple[int, int], str] = {}
+        return pgoutput.changes(rows, type_namer(db)), len(rows)
 
-        def type_name(oid: int, typmod: int) -> str:
-            if (oid, typmod) not in names:
+
+def type_namer(db: Any) -> Callable[[int, int], str]:
+    """format_type of a pgoutput column's type, asked of the database once per type."""
+    names: dict[tuple[int, int], str] = {}
+
+    def type_name(oid: int, typmod: int) -> str:
+        if (oid, typmod) not in names:
+            with db.cursor() as cur:
                 cur.execute("SELECT format_type(%s, %s)", (oid, typmod))
                 names[(oid, typmod)] = cur.fetchone()[0]
-            return names[(oid, typmod)]
+        return names[(oid, typmod)]
 
-        return pgoutput.changes(rows, type_name), len(rows)
+    return type_name
 
 
 def _from_wal2json(change: dict[str, Any], exact_numbers: bool) -> dict[str, Any]:
@@ -232,26 +275,38 @@ def _from_wal2json(change: dict[str, Any], exact_numbers: bool) -> dict[str, Any
     return {**change, "ambiguous": sorted(unsure)} if unsure else change
 
 
-def whole_transactions(changes: list[tuple[str, dict[str, Any]]]
-                  ) -> tuple[list[dict[str, Any]], str]:
-    """Whole transactions (B ... C) from the peeked changes, and where the last one ends."""
-    done: list[dict[str, Any]] = []
-    current: dict[str, Any] | None = None
-    end_lsn = ""
-    for _lsn, change in changes:
+class Assembler:
+    """Changes (B, I/U/D/T..., C) into whole transactions, one at a time."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, Any] | None = None
+
+    def feed(self, change: dict[str, Any]) -> dict[str, Any] | None:
+        """The transaction `change` completes, if it is a commit."""
         action = change["action"]
         if action == "B":
-            current = {"xid": str(change.get("xid", "")), "commit_lsn": change["lsn"],
-                       "commit_time": change["timestamp"], "changes": []}
+            self.current = {"xid": str(change.get("xid", "")), "commit_lsn": change["lsn"],
+                            "commit_time": change["timestamp"], "changes": []}
         elif action == "C":
-            if current is not None:
-                current["end_lsn"] = change["nextlsn"]
-                done.append(current)
-                end_lsn = change["nextlsn"]
-            current = None
-        elif current is not None and action in ("I", "U", "D", "T"):
-            current["changes"].append(change)
-    return done, end_lsn
+            done, self.current = self.current, None
+            if done is not None:
+                done["end_lsn"] = change["nextlsn"]
+                return done
+        elif self.current is not None and action in ("I", "U", "D", "T"):
+            self.current["changes"].append(change)
+        return None
+
+
+def whole_transactions(changes: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Whole transactions (B ... C) from the peeked changes."""
+    assembler = Assembler()
+    return [t for _lsn, change in changes if (t := assembler.feed(change)) is not None]
+
+
+def wal2json_change(data: bytes | str, exact_numbers: bool) -> dict[str, Any]:
+    """One wal2json format-version 2 message as a change (see _from_wal2json)."""
+    return _from_wal2json(json.loads(data, parse_int=str, parse_float=str, parse_constant=str),
+                          exact_numbers)
 
 
 def cannot_replay(conn: ConnectionInfo) -> list[str]:

@@ -5,12 +5,21 @@ Layout, under <database-id>/cdc/:
     state.json                          the epoch now running (slot, plugin, base)
     epochs/<start-lsn>.json             every epoch ever started
     progress/<start-lsn>.json           how far each epoch is covered, and why it ended
-    segments/<end-lsn>.jsonl.gz         one JSON line per transaction
+    segments/<end-lsn>.jsonl.gz         one JSON line per transaction (gzip; one or more
+                                        members, which read back as one stream)
     index/<end-lsn>.json                commit times, LSNs, size and sha256 of a segment,
-                                        and the check of the run that stored it
+                                        its epoch, where its stream began, and the check
+                                        of the run that stored it
 
 A segment counts only once its index entry is stored (as a backup counts only once its
-manifest is): the entry is written last.
+manifest is): the entry is written last. Segments and index entries carry the tag
+retention=capture, which the bucket's lifecycle rule for captured changes expires.
+
+The entries of an epoch form a chain: each names the position its stream began after
+(`after`), and holds every transaction that ended in (after, end_lsn]. Within an epoch the
+`after` of each entry is at or before where the entries before it reach, so a hole (an
+entry deleted, a run that lost changes) shows as a gap; the progress record names the
+newest entry (`last_segment`), so a deleted newest entry shows too (verify checks both).
 """
 
 from __future__ import annotations
@@ -18,7 +27,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -28,9 +39,11 @@ from ..manifest import parse_time, record
 from ..store import Store
 
 R = TypeVar("R")
+INDEX_READERS = 16  # index entries read at once (boto3's client is thread-safe)
 # The slot's output plugin: wal2json where the server has it; else pgoutput, built in, which
 # needs a publication.
 PLUGINS = ("wal2json", "pgoutput")
+TAGS = {"retention": "capture"}  # what the lifecycle rule for captured changes expires
 
 
 def lsn_int(lsn: str) -> int:
@@ -79,6 +92,7 @@ class Progress:
     ended: str = ""   # why the epoch ended ("" while it runs)
     files: dict[str, int] = field(default_factory=dict)      # the check's (see _rewritten)
     truncated_after: list[str] = field(default_factory=list)  # by stored commits after it
+    last_segment: str = ""  # end LSN of the newest segment stored in the epoch ("" for none)
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,8 @@ class Segment:
     checked_at: str = ""     # the run's check (Check): sequences as they were then
     sequences: dict[str, list[Any]] = field(default_factory=dict)
     large_objects: int = 0
+    epoch: str = ""          # start LSN of the epoch whose slot it came from ("" before 0.6)
+    after: str = ""          # its stream began after this position (see the chain above)
 
 
 def store_key(store: Store, database_id: str, *parts: str) -> str:
@@ -160,27 +176,77 @@ def progress_key(store: Store, database_id: str, epoch: CaptureState) -> str:
     return store_key(store, database_id, "progress", f"{lsn_key(epoch.start_lsn)}.json")
 
 
-def write_segment(store: Store, database_id: str, transactions: list[dict[str, Any]],
-                   end_lsn: str, check: Check) -> Segment:
-    body = gzip.compress(b"".join(json.dumps(t).encode() + b"\n" for t in transactions))
+class Batch:
+    """Whole transactions on their way into one segment, compressed as they come: a batch
+    holds their compressed bytes and, of each, what the progress record needs."""
+
+    def __init__(self) -> None:
+        self._zip = zlib.compressobj(6, zlib.DEFLATED, 31)  # 31: a gzip stream
+        self._parts: list[bytes] = []
+        self.meta: list[dict[str, Any]] = []
+        self.raw_bytes = 0
+
+    def add(self, txn: dict[str, Any]) -> None:
+        line = json.dumps(txn).encode() + b"\n"
+        self._parts.append(self._zip.compress(line))
+        self.raw_bytes += len(line)
+        self.meta.append({"commit_lsn": txn["commit_lsn"], "commit_time": txn["commit_time"],
+                          "end_lsn": txn["end_lsn"],
+                          "truncated": sorted({f"{c['schema']}.{c['table']}"
+                                               for c in txn["changes"] if c["action"] == "T"})})
+
+    def body(self) -> bytes:
+        """The segment's bytes (the batch takes no more transactions)."""
+        return b"".join(self._parts) + self._zip.flush()
+
+
+def write_segment(store: Store, database_id: str, batch: Batch, epoch: CaptureState,
+                  after: str, check: Check) -> Segment:
+    """Store a batch as a segment, then its index entry, the commit marker."""
+    transactions, body = batch.meta, batch.body()
+    end_lsn = transactions[-1]["end_lsn"]
     key = store_key(store, database_id, "segments", f"{lsn_key(end_lsn)}.jsonl.gz")
     segment = Segment(key=key, end_lsn=end_lsn, transactions=len(transactions),
                       first_commit_time=transactions[0]["commit_time"],
                       last_commit_time=transactions[-1]["commit_time"], size=len(body),
                       sha256=hashlib.sha256(body).hexdigest(), checked_at=check.at,
-                      sequences=check.sequences, large_objects=check.large_objects)
-    store.put_small(key, body)
+                      sequences=check.sequences, large_objects=check.large_objects,
+                      epoch=epoch.start_lsn, after=after)
+    store.put_small(key, body, tags=TAGS)
     # The index entry is written last: a segment without one does not count.
-    put_json(store, store_key(store, database_id, "index", f"{lsn_key(end_lsn)}.json"),
-              asdict(segment))
+    store.put_small(store_key(store, database_id, "index", f"{lsn_key(end_lsn)}.json"),
+                    json.dumps(asdict(segment)).encode(), "application/json", tags=TAGS)
     return segment
 
 
-def segments(store: Store, database_id: str) -> list[Segment]:
-    """Every committed segment, in LSN order."""
+def segments(store: Store, database_id: str, after_lsn: str = "") -> list[Segment]:
+    """Every committed segment (ending after `after_lsn`, when given), in LSN order. A
+    stream stores one every few seconds: the entries are read over several connections."""
     prefix = store_key(store, database_id, "index") + "/"
-    keys = sorted(k for k in store.list_keys(prefix) if k.endswith(".json"))
-    return [_listed(store, k, Segment, "capture index entry") for k in keys]
+    start = f"{prefix}{lsn_key(after_lsn)}.json" if after_lsn else ""
+    keys = sorted(k for k in store.list_keys(prefix, start) if k.endswith(".json"))
+    with ThreadPoolExecutor(max_workers=INDEX_READERS) as pool:
+        return list(pool.map(lambda k: _listed(store, k, Segment, "capture index entry"), keys))
+
+
+def segments_of(everything: list[Segment], epoch: CaptureState, until_lsn: str = ""
+                ) -> list[Segment]:
+    """The segments `epoch`'s slot gave, in LSN order. Two slots stream at once while one
+    epoch hands over to the next (see lifecycle.rebase), so segments are told apart by the
+    epoch they name; one that names none (stored before 0.6) belongs to the epoch whose
+    LSNs it falls in: after its start, up to `until_lsn` (the next epoch's start)."""
+    start = lsn_int(epoch.start_lsn)
+    end = lsn_int(until_lsn) if until_lsn else None
+    return [s for s in everything
+            if s.epoch == epoch.start_lsn
+            or (not s.epoch and lsn_int(s.end_lsn) > start
+                and (end is None or lsn_int(s.end_lsn) <= end))]
+
+
+def reach_of(progress: Progress | None, epoch: CaptureState) -> str:
+    """Where the epoch's stored chain reaches: the newest segment's end, else its start."""
+    return (progress.last_segment if progress is not None and progress.last_segment
+            else epoch.start_lsn)
 
 
 def transactions_until(store: Store, database_id: str, epoch: CaptureState,
@@ -194,9 +260,7 @@ def transactions_until(store: Store, database_id: str, epoch: CaptureState,
     applied: set[str] = set()
     start = lsn_int(epoch.start_lsn)
     end = lsn_int(until_lsn) if until_lsn else None
-    for segment in segments(store, database_id):
-        if lsn_int(segment.end_lsn) <= start:
-            continue
+    for segment in segments_of(segments(store, database_id), epoch, until_lsn):
         if parse_time(segment.first_commit_time) > when:
             break
         raw = store.read_small(segment.key)

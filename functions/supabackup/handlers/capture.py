@@ -1,5 +1,8 @@
-"""Lambda entry point for change capture: every minute (the schedule), or by hand to start
-it or see its status.
+"""Lambda entry point for change capture: on a schedule (by default every 5 minutes, each
+run streaming for just under 5: the schedule's event says {"action": "run", "for": 285}),
+or by hand to start it or see its status. A run streams for its "for" or until the
+invocation's remaining time less RUN_MARGIN, whichever comes first; the capture lease
+makes a run that overlaps the one before it wait for it, or leave.
 
 Thin: validate the event, read the direct connection's secret, call the engine, emit the
 slot's health as metrics (the retained-WAL alarm watches them). A run reports to SNS only
@@ -20,9 +23,12 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from .. import capture
 from ..backup import BackupRequest
+from ..capture.stream import FlushPolicy
 from ..report import capture_and_report
 from .common import Invocation, env_int, logger, metrics, read_secret, store
 from .events import parse_capture_event
+
+RUN_MARGIN = 20.0  # seconds a streaming run leaves of its invocation for its last flush
 
 
 @metrics.log_metrics
@@ -30,7 +36,12 @@ from .events import parse_capture_event
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     run = Invocation("capture", "Capture")
     with run.refusing():
-        action = parse_capture_event(event)
+        request = parse_capture_event(event)
+        action = request.action
+        seconds = (None if request.seconds is None else
+                   min(float(request.seconds),
+                       context.get_remaining_time_in_millis() / 1000 - RUN_MARGIN))
+        policy = FlushPolicy(interval=float(request.flush_interval or FlushPolicy.interval))
         limit = env_int("SUPABACKUP_MAX_RETAINED_WAL") or None
         backups = store()
         conn = capture.require_direct(read_secret("SUPABACKUP_CAPTURE_SECRET_ARN"))
@@ -43,8 +54,9 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
                 database_id=database_id, retention="weekly", label="change capture base"))
             return run.succeeded({"slot": state.slot, "plugin": state.plugin,
                                   "base": base.backup_id})
-        result = capture_and_report(conn, backups, database_id, run.notify, limit)
-    stored = result.segment.transactions if result.segment else 0
+        result = capture_and_report(conn, backups, database_id, run.notify, limit,
+                                    seconds=seconds, policy=policy)
+    stored = result.transactions
     metrics.add_metric(name="CapturedTransactions", unit=MetricUnit.Count, value=stored)
     if result.slot:
         metrics.add_metric(name="RetainedWalBytes", unit=MetricUnit.Bytes,
@@ -54,5 +66,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
                                value=result.slot["safe_wal_size"])
     if result.lost:
         metrics.add_metric(name="CaptureSlotLost", unit=MetricUnit.Count, value=1)
-    return run.succeeded({"transactions": stored, "restarted": result.restarted,
-                          "lost": result.lost, "slot": result.slot})
+    return run.succeeded({"transactions": stored, "segments": result.segments,
+                          "restarted": result.restarted, "lost": result.lost,
+                          "left": result.left, "slot": result.slot,
+                          "covered_through": result.covered_through.isoformat()
+                          if result.covered_through else None})

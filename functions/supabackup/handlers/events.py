@@ -26,7 +26,8 @@ VERIFY_FIELDS: dict[str, type] = {"trigger": str, "backup_id": str, "drill": boo
                                   "database_id": str}
 RESTORE_FIELDS: dict[str, type] = {"at": str, "tables": list, "profile": str, "dry_run": bool,
                                    "database_id": str, "jobs": int}
-CAPTURE_FIELDS: dict[str, type] = {"trigger": str, "action": str}
+CAPTURE_FIELDS: dict[str, type] = {"trigger": str, "action": str, "for": int,
+                                   "flush_interval": int}
 CAPTURE_ACTIONS = ("run", "start", "status")
 TRIGGERS = ("schedule", "manual")
 TYPE_NAMES = {str: "string", bool: "boolean (true or false)", list: "list",
@@ -121,11 +122,22 @@ def parse_restore_event(event: Any) -> RestoreRequest:
                           database_id=event.get("database_id"))
 
 
-def parse_capture_event(event: Any) -> str:
-    """The change-capture action an event asks for: run (the schedule's), start or status."""
+@dataclass(frozen=True)
+class CaptureRequest:
+    action: str                       # run (the schedule's), start or status
+    seconds: int | None = None        # run: stream for this long ("for"), else drain once
+    flush_interval: int | None = None  # run: seconds between stores while streaming
+
+
+def parse_capture_event(event: Any) -> CaptureRequest:
+    """The change-capture action an event asks for, and how long a run streams."""
     event = _checked(event, CAPTURE_FIELDS, '{"action": "status"}')
     action = event.get("action") or "run"
     if action not in CAPTURE_ACTIONS:
         raise ConfigError(f"unknown capture action {action!r}",
                           f"use one of: {', '.join(CAPTURE_ACTIONS)}")
-    return str(action)
+    for name in ("for", "flush_interval"):
+        if name in event and (event[name] <= 0 or action != "run"):
+            raise ConfigError(f"event field {name!r} must be a positive number of seconds, "
+                              "with action run", '{"action": "run", "for": 285}')
+    return CaptureRequest(str(action), event.get("for"), event.get("flush_interval"))
