@@ -33,7 +33,7 @@ from .slot import cannot_replay, require_direct, slot_name
 from .state import CaptureState, Segment, epochs, read_state, segments
 from .stream import FlushPolicy
 
-__all__ = ["CaptureRun", "CaptureState", "FlushPolicy", "PointInTimeReport", "Segment", "cannot_replay",
-           "drop", "epochs",
-           "read_state", "require_direct", "restore_to_time", "run", "segments", "slot_name",
-           "start", "status", "status_lines"]
+__all__ = ["CaptureRun", "CaptureState", "FlushPolicy", "PointInTimeReport", "Segment",
+           "cannot_replay", "drop", "epochs", "read_state", "require_direct",
+           "restore_to_time", "run", "segments", "slot_name", "start", "status",
+           "status_lines"]
