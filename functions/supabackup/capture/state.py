@@ -270,8 +270,11 @@ def transactions_until(store: Store, database_id: str, epoch: CaptureState,
         for txn in _decoded(raw, segment.key):
             commit = lsn_int(txn["commit_lsn"])
             if txn["commit_lsn"] in applied or commit < start:
-                continue  # delivered twice (a run that died before advancing), or in the base
-            if parse_time(txn["commit_time"]) > when or (end is not None and commit >= end):
+                continue  # stored twice (before 0.6, by a run that died), or in the base
+            # The next epoch's start bounds a segment that names no epoch only: an epoch
+            # that handed over to the next (lifecycle.rebase) reaches past that start.
+            if parse_time(txn["commit_time"]) > when or (
+                    end is not None and not segment.epoch and commit >= end):
                 return
             applied.add(txn["commit_lsn"])
             yield txn
