@@ -5,7 +5,7 @@ interval, not the schedule.
     start replication from the slot's confirmed position
     -> whole transactions, compressed into a batch as they arrive
     -> every `flush_interval` seconds with something read (or `flush_bytes` of it), and at
-       least every `idle_interval` seconds: a flush (drain.py): check at L, read the
+       least every `idle_interval` seconds (10): a flush (drain.py): check at L, read the
        stream until the server says it has sent everything before L, store, confirm
        through the last whole transaction (a feedback message), record the progress
     -> a last flush just before the deadline, then the connection closes
@@ -50,7 +50,10 @@ class FlushPolicy:
 
     interval: float = 5.0            # seconds: the recovery point while transactions commit
     max_bytes: int = 16 << 20        # of changes read (uncompressed JSON)
-    idle_interval: float = 30.0      # seconds: progress advances this often when idle
+    # seconds: progress advances this often when nothing commits. A new epoch (after DDL)
+    # begins where the last progress ended, so this is also the most an idle database's
+    # DDL costs of the window.
+    idle_interval: float = 10.0
 
     def __post_init__(self) -> None:
         if not (0 < self.interval <= 600 and self.max_bytes > 0
@@ -115,6 +118,15 @@ class _Reader:
         self.cursor.send_feedback(flush_lsn=lsn_int(end_lsn), force=True)
 
 
+def _next_tick(tick: float, interval: float) -> float:
+    """The first tick after now (a flush that took longer than the interval skips ticks)."""
+    now = time.monotonic()
+    tick += interval
+    while tick <= now:
+        tick += interval
+    return tick
+
+
 def stream_epoch(drain: Drain, deadline: float, policy: FlushPolicy,
                  heartbeat: Callable[[], None] = lambda: None) -> tuple[CaptureRun, str]:
     """Stream the running epoch until the monotonic `deadline`: the run, and why the epoch
@@ -123,16 +135,18 @@ def stream_epoch(drain: Drain, deadline: float, policy: FlushPolicy,
     result = CaptureRun(slot=drain.health)
     reader = _Reader(drain, policy.max_bytes)
     try:
-        last_flush = time.monotonic()
-        tick = last_flush + policy.interval
+        final_at = deadline - FINAL_MARGIN
+        last_tick = time.monotonic()  # ticks every `interval`; a flush happens on a tick
+        tick = last_tick + policy.interval
         while True:
-            reader.read(until=min(tick, deadline - FINAL_MARGIN))
+            reader.read(until=min(tick, final_at))
             now = time.monotonic()
-            final = now >= deadline - FINAL_MARGIN
-            if not (final or reader.batch.raw_bytes >= policy.max_bytes
-                    or (now >= tick and reader.batch.meta)
-                    or now - last_flush >= policy.idle_interval):
-                tick = max(tick, now) + policy.interval if now >= tick else tick
+            final, full = now >= final_at, reader.batch.raw_bytes >= policy.max_bytes
+            if not (final or full or now >= tick):
+                continue
+            if not (final or full or reader.batch.meta
+                    or tick - last_tick >= policy.idle_interval - 1e-6):
+                tick = _next_tick(tick, policy.interval)
                 continue
             check = checked(drain.db)
             if check.schema != drain.state.schema:
@@ -141,12 +155,11 @@ def stream_epoch(drain: Drain, deadline: float, policy: FlushPolicy,
             batch, reader.batch = reader.batch, Batch()
             segment, reason = drain.flush(check, batch, complete, reader.read_through,
                                           reader.confirm)
-            last_flush = time.monotonic()
-            tick = max(tick + policy.interval, last_flush)
             covered = drain.progress.verified_at if drain.progress and not reason else None
             result.add(segment, parse_time(covered) if covered else None)
             heartbeat()
             if reason or final:
                 return result, reason
+            last_tick, tick = tick, _next_tick(tick, policy.interval)
     finally:
         reader.close()

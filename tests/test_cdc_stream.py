@@ -1,0 +1,202 @@
+"""Streaming change capture (`cdc run --for`), against a real logical replication slot:
+commits stored within the flush interval, exact restores at the last commit, one drainer
+at a time, and a stream that goes on across a new epoch. Both plugins, as test_cdc.py."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+from supabackup import capture
+from supabackup.backup import BackupRequest
+from supabackup.dburl import ConnectionInfo
+from supabackup.manifest import parse_time
+from supabackup.store import Store
+
+from devkit.compare import table_fingerprints
+from devkit.pg import Cluster, logical_cluster
+
+FLUSH = 5.0     # the default flush interval
+MARGIN = 5.0    # a flush's own time (check, catch-up, three small S3 writes), on a busy CI box
+
+
+@pytest.fixture(scope="module", params=[(15, "wal2json"), (17, "pgoutput")],
+                ids=["pg15-wal2json", "pg17-pgoutput"])
+def logical(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    major, plugin = request.param
+    cluster = logical_cluster(major).start()
+    cluster.plugin = plugin  # type: ignore[attr-defined]
+    yield cluster
+    cluster.stop()
+
+
+def _conn(cluster: Cluster, db: str) -> ConnectionInfo:
+    return ConnectionInfo.from_url(cluster.url(db))
+
+
+def _started(cluster: Cluster, store: Store, db: str) -> str:
+    cluster.drop_database(db)
+    cluster.create_database(db)
+    cluster.execute("CREATE TABLE ticks (id int PRIMARY KEY, at timestamptz NOT NULL, "
+                    "note text)", db)
+    state, base = capture.start(_conn(cluster, db), store, BackupRequest())
+    assert state.plugin == cluster.plugin  # type: ignore[attr-defined]
+    return base.database_id
+
+
+def _stored_commits(store: Store, database_id: str) -> list[str]:
+    lsns = []
+    for segment in capture.segments(store, database_id):
+        raw = store.read_small(segment.key)
+        assert raw is not None
+        lsns += [json.loads(line)["commit_lsn"] for line in gzip.decompress(raw).splitlines()]
+    return lsns
+
+
+def _in_background(target: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, list[Any]]:
+    """Run `target` in a thread; its result (or exception) lands in the returned list."""
+    out: list[Any] = []
+
+    def body() -> None:
+        try:
+            out.append(target(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - the test re-raises it
+            out.append(exc)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _result(thread: threading.Thread, out: list[Any]) -> Any:
+    thread.join(timeout=120)
+    assert not thread.is_alive() and out, "the capture run did not end"
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
+
+
+def test_commits_at_a_steady_pace_are_stored_within_the_flush_interval_and_restore_exactly(
+        logical: Cluster, store: Store) -> None:
+    db = "stream_steady"
+    database_id = _started(logical, store, db)
+    # GIVEN `cdc run --for 30` streaming at the default flush interval
+    thread, out = _in_background(capture.run, _conn(logical, db), store, database_id,
+                                 seconds=30.0, policy=capture.FlushPolicy(interval=FLUSH))
+    # WHEN a writer commits twice a second for 20 seconds, noting when each committed,
+    # and the store's index is watched for when each became stored
+    committed: dict[int, tuple[float, datetime]] = {}
+    stored: dict[int, float] = {}
+    writer = logical.connect(db)
+    writer.autocommit = True
+    with writer.cursor() as cur:
+        for i in range(40):
+            cur.execute("INSERT INTO ticks VALUES (%s, clock_timestamp(), %s) "
+                        "RETURNING clock_timestamp()", (i, f"tick {i}"))
+            committed[i] = (time.monotonic(), cur.fetchone()[0])
+            _watch(store, database_id, committed, stored)
+            time.sleep(0.5)
+        cur.execute("SELECT clock_timestamp()")
+        last_commit = cur.fetchone()[0]
+    writer.close()
+    deadline = time.monotonic() + 2 * (FLUSH + MARGIN)
+    while len(stored) < len(committed) and time.monotonic() < deadline:
+        _watch(store, database_id, committed, stored)
+        time.sleep(0.2)
+    result = _result(thread, out)
+    # THEN every commit was stored within the flush interval plus a margin, once
+    assert set(stored) == set(committed)
+    late = {i: round(stored[i] - committed[i][0], 1) for i in committed
+            if stored[i] - committed[i][0] > FLUSH + MARGIN}
+    assert not late, f"stored later than {FLUSH + MARGIN} s after the commit: {late}"
+    assert result.transactions == 40 and result.segments >= 3 and not result.restarted
+    commits = _stored_commits(store, database_id)
+    assert len(commits) == len(set(commits)) == 40
+    # and a restore to the last commit's time is the source, exactly
+    assert result.covered_through is not None and result.covered_through >= last_commit
+    logical.drop_database("stream_steady_at")
+    logical.create_database("stream_steady_at")
+    report = capture.restore_to_time(store, database_id, _conn(logical, "stream_steady_at"),
+                                     last_commit)
+    assert report.transactions == 40
+    assert table_fingerprints(logical.url("stream_steady_at")) == \
+        table_fingerprints(logical.url(db))
+
+
+def _watch(store: Store, database_id: str, committed: dict[int, tuple[float, datetime]],
+           stored: dict[int, float]) -> None:
+    """Note the first moment each commit is in a stored segment (by commit time: the
+    segment's last commit is at or after it)."""
+    segments = capture.segments(store, database_id)
+    if not segments:
+        return
+    newest = max(parse_time(s.last_commit_time) for s in segments)
+    now = time.monotonic()
+    for i, (_, at) in committed.items():
+        if i not in stored and at <= newest:
+            stored[i] = now
+
+
+def test_two_drainers_started_together_one_drains_the_other_leaves_nothing_stored_twice(
+        logical: Cluster, store: Store) -> None:
+    db = "stream_two"
+    database_id = _started(logical, store, db)
+    # GIVEN two streaming runs started at the same moment
+    runs = [_in_background(capture.run, _conn(logical, db), store, database_id, seconds=8.0,
+                           policy=capture.FlushPolicy(interval=1.0)) for _ in range(2)]
+    # WHEN rows commit while they run
+    for i in range(10):
+        logical.execute(f"INSERT INTO ticks VALUES ({i}, now(), 'two')", db)
+        time.sleep(0.3)
+    results = [_result(*run) for run in runs]
+    # THEN one drained, the other waited, then left saying who holds the lease
+    drained = [r for r in results if not r.left]
+    left = [r for r in results if r.left]
+    assert len(drained) == 1 and len(left) == 1, results
+    assert "another capture run of" in left[0].left and left[0].transactions == 0
+    assert drained[0].transactions == 10
+    # and nothing was stored twice, and the lease is free again
+    commits = _stored_commits(store, database_id)
+    assert len(commits) == len(set(commits)) == 10
+    again = capture.run(_conn(logical, db), store, database_id)
+    assert not again.left and again.segment is None
+
+
+def test_a_stream_goes_on_into_the_new_epoch_a_schema_change_starts(
+        logical: Cluster, store: Store) -> None:
+    db = "stream_ddl"
+    database_id = _started(logical, store, db)
+    thread, out = _in_background(capture.run, _conn(logical, db), store, database_id,
+                                 seconds=16.0, policy=capture.FlushPolicy(interval=1.0,
+                                                                          idle_interval=1.0))
+    logical.execute("INSERT INTO ticks VALUES (1, now(), 'before')", db)
+    time.sleep(2.5)
+    before = logical.execute("SELECT clock_timestamp()", db)[0][0]
+    expected_before = table_fingerprints(logical.url(db))
+    time.sleep(2)  # a flush (every second here) checks past `before`: the DDL's own moment
+    # is not in the stream, so the epoch ends at the last check before it
+    # WHEN the schema changes while the stream runs, and rows that use it commit
+    logical.execute("ALTER TABLE ticks ADD COLUMN extra int DEFAULT 7", db)
+    time.sleep(1.2)  # backup ids have one-second resolution: the new base needs its own
+    time.sleep(5)  # the stream finds the change, takes a new base, streams on
+    logical.execute("INSERT INTO ticks VALUES (2, now(), 'after', 8)", db)
+    time.sleep(3)
+    after = logical.execute("SELECT clock_timestamp()", db)[0][0]
+    result = _result(thread, out)
+    # THEN the run started a new epoch and kept streaming in it
+    assert result.restarted == "the schema changed" and not result.lost
+    assert len(capture.epochs(store, database_id)) == 2
+    assert result.covered_through is not None and result.covered_through >= after
+    # and restores on both sides are exact
+    for name, when, expected in [("stream_ddl_before", before, expected_before),
+                                 ("stream_ddl_after", after, table_fingerprints(logical.url(db)))]:
+        logical.drop_database(name)
+        logical.create_database(name)
+        capture.restore_to_time(store, database_id, _conn(logical, name), when)
+        assert table_fingerprints(logical.url(name)) == expected, name
