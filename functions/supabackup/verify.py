@@ -11,6 +11,13 @@ A backup nobody has read back is a hope. For each backup, verify
     must exist and itself be readable, and list every part it relies on as recorded.
 A manifest that cannot be parsed is a finding of its own, named by its key.
 
+Verifying every backup of a database verifies its change capture too (capture/audit.py):
+every epoch's base backup has a manifest; every index entry's segment exists with the
+size and sha256 the entry records; each epoch's entries form a chain without gaps; each
+progress record's newest segment is still indexed. Those findings are named by the key
+under <database-id>/cdc/ ("cdc/segments/<end-lsn>.jsonl.gz: missing"). A store without
+capture verifies as before; `--backup` verifies that backup's chain only.
+
 With a drill server, verify then restores the chosen backup (or the newest) into a
 scratch database there and compares every table with what the backup recorded in its own
 snapshot (drill.py); each mismatch is a finding that names the table.
@@ -24,6 +31,7 @@ from typing import Any
 
 import zstandard
 
+from .capture.audit import CaptureAudit, audit_store
 from .dburl import ConnectionInfo
 from .drill import DrillReport, run_drill
 from .errors import BackupNotFound, RestoreFailed, StoreError
@@ -32,6 +40,7 @@ from .pgtools import Child, exit_reason, find_tools
 from .store import MANIFEST, Store
 
 log = logging.getLogger(__name__)
+CAPTURE = "cdc"  # the folder change capture keeps its records in: its findings' first part
 
 
 @dataclass(frozen=True)
@@ -51,16 +60,21 @@ class VerifyReport:
     findings: list[Finding] = field(default_factory=list)
     bytes_read: int = 0
     drill: DrillReport | None = None
+    capture: CaptureAudit | None = None  # what was checked of change capture, if any
 
     @property
     def ok(self) -> bool:
         return not self.findings
 
     def summary(self) -> dict[str, Any]:
-        """What the CLI's last line and the SNS message say."""
-        return {"database_id": self.database_id, "verified": self.verified,
-                "bytes_read": self.bytes_read, "problems": [str(f) for f in self.findings],
-                "drill": self.drill.summary() if self.drill else None}
+        """What the CLI's last line and the SNS message say (with change capture: what
+        was checked of it)."""
+        found = {"database_id": self.database_id, "verified": self.verified,
+                 "bytes_read": self.bytes_read, "problems": [str(f) for f in self.findings],
+                 "drill": self.drill.summary() if self.drill else None}
+        if self.capture is not None:
+            found["capture"] = self.capture.summary()
+        return found
 
 
 def verify_database(store: Store, database_id: str, backup_id: str | None = None,
@@ -69,6 +83,7 @@ def verify_database(store: Store, database_id: str, backup_id: str | None = None
 
     With `drill`, the backup (or the newest one) is then restored on that server and
     compared with what it recorded, unless its objects already failed to verify.
+    Verifying every backup verifies the database's change capture too, when it has any.
     """
     report = VerifyReport(database_id=database_id)
     manifests: dict[str, Manifest] = {}
@@ -94,6 +109,8 @@ def verify_database(store: Store, database_id: str, backup_id: str | None = None
         report.findings += _check_held_parts(manifest, manifests)
         report.findings += _check_objects(store, manifest, report)
         report.verified.append(bid)
+    if backup_id is None:
+        _check_capture(store, database_id, manifests, keys, report)
     if drill is not None:
         _drill(store, manifests, backup_id or max(manifests, default=""), drill, report)
     return report
@@ -117,6 +134,16 @@ def _drill(store: Store, manifests: dict[str, Manifest], backup_id: str,
         report.findings.append(Finding(backup_id, "drill", f"the restore failed: {exc.message}"))
         return
     report.findings += [Finding(backup_id, m.table, m.problem) for m in report.drill.mismatches]
+
+
+def _check_capture(store: Store, database_id: str, manifests: dict[str, Manifest],
+                   keys: list[str], report: VerifyReport) -> None:
+    unreadable = {k.rsplit("/", 2)[-2] for k in keys} - set(manifests)
+    report.capture = audit_store(store, database_id, manifests, unreadable)
+    if report.capture is not None:
+        report.bytes_read += report.capture.bytes_read
+        report.findings += [Finding(CAPTURE, p.name, p.problem)
+                            for p in report.capture.problems]
 
 
 def _with_chain(backup_id: str, manifests: dict[str, Manifest]) -> list[str]:
