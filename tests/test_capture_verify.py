@@ -15,7 +15,7 @@ import pytest
 from supabackup import capture
 from supabackup.backup import BackupRequest, run_backup
 from supabackup.capture.audit import Read, Stored, audit
-from supabackup.capture.state import CaptureState, Progress, Segment, lsn_key
+from supabackup.capture.state import CaptureState, Progress, Segment, entry_name, lsn_key
 from supabackup.dburl import ConnectionInfo
 from supabackup.errors import VerifyFailed
 from supabackup.manifest import Manifest
@@ -78,11 +78,15 @@ def captured(logical: Cluster, store: Store, request: pytest.FixtureRequest
 
 
 def _name(segment: Segment) -> str:
-    return f"cdc/segments/{lsn_key(segment.end_lsn)}.jsonl.gz"
+    return f"cdc/segments/{entry_name(segment.end_lsn, segment.epoch)}.jsonl.gz"
+
+
+def _index(segment: Segment) -> str:
+    return f"index/{entry_name(segment.end_lsn, segment.epoch)}.json"
 
 
 def _index_key(store: Store, found: Captured, segment: Segment) -> str:
-    return store.key(found.database_id, "cdc", "index", f"{lsn_key(segment.end_lsn)}.json")
+    return store.key(found.database_id, "cdc", _index(segment))
 
 
 def _problems(store: Store, found: Captured) -> list[str]:
@@ -123,8 +127,7 @@ def test_a_deleted_segment_object_is_named_missing(captured: Captured, store: St
     gone = captured.segments[1]
     s3.delete_object(Bucket=BUCKET, Key=gone.key)
     assert _problems(store, captured) == [
-        f"{_name(gone)}: missing (its index entry index/{lsn_key(gone.end_lsn)}.json "
-        "names it)"]
+        f"{_name(gone)}: missing (its index entry {_index(gone)} names it)"]
 
 
 def test_an_overwritten_segment_is_named_damaged(captured: Captured, store: Store,
@@ -149,7 +152,7 @@ def test_a_middle_segment_deleted_with_its_index_entry_is_a_gap_naming_the_range
     assert _problems(store, captured) == [
         f"cdc/epochs/{lsn_key(epoch)}.json: a gap in epoch {epoch}: no stored segment holds "
         f"the changes from {before.end_lsn} to {gone.end_lsn} (the next entry, "
-        f"index/{lsn_key(after.end_lsn)}.json, begins after {gone.end_lsn})"]
+        f"{_index(after)}, begins after {gone.end_lsn})"]
 
 
 def test_the_newest_index_entry_deleted_is_named_by_the_progress_record(
@@ -157,11 +160,10 @@ def test_the_newest_index_entry_deleted_is_named_by_the_progress_record(
     newest = captured.segments[-1]
     s3.delete_object(Bucket=BUCKET, Key=_index_key(store, captured, newest))
     epoch = captured.epoch.start_lsn
-    key = lsn_key(newest.end_lsn)
     assert _problems(store, captured) == [
         f"cdc/progress/{lsn_key(epoch)}.json: names the newest segment of epoch {epoch}, "
-        f"ending at {newest.end_lsn}, but its index entry index/{key}.json is gone "
-        f"(segments/{key}.jsonl.gz no longer counts): the epoch's newest changes are lost"]
+        f"ending at {newest.end_lsn}, but its index entry {_index(newest)} is gone "
+        "(its segment no longer counts): the epoch's newest changes are lost"]
 
 
 def test_an_epoch_whose_base_manifest_was_deleted_is_named(
@@ -225,5 +227,6 @@ def test_entries_that_name_no_epoch_are_assigned_by_lsn_and_not_gap_checked() ->
     objects = {e.key: Read(size=1, sha256="s", transactions=1) for e in entries}
     assert [str(p) for p in audit(stored, {"b1": "", "b2": ""}, objects)] == [
         f"epochs/{lsn_key('0/500')}.json: a gap in epoch 0/500: no stored segment holds the "
-        f"changes from 0/600 to 0/700 (the next entry, index/{lsn_key('0/900')}.json, "
+        f"changes from 0/600 to 0/700 (the next entry, index/{entry_name('0/900', '0/500')}"
+        ".json, "
         "begins after 0/700)"]

@@ -32,6 +32,7 @@ from .state import (
     CaptureState,
     Progress,
     Segment,
+    entry_name,
     lsn_int,
     lsn_key,
     read_record,
@@ -103,7 +104,7 @@ def audit(stored: Stored, bases: Mapping[str, str], objects: Mapping[str, Read |
     starts = {e.start_lsn for e in stored.epochs}
     for entry in stored.entries:
         if entry.epoch and entry.epoch not in starts:
-            problems.append(Problem(_index_name(entry.end_lsn), (
+            problems.append(Problem(_index_name(entry.end_lsn, entry.epoch), (
                 f"names epoch {entry.epoch}, which has no record (epochs/"
                 f"{lsn_key(entry.epoch)}.json is missing): no restore replays it")))
         problems += _segment_problems(entry, objects.get(entry.key))
@@ -130,7 +131,7 @@ def _gaps(epoch: CaptureState, entries: list[Segment]) -> list[Problem]:
             problems.append(Problem(_epoch_name(epoch), (
                 f"a gap in epoch {epoch.start_lsn}: no stored segment holds the changes "
                 f"from {reach} to {entry.after} (the next entry, "
-                f"{_index_name(entry.end_lsn)}, begins after {entry.after})")))
+                f"{_index_name(entry.end_lsn, entry.epoch)}, begins after {entry.after})")))
         reach = max(reach, entry.end_lsn, key=lsn_int)
     return problems
 
@@ -149,14 +150,14 @@ def _progress_problems(epoch: CaptureState, stored: Stored, entries: list[Segmen
         return []
     return [Problem(name, (
         f"names the newest segment of epoch {epoch.start_lsn}, ending at {last}, but its "
-        f"index entry {_index_name(last)} is gone (segments/{lsn_key(last)}.jsonl.gz no "
-        "longer counts): the epoch's newest changes are lost"))]
+        f"index entry {_index_name(last, epoch.start_lsn)} is gone (its segment no longer "
+        "counts): the epoch's newest changes are lost"))]
 
 
 def _segment_problems(entry: Segment, found: Read | None) -> list[Problem]:
     name = _segment_name(entry)
     if found is None:
-        return [Problem(name, f"missing (its index entry {_index_name(entry.end_lsn)} "
+        return [Problem(name, f"missing (its index entry {_index_name(entry.end_lsn, entry.epoch)} "
                         "names it)")]
     if found.unread:
         return [Problem(name, f"could not be read: {found.unread}")]
@@ -178,8 +179,8 @@ def _epoch_name(epoch: CaptureState) -> str:
     return f"epochs/{lsn_key(epoch.start_lsn)}.json"
 
 
-def _index_name(end_lsn: str) -> str:
-    return f"index/{lsn_key(end_lsn)}.json"
+def _index_name(end_lsn: str, epoch: str) -> str:
+    return f"index/{entry_name(end_lsn, epoch) if epoch else lsn_key(end_lsn)}.json"
 
 
 def _segment_name(entry: Segment) -> str:

@@ -74,6 +74,8 @@ class CaptureRun:
     transactions: int = 0         # how many transactions they hold
     left: str = ""                # why it did nothing: another drainer holds the lease
     lost_window: str = ""         # with `lost`: the times no restore can reach now
+    rebased: bool = False         # it handed the epoch over to a new base (no gap)
+    rebase_error: str = ""        # a rebase it tried failed (capture went on)
 
     def absorb(self, other: CaptureRun) -> None:
         """Count what `other` (a later part of this run) did."""
@@ -85,6 +87,8 @@ class CaptureRun:
         self.covered_through = other.covered_through or self.covered_through
         self.segments += other.segments
         self.transactions += other.transactions
+        self.rebased = self.rebased or other.rebased
+        self.rebase_error = self.rebase_error or other.rebase_error
 
     def add(self, segment: Segment | None, covered: datetime | None) -> None:
         if segment is not None:

@@ -27,7 +27,7 @@ from ..backup import BackupRequest, run_backup
 from ..db import connect
 from ..dburl import ConnectionInfo
 from ..definitions import definitions_fingerprint
-from ..errors import CaptureError, ConfigError, RunInProgress, StoreError
+from ..errors import CaptureError, ConfigError, RunInProgress, StoreError, SupabackupError
 from ..manifest import Manifest, parse_time, utcnow
 from ..store import Store
 from .drain import CaptureRun, drain_once, open_drain, table_files
@@ -66,6 +66,10 @@ log = logging.getLogger(__name__)
 MAX_SECONDS = 24 * 3600     # the longest --for
 MAX_WAIT = 60.0             # seconds a stream waits for the drainer before it to end
 LEASE_MARGIN = 90           # seconds a stream's lease outlives its last renewal
+# A new base this often, handed over without a gap: a restore to a time replays at most
+# about this much, and captured changes older than the window plus this can expire.
+REBASE_EVERY = timedelta(days=1)
+HANDED_OVER = "handed over to the epoch"  # how an epoch that was rebased ended
 
 
 def _schema_in(conn: ConnectionInfo, snapshot: str) -> tuple[str, list[str], dict[str, int]]:
@@ -90,7 +94,21 @@ def start(conn: ConnectionInfo, store: Store, request: BackupRequest) -> tuple[C
     if read_state(store, database_id) is not None:
         raise ConfigError(f"change capture of {database_id} is already started",
                           "use `supabackup cdc run`, or `supabackup cdc drop` to start over")
-    slot = slot_name(conn)
+    state, base = _begin_epoch(conn, store, database_id, slot_name(conn), request)
+    try:
+        put_json(store, store_key(store, database_id, "state.json"), asdict(state))
+    except BaseException:
+        abandon(conn, state.slot, state.plugin)
+        raise
+    log.info("change capture of %s started: slot %s at %s, base %s", database_id, state.slot,
+             state.start_lsn, base.backup_id)
+    return state, base
+
+
+def _begin_epoch(conn: ConnectionInfo, store: Store, database_id: str, slot: str,
+                 request: BackupRequest) -> tuple[CaptureState, Manifest]:
+    """A new slot and the base backup in its exported snapshot, recorded as an epoch (its
+    record and its first progress); the caller makes it the running one."""
     plugin, repl, start_lsn, snapshot, published = create_slot(conn, slot)
     try:
         # The exported snapshot lives while this connection stays idle: the base is taken
@@ -106,25 +124,97 @@ def start(conn: ConnectionInfo, store: Store, request: BackupRequest) -> tuple[C
                              publication=",".join(publications(slot)) if plugin == "pgoutput"
                              else "", base_at=base.snapshot_at, schema=schema)
         put_json(store, store_key(store, database_id, "epochs", f"{lsn_key(start_lsn)}.json"),
-                  asdict(state))
+                 asdict(state))
         put_json(store, progress_key(store, database_id, state),
-                  asdict(Progress(verified_lsn=start_lsn, verified_at=base.snapshot_at,
-                                  files=files)))
-        put_json(store, store_key(store, database_id, "state.json"), asdict(state))
+                 asdict(Progress(verified_lsn=start_lsn, verified_at=base.snapshot_at,
+                                 files=files)))
     except BaseException:
         # A slot nobody reads holds WAL on the database: a start that fails leaves none.
         repl.close()
         abandon(conn, slot, plugin)
         raise
-    log.info("change capture of %s started: slot %s at %s, base %s", database_id, slot,
-             start_lsn, base.backup_id)
     return state, base
+
+
+def _next_slot(conn: ConnectionInfo, slot: str) -> str:
+    """The slot a rebase creates beside `slot`: capture alternates between two names."""
+    first = slot_name(conn)
+    return f"{first}_next" if slot == first else first
+
+
+def _base_request(store: Store, database_id: str, state: CaptureState,
+                  label: str) -> BackupRequest:
+    """A new epoch's base: a weekly full, with the profile of the base before it."""
+    profile = next((m.profile for m in store.manifests(database_id)
+                    if m.backup_id == state.base), None)
+    return BackupRequest(database_id=database_id, retention="weekly", profile=profile,
+                         label=label[:200], trigger="schedule")
+
+
+def _begin_rebase(conn: ConnectionInfo, store: Store, database_id: str,
+                  state: CaptureState) -> None:
+    """Start handing the running epoch over to a new one, without a gap: a second slot and
+    its base, recorded as the epoch the running one hands over to (`handover` in
+    state.json). The old slot keeps being drained until its progress passes the new
+    base's time (_finish_rebase); until then both slots hold WAL. A restore to a time
+    uses the newest epoch whose base is at or before it, so the times before the new base
+    stay the old epoch's, and no time falls between the two."""
+    _after_last_base(store, database_id)
+    log.info("change capture of %s: rebasing (the base %s is from %s)", database_id,
+             state.base, state.base_at)
+    new, base = _begin_epoch(conn, store, database_id, _next_slot(conn, state.slot),
+                             _base_request(store, database_id, state,
+                                           f"change capture base: rebase of {state.base}"))
+    put_json(store, store_key(store, database_id, "state.json"),
+             asdict(replace(state, handover=new.start_lsn)))
+    log.info("change capture of %s: new base %s, slot %s from %s; the old slot drains "
+             "past it", database_id, base.backup_id, new.slot, new.start_lsn)
+
+
+def _finish_rebase(conn: ConnectionInfo, store: Store, database_id: str) -> bool:
+    """End a handover whose old epoch now reaches the new base: the new epoch runs, the
+    old slot goes. False while the old epoch has not got there yet."""
+    state = read_state(store, database_id)
+    if state is None or not state.handover:
+        return False
+    new = next((e for e in epochs(store, database_id) if e.start_lsn == state.handover), None)
+    progress = read_progress(store, database_id, state)
+    if new is None:
+        raise StoreError(f"capture state of {database_id} hands over to the epoch "
+                         f"{state.handover}, which is not in the store",
+                         "`supabackup cdc drop`, then `cdc start`")
+    if progress is None or parse_time(progress.verified_at) < parse_time(new.base_at):
+        return False
+    put_json(store, progress_key(store, database_id, state),
+             asdict(replace(progress, ended=f"{HANDED_OVER} {new.start_lsn} (base {new.base})")))
+    put_json(store, store_key(store, database_id, "state.json"), asdict(new))
+    drop_slot(conn, state.slot)
+    if state.plugin == "pgoutput":
+        drop_publications(conn, state.slot)
+    log.info("change capture of %s: handed over to the epoch %s (base %s)", database_id,
+             new.start_lsn, new.base)
+    return True
+
+
+def _after_last_base(store: Store, database_id: str) -> None:
+    """Backup ids have one-second resolution: a base within a second of the last one would
+    take its id, fail, and leave capture stopped; wait that second out."""
+    newest = max((parse_time(e.base_at) for e in epochs(store, database_id)), default=None)
+    wait = 1.1 - (utcnow() - newest).total_seconds() if newest else 0
+    if wait > 0:
+        time.sleep(wait)
+
+
+def _rebase_due(state: CaptureState, every: timedelta | None) -> bool:
+    return (every is not None and not state.handover
+            and utcnow() - parse_time(state.base_at) >= every)
 
 
 def run(conn: ConnectionInfo, store: Store, database_id: str,
         after_upload: Callable[[Segment], None] = lambda segment: None,
         max_retained_wal: int | None = None, seconds: float | None = None,
-        policy: FlushPolicy | None = None, owner: str = "") -> CaptureRun:
+        policy: FlushPolicy | None = None, owner: str = "",
+        rebase_every: timedelta | None = REBASE_EVERY) -> CaptureRun:
     """A capture run: one drain of what the slot holds, or, with `seconds`, a stream of it
     for that long (stream.py); under the capture lease, so a second drainer started at
     the same time waits a little, then leaves and says so (CaptureRun.left).
@@ -134,8 +224,9 @@ def run(conn: ConnectionInfo, store: Store, database_id: str,
     more than `max_retained_wal` bytes, which is dropped before it fills the disk, and
     definitions that changed since the base (DDL is not in the stream: later changes must
     be replayed onto a base that has it). A stream goes on in the new epoch while its time
-    lasts. `after_upload` runs between a segment's commit and the slot's confirm (tests
-    crash there on purpose).
+    lasts. An epoch whose base is older than `rebase_every` hands over to a new one with
+    no gap (_begin_rebase), so restores replay at most about that much. `after_upload`
+    runs between a segment's commit and the slot's confirm (tests crash there on purpose).
     """
     require_direct(conn)
     if max_retained_wal is not None and max_retained_wal < 0:
@@ -158,7 +249,7 @@ def run(conn: ConnectionInfo, store: Store, database_id: str,
     try:
         return _drain(conn, store, database_id, after_upload, max_retained_wal, seconds,
                       deadline, policy or FlushPolicy(), lambda: locks.renew(store, lease, hold),
-                      lambda: locks.renew(store, lease, locks.LEASE))
+                      lambda: locks.renew(store, lease, locks.LEASE), rebase_every)
     finally:
         locks.release(store, lease)
 
@@ -166,26 +257,55 @@ def run(conn: ConnectionInfo, store: Store, database_id: str,
 def _drain(conn: ConnectionInfo, store: Store, database_id: str,
            after_upload: Callable[[Segment], None], max_retained_wal: int | None,
            seconds: float | None, deadline: float, policy: FlushPolicy,
-           heartbeat: Callable[[], None], before_base: Callable[[], None]) -> CaptureRun:
+           heartbeat: Callable[[], None], before_base: Callable[[], None],
+           rebase_every: timedelta | None) -> CaptureRun:
+    """Drain epoch after epoch while the run's time lasts: a new one after a reason to
+    end one, a handover when the base is older than `rebase_every`. While a handover is
+    under way the old slot is drained once at a time (a peek), which reaches past the new
+    base at once; then the new epoch streams."""
     total = CaptureRun()
     while True:
+        state = read_state(store, database_id)
+        if state is not None and not total.rebased and _rebase_due(state, rebase_every):
+            before_base()
+            total.rebase_error = _try_rebase(conn, store, database_id, state)
         drain, reason, health = open_drain(conn, store, database_id, max_retained_wal,
                                            after_upload)
         total.slot = total.slot or health
         lost = bool(reason)
+        handing_over = drain is not None and bool(drain.state.handover)
         if drain is not None:
             try:
-                done, reason = (stream_epoch(drain, deadline, policy, heartbeat) if seconds
-                                else drain_once(drain))
+                done, reason = (stream_epoch(drain, deadline, policy, heartbeat)
+                                if seconds and not handing_over else drain_once(drain))
             finally:
                 drain.close()
             total.absorb(done)
+        time_left = bool(seconds) and time.monotonic() < deadline - FINAL_MARGIN
         if not reason:
+            if handing_over and _finish_rebase(conn, store, database_id):
+                total.rebased = True
+            if handing_over and time_left:
+                continue
             return total
         before_base()
         total.absorb(_restarted(conn, store, database_id, reason, lost=lost))
-        if not seconds or time.monotonic() >= deadline - FINAL_MARGIN:
+        if not time_left:
             return total
+
+
+def _try_rebase(conn: ConnectionInfo, store: Store, database_id: str,
+                state: CaptureState) -> str:
+    """Begin a handover; a failure never stops the drain (the old epoch runs on): the
+    next run tries again. What went wrong, or ""."""
+    try:
+        _begin_rebase(conn, store, database_id, state)
+    except RunInProgress as exc:  # a backup runs: its turn first
+        log.info("rebase postponed: %s", exc.message)
+    except SupabackupError as exc:
+        log.error("rebase failed (capture goes on in the old epoch): %s", exc)
+        return f"rebase failed: {exc}"
+    return ""
 
 
 def _restarted(conn: ConnectionInfo, store: Store, database_id: str, reason: str,
@@ -200,18 +320,18 @@ def _restarted(conn: ConnectionInfo, store: Store, database_id: str, reason: str
     previous = read_progress(store, database_id, state) or Progress(state.start_lsn,
                                                                      state.base_at)
     put_json(store, progress_key(store, database_id, state),
-              asdict(replace(previous, ended=reason)))
+             asdict(replace(previous, ended=reason)))
+    pending = next((e for e in epochs(store, database_id) if e.start_lsn == state.handover),
+                   None) if state.handover else None
+    if pending is not None:  # a handover under way ends with the epoch it hands from
+        begun = read_progress(store, database_id, pending)
+        if begun is not None:
+            put_json(store, progress_key(store, database_id, pending),
+                     asdict(replace(begun, ended=reason)))
     drop(conn, store, database_id)
-    # Backup ids have one-second resolution: a base within a second of the last one would
-    # take its id, fail, and leave capture stopped.
-    wait = 1.1 - (utcnow() - parse_time(state.base_at)).total_seconds()
-    if wait > 0:
-        time.sleep(wait)
-    profile = next((m.profile for m in store.manifests(database_id)
-                    if m.backup_id == state.base), None)
-    _, base = start(conn, store, BackupRequest(
-        database_id=database_id, retention="weekly", profile=profile,
-        label=f"change capture base: {reason}"[:200], trigger="schedule"))
+    _after_last_base(store, database_id)
+    _, base = start(conn, store, _base_request(store, database_id, state,
+                                               f"change capture base: {reason}"))
     return CaptureRun(restarted=reason, lost=lost,
                       lost_window=f"{previous.verified_at} to {base.snapshot_at}",
                       covered_through=parse_time(base.snapshot_at))
@@ -227,7 +347,8 @@ def drop(conn: ConnectionInfo, store: Store, database_id: str) -> CaptureState |
     except StoreError as exc:
         log.warning("dropping capture of %s without its state: %s", database_id, exc)
         state = None
-    slots = {slot_name(conn)} | ({state.slot} if state else set())
+    slots = {slot_name(conn), _next_slot(conn, slot_name(conn))} | (
+        {state.slot} if state else set())
     for slot in sorted(slots):
         drop_slot(conn, slot)
         drop_publications(conn, slot)

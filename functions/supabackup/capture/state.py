@@ -47,7 +47,10 @@ TAGS = {"retention": "capture"}  # what the lifecycle rule for captured changes 
 
 
 def lsn_int(lsn: str) -> int:
-    high, low = lsn.split("/")
+    """A WAL position's number; ValueError when the text is none."""
+    high, sep, low = lsn.partition("/")
+    if not sep or not high or not low:
+        raise ValueError(f"not a WAL position: {lsn[:40]!r}")
     return (int(high, 16) << 32) | int(low, 16)
 
 
@@ -65,6 +68,7 @@ class CaptureState:
     publication: str = ""  # pgoutput's publications, comma-separated; wal2json needs none
     base_at: str = ""      # the base's snapshot time
     schema: str = ""       # definitions fingerprint when the base was taken
+    handover: str = ""     # state.json only: the epoch (start LSN) a rebase hands over to
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,14 @@ def read_record(store: Store, key: str, kind: type[R], what: str) -> R | None:
         if isinstance(found, CaptureState) and not (found.base_at and found.start_lsn
                                                     and found.plugin in PLUGINS):
             raise ValueError("it names no base time, start position or known plugin")
+        for name in ("epoch", "after", "last_segment", "handover"):
+            value = getattr(found, name, "")
+            if value:
+                try:
+                    lsn_int(value)
+                except ValueError:
+                    raise ValueError(f"its {name} is not a WAL position: {value[:40]!r}"
+                                     ) from None
         for value in getattr(found, "sequences", {}).values():
             if not (len(value) == 2 and type(value[0]) is int and type(value[1]) is bool):
                 raise ValueError(f"a sequence value {str(value)[:40]} is not [int, bool]")
@@ -200,12 +212,21 @@ class Batch:
         return b"".join(self._parts) + self._zip.flush()
 
 
+def entry_name(end_lsn: str, epoch_lsn: str) -> str:
+    """A segment's and its index entry's name: its end LSN, then its epoch's start. Two
+    epochs' slots stream the same transactions for a while after a rebase, and may end a
+    segment at the same LSN: the epoch keeps them apart. Keys still sort by end LSN (a
+    name of before 0.6 is the end LSN alone)."""
+    return f"{lsn_key(end_lsn)}.{lsn_key(epoch_lsn)}"
+
+
 def write_segment(store: Store, database_id: str, batch: Batch, epoch: CaptureState,
                   after: str, check: Check) -> Segment:
     """Store a batch as a segment, then its index entry, the commit marker."""
     transactions, body = batch.meta, batch.body()
     end_lsn = transactions[-1]["end_lsn"]
-    key = store_key(store, database_id, "segments", f"{lsn_key(end_lsn)}.jsonl.gz")
+    name = entry_name(end_lsn, epoch.start_lsn)
+    key = store_key(store, database_id, "segments", f"{name}.jsonl.gz")
     segment = Segment(key=key, end_lsn=end_lsn, transactions=len(transactions),
                       first_commit_time=transactions[0]["commit_time"],
                       last_commit_time=transactions[-1]["commit_time"], size=len(body),
@@ -214,7 +235,7 @@ def write_segment(store: Store, database_id: str, batch: Batch, epoch: CaptureSt
                       epoch=epoch.start_lsn, after=after)
     store.put_small(key, body, tags=TAGS)
     # The index entry is written last: a segment without one does not count.
-    store.put_small(store_key(store, database_id, "index", f"{lsn_key(end_lsn)}.json"),
+    store.put_small(store_key(store, database_id, "index", f"{name}.json"),
                     json.dumps(asdict(segment)).encode(), "application/json", tags=TAGS)
     return segment
 
