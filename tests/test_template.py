@@ -31,7 +31,9 @@ from cfnlint.helpers import REGIONS
 from moto import mock_aws
 from samtranslator.translator.transform import transform
 from supabackup.budget import MARGIN
+from supabackup.capture.state import TAGS as CAPTURE_TAGS
 from supabackup.dburl import ConnectionInfo
+from supabackup.handlers.capture import RUN_MARGIN
 from supabackup.handlers.events import (
     parse_backup_event,
     parse_capture_event,
@@ -277,7 +279,7 @@ def schedules(cfn: dict[str, Any]) -> dict[str, dict[str, Any]]:
     ("full", "cron(0 3 ? * SUN *)", "ScheduleState", "BackupFunction"),
     ("incremental", "cron(0 3 ? * MON-SAT *)", "IncrementalScheduleState", "BackupFunction"),
     ("verify", "cron(0 5 ? * SUN *)", "VerifyScheduleState", "VerifyFunction"),
-    ("capture", "rate(1 minute)", "CaptureScheduleState", "CaptureFunction"),
+    ("capture", "rate(5 minutes)", "CaptureScheduleState", "CaptureFunction"),
 ])
 def test_the_schedules_run_weekly_fulls_daily_incrementals_and_weekly_verify(
         cfn: dict[str, Any], kind: str, cron: str, state: str, function: str) -> None:
@@ -290,7 +292,7 @@ def test_the_schedules_run_weekly_fulls_daily_incrementals_and_weekly_verify(
     assert "Name" not in props  # CloudFormation names it: two stacks must not clash
     target = props["Target"]
     assert target["Arn"] == {"Fn::GetAtt": [function, "Arn"]}
-    # capture runs every minute: the next run is its retry
+    # capture runs every 5 minutes: the next run is its retry
     assert target["RetryPolicy"]["MaximumRetryAttempts"] >= (0 if kind == "capture" else 1)
     queue_id = target["DeadLetterConfig"]["Arn"]["Fn::GetAtt"][0]
     queue = cfn["Resources"][queue_id]
@@ -317,6 +319,22 @@ def test_the_schedules_send_the_sample_scheduled_events(cfn: dict[str, Any], kin
     request = parse_backup_event({**sent, "tick": sample_event["tick"]})
     assert request.tick == sample_event["tick"].replace("Z", ".000000Z")
     assert (request.kind, request.trigger, request.retention) == (kind, "schedule", retention)
+
+
+def test_the_capture_schedule_sends_the_sample_and_streams_between_its_runs(
+        cfn: dict[str, Any]) -> None:
+    sent = json.loads(schedules(cfn)["capture"]["Target"]["Input"])
+    assert sent == json.loads((EVENTS / "capture-scheduled.json").read_text())
+    request = parse_capture_event(sent)
+    assert (request.action, request.seconds) == ("run", 285)
+    assert request.flush_interval is None  # the engine's own: 5 s, the recovery point
+    # One run streams for less than the 300 s between two, leaving time to connect and
+    # for the last flush; the function's timeout leaves the handler its margin too, and
+    # room for a new epoch's base backup before the stream.
+    assert default(cfn, schedules(cfn)["capture"]["ScheduleExpression"]) == "rate(5 minutes)"
+    assert request.seconds is not None and request.seconds <= 300 - 10
+    timeout = cfn["Resources"]["CaptureFunction"]["Properties"]["Timeout"]
+    assert timeout == 900 and request.seconds + RUN_MARGIN < timeout / 2
 
 
 def test_the_verify_schedule_sends_the_sample_and_drills() -> None:
@@ -368,7 +386,9 @@ def test_the_functions(cfn: dict[str, Any], sam: dict[str, Any], function: str,
     assert fn_props["Runtime"] == "python3.12"
     assert fn_props["TracingConfig"] == {"Mode": "Active"}
     assert fn_props["Architectures"] == [{"Ref": "Architecture"}]
-    assert fn_props["Timeout"] == {"Ref": "FunctionTimeout"}
+    # capture's is its own: a stream, and now and then a new epoch's base backup first
+    assert fn_props["Timeout"] == (900 if function == "CaptureFunction"
+                                   else {"Ref": "FunctionTimeout"})
     assert fn_props["MemorySize"] == {"Ref": "FunctionMemorySize"}
     [layer] = fn_props["Layers"]
     layer = cfn["Resources"][layer["Ref"]]
@@ -398,7 +418,8 @@ COMMON_ENV = {"SUPABACKUP_STORE", "SUPABACKUP_SNS_TOPIC_ARN", "POWERTOOLS_SERVIC
 
 def test_the_function_environment(cfn: dict[str, Any]) -> None:
     env = cfn["Resources"]["BackupFunction"]["Properties"]["Environment"]["Variables"]
-    assert set(env) == COMMON_ENV | {"SUPABACKUP_DB_SECRET_ARN", "SUPABACKUP_PROFILE"}
+    assert set(env) == COMMON_ENV | {"SUPABACKUP_DB_SECRET_ARN", "SUPABACKUP_PROFILE",
+                                     "SUPABACKUP_KEEP_DAYS"}
     assert env["SUPABACKUP_STORE"] == {"Fn::Sub": "s3://${BackupBucket}/${BackupPrefix}"}
     assert env["SUPABACKUP_DB_SECRET_ARN"] == {
         "Fn::If": ["CreateDatabaseSecret", {"Ref": "DatabaseSecret"}, {"Ref": "DatabaseSecretArn"}]}
@@ -416,12 +437,27 @@ def test_the_function_environment(cfn: dict[str, Any]) -> None:
 def test_verify_restore_and_capture_read_their_own_secret_only(
         cfn: dict[str, Any], function: str, variable: str, parameter: str) -> None:
     env = cfn["Resources"][function]["Properties"]["Environment"]["Variables"]
-    extra = {"SUPABACKUP_MAX_RETAINED_WAL"} if function == "CaptureFunction" else set()
+    extra = ({"SUPABACKUP_MAX_RETAINED_WAL", "SUPABACKUP_KEEP_DAYS"}
+             if function == "CaptureFunction" else set())
     assert set(env) == COMMON_ENV | {variable} | extra
     assert env[variable] == {"Ref": parameter}
     assert default(cfn, env[variable]) == ""  # optional: the handler then does without
     # Neither may read the source database's secret.
     assert "DatabaseSecret" not in set(refs(env))
+
+
+@pytest.mark.parametrize("function", ["BackupFunction", "CaptureFunction"])
+def test_the_point_in_time_window_reaches_backup_and_capture(cfn: dict[str, Any],
+                                                             function: str) -> None:
+    env = cfn["Resources"][function]["Properties"]["Environment"]["Variables"]
+    assert env["SUPABACKUP_KEEP_DAYS"] == {"Ref": "PointInTimeDays"}
+    param = cfn["Parameters"]["PointInTimeDays"]
+    assert param["Default"] == "7"
+    assert param["AllowedValues"] == ["1", "3", "7", "14", "21", "28", "30", "35"]
+    # Verify and restore do not keep anything: they do not get it.
+    for other in ("VerifyFunction", "RestoreFunction"):
+        variables = cfn["Resources"][other]["Properties"]["Environment"]["Variables"]
+        assert "SUPABACKUP_KEEP_DAYS" not in variables
 
 
 def test_database_parameters_reach_only_the_secret(cfn: dict[str, Any]) -> None:
@@ -484,8 +520,12 @@ def test_lifecycle_rules_per_retention_tag(cfn: dict[str, Any]) -> None:
         for tag in rule.get("TagFilters", []):
             assert tag["Key"] == "retention"
             by_tag[tag["Value"]] = rule
-    # Every retention class the engine writes has a rule, except pinned: never expires.
+    # Every retention class the engine writes has a rule, except pinned: never expires;
+    # and change capture's own (below).
+    capture = by_tag.pop(CAPTURE_TAGS["retention"])
     assert set(by_tag) == set(RETENTION_CLASSES) - {"pinned"}
+    assert capture_expiration_days(cfn, capture) == 7 + 2  # PointInTimeDays' default
+    assert "Transitions" not in capture
     days = {tag: default(cfn, rule["ExpirationInDays"]) for tag, rule in by_tag.items()}
     assert days == {"daily": 14, "weekly": 35, "monthly": 365}
     [transition] = by_tag["monthly"]["Transitions"]
@@ -504,6 +544,46 @@ def test_lifecycle_rules_per_retention_tag(cfn: dict[str, Any]) -> None:
     assert default(cfn, noncurrent) == 7
     for period in [*periods, noncurrent]:
         assert set(period) == {"Ref"} and period["Ref"] in cfn["Parameters"]
+
+
+def capture_expiration_days(cfn: dict[str, Any], rule: dict[str, Any],
+                            point_in_time_days: str | None = None) -> int:
+    """The days a rule's ExpirationInDays comes to: its Fn::FindInMap, keyed by
+    PointInTimeDays (its default unless given), looked up in the template's Mappings."""
+    name, key, attribute = rule["ExpirationInDays"]["Fn::FindInMap"]
+    assert key == {"Ref": "PointInTimeDays"}
+    value = default(cfn, key) if point_in_time_days is None else point_in_time_days
+    days = cfn["Mappings"][name][str(value)][attribute]
+    assert isinstance(days, int)
+    return days
+
+
+def capture_rule(cfn: dict[str, Any]) -> dict[str, Any]:
+    rules = cfn["Resources"]["BackupBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+    [rule] = [r for r in rules if {"Key": "retention", "Value": CAPTURE_TAGS["retention"]}
+              in r.get("TagFilters", [])]
+    return rule
+
+
+@pytest.mark.parametrize("point_in_time_days", ["1", "7", "30", "35"])
+def test_captured_changes_expire_two_days_after_the_point_in_time_window(
+        point_in_time_days: str) -> None:
+    """S3 keeps capture's segments and index entries (tag retention=capture) for
+    PointInTimeDays + 2 days: a mapping, as CloudFormation cannot add."""
+    cfn = translate({"PointInTimeDays": point_in_time_days})
+    rule = capture_rule(cfn)
+    assert rule["Status"] == "Enabled" and rule["TagFilters"] == [
+        {"Key": "retention", "Value": "capture"}]
+    assert capture_expiration_days(cfn, rule, point_in_time_days) == int(point_in_time_days) + 2
+
+
+def test_the_capture_expiration_mapping_covers_every_allowed_window(cfn: dict[str, Any]) -> None:
+    rule = capture_rule(cfn)
+    name, _, attribute = rule["ExpirationInDays"]["Fn::FindInMap"]
+    allowed = cfn["Parameters"]["PointInTimeDays"]["AllowedValues"]
+    assert set(cfn["Mappings"][name]) == set(allowed)
+    for value in allowed:
+        assert cfn["Mappings"][name][value] == {attribute: int(value) + 2}
 
 
 def test_the_bucket_policy_denies_insecure_transport(cfn: dict[str, Any]) -> None:
@@ -710,24 +790,88 @@ def test_the_missed_backup_alarm_watches_what_the_handler_emits(cfn: dict[str, A
     assert alarm["AlarmActions"] == [{"Ref": "NotificationTopic"}]
 
 
-def test_the_capture_alarms_watch_what_its_handler_emits(cfn: dict[str, Any]) -> None:
-    retained = cfn["Resources"]["RetainedWalAlarm"]
-    errors = cfn["Resources"]["CaptureErrorsAlarm"]
-    assert retained["Condition"] == errors["Condition"] == "HasCapture"
-    alarm = retained["Properties"]
+def capture_emf(metric: str, unit: MetricUnit) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What Powertools writes for one of the capture handler's metrics, as the handler sets
+    it up (Invocation("capture", ...): dimension kind=capture): (the EMF, its directive)."""
     metrics = EphemeralMetrics(namespace="supabackup", service="supabackup")
     metrics.add_dimension(name="kind", value="capture")
-    metrics.add_metric(name="RetainedWalBytes", unit=MetricUnit.Bytes, value=1)
+    metrics.add_metric(name=metric, unit=unit, value=1)
     emf: dict[str, Any] = dict(metrics.serialize_metric_set())
     [directive] = emf["_aws"]["CloudWatchMetrics"]
-    assert (alarm["Namespace"], alarm["MetricName"]) == (directive["Namespace"],
-                                                         "RetainedWalBytes")
+    return emf, directive
+
+
+CAPTURE_METRIC_ALARMS = {  # alarm: (the metric the handler emits, its unit)
+    "RetainedWalAlarm": ("RetainedWalBytes", MetricUnit.Bytes),
+    "SafeWalAlarm": ("SafeWalSize", MetricUnit.Bytes),
+    "CaptureSlotLostAlarm": ("CaptureSlotLost", MetricUnit.Count),
+}
+
+
+def handler_metric_names() -> set[str]:
+    """Every metric name handlers/capture.py passes to add_metric (its source, read)."""
+    source = (REPO / "functions" / "supabackup" / "handlers" / "capture.py").read_text()
+    return set(re.findall(r'add_metric\(name="(\w+)"', source))
+
+
+@pytest.mark.parametrize("alarm_id", sorted(CAPTURE_METRIC_ALARMS))
+def test_the_capture_alarms_watch_what_its_handler_emits(cfn: dict[str, Any],
+                                                         alarm_id: str) -> None:
+    resource = cfn["Resources"][alarm_id]
+    assert resource["Condition"] == "HasCapture"
+    alarm = resource["Properties"]
+    name, unit = CAPTURE_METRIC_ALARMS[alarm_id]
+    assert name in handler_metric_names()
+    emf, directive = capture_emf(name, unit)
+    assert (alarm["Namespace"], alarm["MetricName"]) == (directive["Namespace"], name)
+    assert [m["Name"] for m in directive["Metrics"]] == [name]
+    env = cfn["Resources"]["CaptureFunction"]["Properties"]["Environment"]["Variables"]
+    assert alarm["Namespace"] == env["POWERTOOLS_METRICS_NAMESPACE"]
     assert {d["Name"]: d["Value"] for d in alarm["Dimensions"]} == {
-        name: emf[name] for name in directive["Dimensions"][0]}
-    assert alarm["Threshold"] == {"Ref": "RetainedWalAlarmBytes"}
-    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
-    assert errors["Properties"]["Dimensions"] == [
-        {"Name": "FunctionName", "Value": {"Ref": "CaptureFunction"}}]
+        dimension: emf[dimension] for dimension in directive["Dimensions"][0]}
+    # One reading per run, every 5 minutes: a 5-minute period may fall between two runs, so
+    # the alarm looks at two periods and one reading alarms.
+    assert alarm["Period"] == 300
+    assert (alarm["EvaluationPeriods"], alarm["DatapointsToAlarm"]) == (2, 1)
+    assert alarm["TreatMissingData"] == "notBreaching"
+    assert alarm["AlarmActions"] == [{"Ref": "NotificationTopic"}]
+
+
+def test_the_capture_alarm_thresholds(cfn: dict[str, Any]) -> None:
+    params = cfn["Parameters"]
+    retained = cfn["Resources"]["RetainedWalAlarm"]["Properties"]
+    assert retained["Threshold"] == {"Ref": "RetainedWalAlarmBytes"}
+    assert (retained["Statistic"], retained["ComparisonOperator"]) == (
+        "Maximum", "GreaterThanThreshold")
+    # Too little room left before max_slot_wal_keep_size invalidates the slot: the lowest
+    # reading counts. A server without the cap emits no SafeWalSize: missing is not breaching.
+    safe = cfn["Resources"]["SafeWalAlarm"]["Properties"]
+    assert safe["Threshold"] == {"Ref": "SafeWalAlarmBytes"}
+    assert default(cfn, safe["Threshold"]) == 128 << 20
+    assert (safe["Statistic"], safe["ComparisonOperator"]) == ("Minimum", "LessThanThreshold")
+    # Well under Supabase's max_slot_wal_keep_size (512 MB), or it would always fire.
+    assert params["SafeWalAlarmBytes"]["Default"] < 512 * 10**6
+    lost = cfn["Resources"]["CaptureSlotLostAlarm"]["Properties"]
+    assert (lost["Statistic"], lost["Threshold"], lost["ComparisonOperator"]) == (
+        "Sum", 1, "GreaterThanOrEqualToThreshold")
+
+
+def test_the_capture_errors_alarm_fires_on_the_first_failed_run(cfn: dict[str, Any]) -> None:
+    errors = cfn["Resources"]["CaptureErrorsAlarm"]
+    assert errors["Condition"] == "HasCapture"
+    alarm = errors["Properties"]
+    assert (alarm["Namespace"], alarm["MetricName"], alarm["Statistic"]) == (
+        "AWS/Lambda", "Errors", "Sum")
+    assert alarm["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": "CaptureFunction"}}]
+    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (
+        1, "GreaterThanOrEqualToThreshold")
+    assert alarm["DatapointsToAlarm"] == 1  # one failed run
+    # Lambda stamps Errors with the invocation's start and sends it at its end: the range
+    # evaluated must reach back past the longest run (the timeout) and one period more.
+    timeout = cfn["Resources"]["CaptureFunction"]["Properties"]["Timeout"]
+    assert alarm["Period"] * alarm["EvaluationPeriods"] >= timeout + alarm["Period"]
+    assert alarm["TreatMissingData"] == "notBreaching"
+    assert alarm["AlarmActions"] == [{"Ref": "NotificationTopic"}]
     # the capture function is made only with a direct connection's secret
     assert cfn["Resources"]["CaptureFunction"]["Condition"] == "HasCapture"
     assert cfn["Parameters"]["CaptureSecretArn"]["Default"] == ""
@@ -775,7 +919,8 @@ def test_the_stack_deploys_into_moto() -> None:
     # holds an Fn::If whose false branch is AWS::NoValue (CloudFormation can); that branch
     # is linted and checked on the translated template above.
     parameters = {"DatabaseSecretArn": EXISTING_SECRET, "DrillSecretArn": DRILL_SECRET,
-                  "RestoreTargetSecretArn": TARGET_SECRET, "CaptureSecretArn": CAPTURE_SECRET}
+                  "RestoreTargetSecretArn": TARGET_SECRET, "CaptureSecretArn": CAPTURE_SECRET,
+                  "PointInTimeDays": "30"}
     template = translate(parameters)
     env = {"AWS_DEFAULT_REGION": REGION, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing"}
@@ -811,6 +956,7 @@ def test_the_stack_deploys_into_moto() -> None:
         assert variables["SUPABACKUP_STORE"] == f"s3://{bucket}/backups"
         assert variables["SUPABACKUP_DB_SECRET_ARN"] == EXISTING_SECRET
         assert variables["SUPABACKUP_SNS_TOPIC_ARN"] == outputs["TopicArn"]
+        assert variables["SUPABACKUP_KEEP_DAYS"] == "30"
         assert outputs["TopicArn"] in [t["TopicArn"] for t in boto3.client(
             "sns", region_name=REGION).list_topics()["Topics"]]
         lam = boto3.client("lambda", region_name=REGION)
@@ -823,6 +969,8 @@ def test_the_stack_deploys_into_moto() -> None:
             variables = config["Configuration"]["Environment"]["Variables"]
             assert variables[variable] == arn
             assert "SUPABACKUP_DB_SECRET_ARN" not in variables
+            assert variables.get("SUPABACKUP_KEEP_DAYS") == (
+                "30" if function == "Capture" else None)
         assert outputs["ManualBackupCommand"].startswith(
             f"aws lambda invoke --region {REGION} --function-name {outputs['BackupFunctionName']} ")
     # Anything else moto skipped would be deployed untested: name it in MOTO_SKIPS first.
