@@ -335,8 +335,17 @@ def test_the_capture_function_starts_runs_and_reports_the_slot(
     assert started["plugin"] == logical.plugin  # type: ignore[attr-defined]
     logical.execute(ROUNDS[0], db)
     capfd.readouterr()
-    ran = capture_handler.handler(load_event("capture-scheduled.json"), FakeContext())
+
+    class EndingSoon(FakeContext):
+        def get_remaining_time_in_millis(self) -> int:
+            return 26_000  # the schedule's run streams until 20 s before its end
+
+    began = time.monotonic()
+    ran = capture_handler.handler(load_event("capture-scheduled.json"), EndingSoon())
     assert ran["transactions"] == 1 and not ran["lost"]  # one statement string, one commit
+    assert ran["covered_through"] and not ran["left"]
+    if "for" in load_event("capture-scheduled.json"):  # it streamed, until its deadline
+        assert 3 <= time.monotonic() - began < 20
     emf = [json.loads(line) for line in capfd.readouterr().out.splitlines()
            if line.startswith('{"_aws"')][-1]
     assert emf["kind"] == "capture"
@@ -365,6 +374,12 @@ def test_a_lost_slot_is_an_alert_on_sns_and_a_good_run_says_nothing(
     assert alert["MessageAttributes"]["kind"]["Value"] == "capture"
     assert "failed: changes lost" in alert["Subject"]
     assert "is gone" in alert["Message"]["error"]
+    # naming the times no restore can reach now: from the last run's check to the new base
+    lost = alert["Message"]["details"]["lost_window"]
+    old, new = capture.epochs(store, base.database_id)
+    assert lost == (f"{capture.state.read_progress(store, base.database_id, old).verified_at}"
+                    f" to {new.base_at}") and f"reach the times from {lost}" in \
+        alert["Message"]["error"]
 
 
 def test_a_start_that_fails_leaves_no_slot_holding_wal(logical: Cluster, store: Store,
