@@ -255,6 +255,7 @@ def test_globals_and_parameters(sam: dict[str, Any]) -> None:
     # A backup keeps the last MARGIN seconds to stop cleanly: a timeout must leave room.
     assert params["FunctionTimeout"]["MinValue"] >= 3 * MARGIN
     assert default(sam, fn["MemorySize"]) == 1024
+    assert params["CaptureMemorySize"]["Default"] == 256  # a stream peaks near 105 MB
     assert params["DatabasePassword"]["NoEcho"] is True
     assert params["ScheduleTimezone"]["Default"] == "UTC"
     assert set(params["ScheduleState"]["AllowedValues"]) == {"ENABLED", "DISABLED"}
@@ -389,7 +390,9 @@ def test_the_functions(cfn: dict[str, Any], sam: dict[str, Any], function: str,
     # capture's is its own: a stream, and now and then a new epoch's base backup first
     assert fn_props["Timeout"] == (900 if function == "CaptureFunction"
                                    else {"Ref": "FunctionTimeout"})
-    assert fn_props["MemorySize"] == {"Ref": "FunctionMemorySize"}
+    # capture runs all the time: its memory is most of its cost, and its own to set
+    assert fn_props["MemorySize"] == {"Ref": "CaptureMemorySize" if function == "CaptureFunction"
+                                      else "FunctionMemorySize"}
     [layer] = fn_props["Layers"]
     layer = cfn["Resources"][layer["Ref"]]
     assert layer["Type"] == "AWS::Lambda::LayerVersion"

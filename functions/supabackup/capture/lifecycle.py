@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 MAX_SECONDS = 24 * 3600     # the longest --for
 MAX_WAIT = 60.0             # seconds a stream waits for the drainer before it to end
 LEASE_MARGIN = 90           # seconds a stream's lease outlives its last renewal
+RENEW_EVERY = 30.0          # seconds between a stream's renewals of its lease (a GET, a PUT)
 # A new base this often, handed over without a gap: a restore to a time replays at most
 # about this much, and captured changes older than the window plus this can expire.
 REBASE_EVERY = timedelta(days=1)
@@ -238,7 +239,7 @@ def run(conn: ConnectionInfo, store: Store, database_id: str,
         raise ConfigError(f"change capture of {database_id} is not started",
                           "run `supabackup cdc start` first")
     deadline = time.monotonic() + (seconds or 0)
-    hold = timedelta(seconds=LEASE_MARGIN + (policy or FlushPolicy()).idle_interval)
+    hold = timedelta(seconds=LEASE_MARGIN + RENEW_EVERY + (policy or FlushPolicy()).idle_interval)
     try:
         lease = locks.acquire(store, database_id, owner or f"capture {uuid.uuid4().hex[:8]}",
                               purpose="capture", hold=hold if seconds else locks.LEASE,
@@ -247,8 +248,15 @@ def run(conn: ConnectionInfo, store: Store, database_id: str,
         log.info("leaving: %s", exc.message)
         return CaptureRun(left=exc.message)
     try:
+        renewed = [time.monotonic()]
+
+        def heartbeat() -> None:
+            if time.monotonic() - renewed[0] >= RENEW_EVERY:
+                locks.renew(store, lease, hold)
+                renewed[0] = time.monotonic()
+
         return _drain(conn, store, database_id, after_upload, max_retained_wal, seconds,
-                      deadline, policy or FlushPolicy(), lambda: locks.renew(store, lease, hold),
+                      deadline, policy or FlushPolicy(), heartbeat,
                       lambda: locks.renew(store, lease, locks.LEASE), rebase_every)
     finally:
         locks.release(store, lease)
