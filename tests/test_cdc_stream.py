@@ -266,3 +266,38 @@ def test_a_rebase_hands_over_to_a_new_base_without_a_gap_under_concurrent_writer
         capture.restore_to_time(store, database_id, _conn(logical, name), when)
         rows = {r[0] for r in logical.execute("SELECT id FROM ticks", name)}
         assert rows == {n for n, at in committed if at <= when}, when
+
+
+def test_a_stream_decodes_values_under_the_pinned_settings_whatever_the_database_sets(
+        logical: Cluster, store: Store) -> None:
+    # GIVEN a database whose sessions round floats, write dates day-first and find tables
+    # without a schema: the walsender decodes in a session of its own, which inherits them
+    db = "stream_settings"
+    logical.drop_database(db)
+    logical.create_database(db)
+    logical.execute(f"""
+        ALTER DATABASE {db} SET extra_float_digits = -3;
+        ALTER DATABASE {db} SET DateStyle = 'SQL, DMY';
+        ALTER DATABASE {db} SET IntervalStyle = 'sql_standard';
+        ALTER DATABASE {db} SET search_path = app, public""", "postgres")
+    logical.execute("CREATE SCHEMA app; CREATE TABLE app.holder (id int PRIMARY KEY)", db)
+    logical.execute("CREATE TABLE public.vals (id int PRIMARY KEY, f float8, at timestamptz, "
+                    "d date, span interval, rel regclass)", db)
+    database_id = capture.start(_conn(logical, db), store, BackupRequest())[1].database_id
+    logical.execute("INSERT INTO public.vals VALUES (1, 0.1::float8 + 0.2::float8, '2026-03-04 05:06:07.891+00',"
+                    " '2026-03-04', '1 day 02:03:04.5', 'app.holder')", db)
+    # WHEN it is streamed and restored to the latest time
+    result = capture.run(_conn(logical, db), store, database_id, seconds=2.0,
+                         policy=capture.FlushPolicy(interval=0.5))
+    assert result.transactions == 1 and result.covered_through is not None
+    logical.drop_database("stream_settings_at")
+    logical.create_database("stream_settings_at")
+    capture.restore_to_time(store, database_id, _conn(logical, "stream_settings_at"),
+                            result.covered_through)
+    # THEN every value is the one written, to the last digit
+    query = ("SET extra_float_digits = 3; SELECT f::text, extract(epoch FROM at)::text, d - '2026-01-01'::date, "
+             "extract(epoch FROM span)::text, rel::oid = 'app.holder'::regclass::oid "
+             "FROM public.vals")
+    assert logical.execute(query, "stream_settings_at") == logical.execute(query, db)
+    exact = "SELECT f = 0.1::float8 + 0.2::float8 AND f <> 0.3::float8 FROM public.vals"
+    assert logical.execute(exact, db) == logical.execute(exact, "stream_settings_at") == [(True,)]

@@ -196,7 +196,11 @@ def _cdc_case(cluster: Cluster, store: Store, source: Source, db: str, result: C
             if not ddl and i % 2 == 1:  # a time between commits, not one a run checked
                 middle.append((_server_now(cluster, db), picture(cluster.url(db), source=True)))
                 source.step()
-            run = capture.run(conn, store, database_id)
+            # every other run streams (one flush through the replication protocol, as
+            # `cdc run --for` does); the others drain once with a peek
+            run = (capture.run(conn, store, database_id, seconds=0.5,
+                               policy=capture.FlushPolicy(interval=0.2, idle_interval=0.2))
+                   if i % 2 == 0 else capture.run(conn, store, database_id))
             if run.restarted:  # the change's moment is unknown: that time must be refused
                 windows.append(changed_at)
             points.append((run.covered_through, picture(cluster.url(db), source=True)))

@@ -157,6 +157,10 @@ def start_stream(conn: ConnectionInfo, state: CaptureState) -> tuple[Any, Any, b
         repl = _replication_connection(conn)
         cur = repl.cursor()
         try:
+            # The walsender decodes values in its own session: under the settings a peek
+            # decodes them under (and replay parses them under), whatever the database or
+            # role sets for its sessions.
+            output.pin(cur)
             cur.start_replication(slot_name=state.slot, decode=False, status_interval=10,
                                   options={**options, "numeric-data-types-as-string": "1"}
                                   if exact and state.plugin == "wal2json" else options)
