@@ -196,7 +196,7 @@ def test_the_retention_pass_reckons_by_the_days_the_stack_deployed(
     s3.put_bucket_lifecycle_configuration(
         Bucket=store.url.bucket,
         LifecycleConfiguration={"Rules": lifecycle_rules({"WeeklyRetentionDays": weekly_days})})
-    assert store.expiration_days() == {"daily": 14, "weekly": weekly_days, "monthly": 365}
+    assert store.expiration_days() == {**DAYS, "weekly": weekly_days}  # capture's too
     first, full, outcome = _two_fulls(pg15, new_db, store)
     assert store.retention_tag(first) == "monthly"
     assert store.retention_tag(full) == second

@@ -5,6 +5,12 @@ when change capture covers the time, replay it (the base of the epoch that cover
 every captured transaction committed up to it); otherwise restore the newest backup taken
 at or before it. `restore_point` decides, and what it decided is said in the restore's
 output and SNS message.
+
+Capture covers a time while the base of its epoch is stored: retention keeps every base
+the last keep_days days need and lets older ones go (retention.capture_needs). A time in
+an epoch whose base is gone is no longer capture's: it is the newest backup at or before
+it, as for a time before capture began; when there is none, the refusal names the
+window capture still reaches.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from .capture.pointintime import covering, replays
+from .capture.state import epochs
+from .capture.window import window
 from .errors import BackupNotFound, ConfigError
 from .manifest import Manifest, parse_time
 from .restore import RestoreOptions, describe_plan
@@ -101,7 +109,16 @@ def restore_point(store: Store, database_id: str, at: str = "latest") -> Restore
     when = _as_time(at)
     if when is not None and replays(store, database_id, when):
         return RestorePoint(database_id, at, when)
-    return RestorePoint(database_id, at, when, select_backup(store, database_id, at))
+    try:
+        return RestorePoint(database_id, at, when, select_backup(store, database_id, at))
+    except BackupNotFound as exc:
+        if when is None or not epochs(store, database_id):
+            raise
+        found = window(store, database_id)
+        raise BackupNotFound(f"{exc.message}, and change capture of {database_id} reaches "
+                             f"{found.describe()}: {when.isoformat()} is outside it",
+                             "restore a time in the window, or a later backup"
+                             + (f" ({exc.hint})" if exc.hint else "")) from None
 
 
 def _as_time(at: str) -> datetime | None:

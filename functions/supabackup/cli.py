@@ -20,10 +20,11 @@ from collections.abc import Sequence
 from . import __version__, capture
 from .backup import KINDS, BackupRequest
 from .capture.stream import FlushPolicy
+from .capture.window import window as capture_window
 from .catalog import describe_point, resolve_database_id, restore_point
 from .dburl import ConnectionInfo
 from .errors import ConfigError, SupabackupError, VerifyFailed
-from .manifest import RETENTION_CLASSES
+from .manifest import RETENTION_CLASSES, utcnow
 from .notify import Notifier, human_bytes, human_duration
 from .profiles import NAMES as PROFILE_NAMES
 from .report import (
@@ -33,6 +34,7 @@ from .report import (
     verify_and_report,
 )
 from .restore import RestoreOptions
+from .retention import KEEP_DAYS, KEEP_DAYS_ENV, checked_keep_days
 from .store import Store, StoreURL
 from .tabledata import JOBS_ENV, checked_jobs
 from .verify import VerifyReport
@@ -74,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sns-topic-arn", default=os.environ.get("SUPABACKUP_SNS_TOPIC_ARN"),
                        help="publish the outcome here (default: $SUPABACKUP_SNS_TOPIC_ARN)")
 
+    def keep_days_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--keep-days", default=os.environ.get(KEEP_DAYS_ENV), metavar="N",
+                       help="how far back a restore to a time must reach: retention keeps "
+                            "every change-capture base those days need (default: "
+                            f"${KEEP_DAYS_ENV}, else {KEEP_DAYS})")
+
     def jobs_flag(p: argparse.ArgumentParser, what: str) -> None:
         p.add_argument("--jobs", default=os.environ.get(JOBS_ENV), metavar="N",
                        help=f"{what} (default: ${JOBS_ENV}, else derived from the CPUs and "
@@ -93,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="if another backup of the database is in progress, wait this "
                              "long for it to finish (default: fail at once, naming it)")
     jobs_flag(backup, "dump tables over N connections at once")
+    keep_days_flag(backup)
     sns_flag(backup)
 
     lister = sub.add_parser("list", help="list committed backups")
@@ -134,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run --for: store what has committed at least this often "
                               "(default 5: the recovery point)")
     capture.add_argument("--json", action="store_true", help="status: as JSON")
+    keep_days_flag(capture)
     sns_flag(capture)
 
     verify = sub.add_parser("verify", help="re-read backups and prove they are whole")
@@ -152,6 +162,10 @@ def _jobs(value: str | None) -> int | None:
     return checked_jobs(value, f"--jobs (or ${JOBS_ENV})") if value not in (None, "") else None
 
 
+def _keep_days(value: str | None) -> int:
+    return checked_keep_days(value, f"--keep-days (or ${KEEP_DAYS_ENV})")
+
+
 def require(value: str | None, flag: str, env: str) -> str:
     if not value:
         raise ConfigError(f"{flag} is required", f"pass {flag} or set {env}")
@@ -159,13 +173,15 @@ def require(value: str | None, flag: str, env: str) -> str:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    keep_days = _keep_days(args.keep_days)
     conn = ConnectionInfo.from_url(require(args.database_url, "--database-url",
                                            "SUPABACKUP_DATABASE_URL"))
     store = Store(StoreURL.parse(require(args.store, "--store", "SUPABACKUP_STORE")))
     request = BackupRequest(kind=args.kind, profile=args.profile, retention=args.retention,
                             label=args.label, trigger="cli", database_id=args.database_id,
                             wait=args.wait, jobs=_jobs(args.jobs))
-    manifest, outcome = backup_and_report(conn, store, request, Notifier(args.sns_topic_arn))
+    manifest, outcome = backup_and_report(conn, store, request, Notifier(args.sns_topic_arn),
+                                          keep_days)
     print(f"{manifest.backup_id}: {human_bytes(manifest.total_bytes)} in "
           f"{human_duration(outcome.duration_seconds)}, {manifest.tables_dumped} of "
           f"{len(manifest.tables)} tables dumped ({manifest.profile} profile, server "
@@ -213,6 +229,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_cdc(args: argparse.Namespace) -> int:
+    # a drop frees the slot's WAL whatever else is wrong: it reads no --keep-days
+    keep_days = _keep_days(args.keep_days) if args.action != "drop" else KEEP_DAYS
     conn = ConnectionInfo.from_url(require(args.database_url, "--database-url",
                                            "SUPABACKUP_DATABASE_URL"))
     store = Store(StoreURL.parse(require(args.store, "--store", "SUPABACKUP_STORE")))
@@ -233,7 +251,7 @@ def cmd_cdc(args: argparse.Namespace) -> int:
             raise ConfigError(f"--flush-interval: {exc}") from None
         result = capture_and_report(conn, store, database_id, Notifier(args.sns_topic_arn),
                                     args.max_retained_wal or None, seconds=args.seconds,
-                                    policy=policy)
+                                    policy=policy, keep_days=keep_days)
         segment = result.segment
         if result.left:
             print(f"left without draining: {result.left}")
@@ -246,6 +264,9 @@ def cmd_cdc(args: argparse.Namespace) -> int:
             print(f"started a new epoch: {result.restarted}")
     elif args.action == "status":
         found = capture.status(conn, store, database_id)
+        # the window as retention leaves it: epochs whose base is gone left out, and where
+        # the promised window (the last --keep-days days) starts
+        found["window"] = capture_window(store, database_id, keep_days, utcnow()).as_dict()
         print(json.dumps(found, indent=2, default=str) if args.json
               else "\n".join(capture.status_lines(found)))
     else:

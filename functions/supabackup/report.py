@@ -24,25 +24,28 @@ from .errors import CaptureError, DuplicateRun, SupabackupError, VerifyFailed
 from .manifest import Manifest
 from .notify import Notifier, Outcome
 from .restore import RestoreOptions, RestoreReport, run_restore
-from .retention import apply_retention
+from .retention import KEEP_DAYS, apply_retention
 from .store import Store
 from .verify import VerifyReport, verify_database
 
 log = logging.getLogger(__name__)
 
 
-def _retention_pass(store: Store, manifest: Manifest) -> list[str]:
-    """Re-tag after each backup; a failure is reported, never turned into a failed backup."""
+def _retention_pass(store: Store, database_id: str, keep_days: int = KEEP_DAYS) -> list[str]:
+    """Re-tag after each backup and each new capture epoch (keeping the bases a restore to
+    any time of the last `keep_days` days needs); a failure is reported, never turned into
+    a failed run."""
     try:
-        changes = apply_retention(store, store.manifests(manifest.database_id))
+        changes = apply_retention(store, store.manifests(database_id), keep_days)
     except SupabackupError as exc:
-        log.error("retention pass failed (the backup itself is committed): %s", exc)
+        log.error("retention pass failed (what the run stored is committed): %s", exc)
         return [f"retention pass failed: {exc.message}"]
     return [str(c) for c in changes]
 
 
 def backup_and_report(conn: ConnectionInfo, store: Store, request: BackupRequest,
-                      notifier: Notifier) -> tuple[Manifest, Outcome]:
+                      notifier: Notifier, keep_days: int = KEEP_DAYS
+                      ) -> tuple[Manifest, Outcome]:
     database = request.database_of(conn)
     started = time.monotonic()
     try:
@@ -54,7 +57,7 @@ def backup_and_report(conn: ConnectionInfo, store: Store, request: BackupRequest
                                  duration_seconds=time.monotonic() - started, error=exc,
                                  scrub=conn.redact))
         raise
-    retention = _retention_pass(store, manifest)
+    retention = _retention_pass(store, manifest.database_id, keep_days)
     outcome = Outcome(kind=request.kind, database=database,
                       duration_seconds=time.monotonic() - started, manifest=manifest,
                       retention=retention)
@@ -127,12 +130,16 @@ def restore_and_report(store: Store, point: RestorePoint, target: ConnectionInfo
 
 def capture_and_report(conn: ConnectionInfo, store: Store, database_id: str,
                        notifier: Notifier, max_retained_wal: int | None = None,
-                       seconds: float | None = None, policy: FlushPolicy | None = None
-                       ) -> CaptureRun:
+                       seconds: float | None = None, policy: FlushPolicy | None = None,
+                       keep_days: int = KEEP_DAYS) -> CaptureRun:
     """One change-capture run. It runs all the time, so SNS hears only what needs a
     person: a failed run, a lost slot (naming the times no restore can reach now) and a
     new epoch after a schema change. A run that left because another drainer holds the
-    lease says nothing: the schedule overlaps runs on purpose."""
+    lease says nothing: the schedule overlaps runs on purpose.
+
+    A run that started a new epoch (a restart, or a rebase that handed over) runs the
+    retention pass, only then (the pass reads every manifest): the new base is held, and
+    so is the ended epoch's for `keep_days`."""
     started = time.monotonic()
     try:
         result = capture.run(conn, store, database_id, max_retained_wal=max_retained_wal,
@@ -141,6 +148,8 @@ def capture_and_report(conn: ConnectionInfo, store: Store, database_id: str,
         notifier.publish(Outcome(kind="capture", database=database_id, error=exc,
                                  scrub=conn.redact, duration_seconds=time.monotonic() - started))
         raise
+    retention = (_retention_pass(store, database_id, keep_days)
+                 if result.restarted or result.rebased else [])
     if result.lost:
         notifier.publish(Outcome(
             kind="capture", database=database_id, duration_seconds=time.monotonic() - started,
@@ -150,10 +159,12 @@ def capture_and_report(conn: ConnectionInfo, store: Store, database_id: str,
                                    "check what dropped or invalidated the slot (max_slot_wal_"
                                    "keep_size, a manual drop); restores after the new base "
                                    "are whole again"),
-            details={"slot": result.slot, "lost_window": result.lost_window}))
+            details={"slot": result.slot, "lost_window": result.lost_window,
+                     "retention_changes": retention}))
     elif result.restarted:
         notifier.publish(Outcome(kind="capture", database=database_id,
                                  duration_seconds=time.monotonic() - started,
                                  headline=f"{result.restarted}: a new base was taken",
-                                 details={"slot": result.slot}))
+                                 details={"slot": result.slot,
+                                          "retention_changes": retention}))
     return result

@@ -7,6 +7,11 @@ What a restore to a time can and cannot give exactly:
   capture has not seen it yet.
 - A time between two epochs (the definitions changed: the DDL's moment is unknown) is
   refused, naming the times on either side.
+- A time before the window (before capture began, or in an ended epoch whose base
+  retention let go) is refused, naming the window: `--at TIME` then restores the newest
+  backup at or before it (catalog.restore_point). So is a time whose captured changes
+  are gone (a hole in the epoch's chain): replaying around it would be no state the
+  database had.
 - Values are decoded and replayed under one set of output settings (output.py), so the
   source's DateStyle, extra_float_digits, search_path and the like cannot change them.
 - What the stream does not carry is named in the restore's output, never silently old:
@@ -40,8 +45,10 @@ from .state import (
     read_progress,
     read_state,
     segments,
+    segments_of,
     transactions_until,
 )
+from .window import stored_backups, window
 
 log = logging.getLogger(__name__)
 
@@ -83,25 +90,50 @@ class Covering:
 
 
 def covering(store: Store, database_id: str, when: datetime) -> Covering:
-    """The epoch that covers `when`, or a refusal that names the window capture can reach."""
+    """The epoch that covers `when`, or a refusal that names the window capture can reach:
+    a time before it (before capture began, or in an epoch whose base retention let go),
+    between two epochs, or later than capture has reached."""
     history = epochs(store, database_id)
     index = _begun_by(history, when)
     if index is None:
-        raise ConfigError(f"no change capture of {database_id} covers {when.isoformat()}",
-                          "restore a backup instead, or a later time"
-                          + (f" (capture starts at {history[0].base_at})" if history else ""))
+        raise ConfigError(f"no change capture of {database_id} covers {when.isoformat()}: "
+                          f"it reaches {_reach(store, database_id, history)}",
+                          "restore a backup instead, or a time in the window")
     epoch = history[index]
+    base = next((m for m in store.manifests(database_id) if m.backup_id == epoch.base), None)
+    if base is None and not _running(store, database_id, epoch):
+        raise ConfigError(f"change capture of {database_id} reaches "
+                          f"{_reach(store, database_id, history)}; {when.isoformat()} is "
+                          f"outside it (the base backup {epoch.base} of the epoch that "
+                          "covered it is gone: retention let it go)",
+                          "restore a backup taken at or before that time instead "
+                          "(`supabackup list`), or a time in the window")
     progress = read_progress(store, database_id, epoch)
     if progress is None:
         raise StoreError(f"the progress record of the capture epoch {epoch.start_lsn} is "
                          "missing", "restore a backup, or a time in another epoch")
     following = history[index + 1:index + 2]
-    _refuse_uncovered(database_id, when, progress, following)
-    base = next((m for m in store.manifests(database_id) if m.backup_id == epoch.base), None)
+    _refuse_uncovered(store, database_id, history, when, progress, following)
     if base is None:
-        raise StoreError(f"the capture's base backup {epoch.base} is gone",
-                         "restore a later time, or a backup")
-    return Covering(epoch, progress, base, following[0].start_lsn if following else "")
+        raise StoreError(f"the capture's base backup {epoch.base} is gone, though its "
+                         "epoch runs", "restore a backup; `supabackup cdc drop`, then "
+                         "`cdc start` takes a new base")
+    until_lsn = following[0].start_lsn if following else ""
+    _refuse_broken_chain(store, database_id, epoch, progress, when, until_lsn)
+    return Covering(epoch, progress, base, until_lsn)
+
+
+def _reach(store: Store, database_id: str, history: list[CaptureState]) -> str:
+    """"from A to B": the window as stored, for a refusal."""
+    return window(store, database_id,
+                  history=[(e, read_progress(store, database_id, e)) for e in history]
+                  ).describe()
+
+
+def _running(store: Store, database_id: str, epoch: CaptureState) -> bool:
+    """Whether `epoch` runs now: the state's, or the one a rebase hands over to."""
+    running = read_state(store, database_id)
+    return running is not None and epoch.start_lsn in (running.start_lsn, running.handover)
 
 
 def replays(store: Store, database_id: str, when: datetime) -> bool:
@@ -109,19 +141,23 @@ def replays(store: Store, database_id: str, when: datetime) -> bool:
     reaches it; or that epoch runs now (a time it has not reached yet is refused, naming
     how far it reaches: `cdc run` brings it there); or it ended by itself (a schema change,
     a lost slot, a rewrite), so `when` falls in a gap capture knows it cannot give exactly,
-    and is refused naming the times on either side. A time before capture began, or after
-    capture was dropped, is not: that is the newest backup at or before it."""
+    and is refused naming the times on either side. A time before capture began, after
+    capture was dropped, or in an ended epoch whose base is gone (retention lets a base
+    go once its epoch ended more than keep_days ago) is not: that is the newest backup at
+    or before it."""
     history = epochs(store, database_id)
     index = _begun_by(history, when)
     if index is None:
         return False
     epoch = history[index]
+    running = _running(store, database_id, epoch)
+    if not running and epoch.base not in stored_backups(store, database_id):
+        return False
     progress = read_progress(store, database_id, epoch)
     if progress is not None and (when <= parse_time(progress.verified_at)
                                  or (progress.ended and progress.ended != DROPPED)):
         return True
-    running = read_state(store, database_id)
-    return running is not None and running.start_lsn == epoch.start_lsn
+    return running
 
 
 def _begun_by(history: list[CaptureState], when: datetime) -> int | None:
@@ -181,7 +217,8 @@ def _bring_forward(store: Store, database_id: str, target: ConnectionInfo, when:
     report.notes += _refresh_matviews(target)
 
 
-def _refuse_uncovered(database_id: str, when: datetime, progress: Progress,
+def _refuse_uncovered(store: Store, database_id: str, history: list[CaptureState],
+                      when: datetime, progress: Progress,
                       following: list[CaptureState]) -> None:
     if when <= parse_time(progress.verified_at):
         return
@@ -192,10 +229,43 @@ def _refuse_uncovered(database_id: str, when: datetime, progress: Progress,
             f"({progress.ended or 'a new epoch began'})",
             f"choose a time at or before {progress.verified_at}, or at or after "
             f"{following[0].base_at}")
+    found = window(store, database_id,
+                   history=[(e, read_progress(store, database_id, e)) for e in history])
     raise CaptureError(
-        f"change capture of {database_id} covers times up to {progress.verified_at}; "
-        f"{when.isoformat()} is later",
+        f"change capture of {database_id} covers times up to {progress.verified_at}"
+        + (f" (from {found.earliest.isoformat()})" if found.earliest else "")
+        + f"; {when.isoformat()} is later",
         "run `supabackup cdc run` and try again, or choose an earlier time")
+
+
+def _refuse_broken_chain(store: Store, database_id: str, epoch: CaptureState,
+                         progress: Progress, when: datetime, until_lsn: str) -> None:
+    """Refuse when a stored change a restore to `when` must replay is gone: the epoch's
+    chain of index entries (state.py) has a hole before `when`, at its start (lifecycle
+    expires captured changes by age, the oldest first) or anywhere up to the newest entry
+    its progress names. Replaying around a hole would give a state the database never
+    had. Entries stored before 0.6 name no chain and are not checked."""
+    reach, reached_at = epoch.start_lsn, parse_time(epoch.base_at)
+    for segment in segments_of(segments(store, database_id), epoch, until_lsn):
+        if reached_at > when:
+            return  # the replay stops before the hole
+        if segment.epoch and segment.after and lsn_int(segment.after) > lsn_int(reach):
+            _refuse_hole(database_id, epoch, reach, reached_at, when)
+        if lsn_int(segment.end_lsn) > lsn_int(reach):
+            reach, reached_at = segment.end_lsn, parse_time(segment.last_commit_time)
+    if (progress.last_segment and lsn_int(progress.last_segment) > lsn_int(reach)
+            and reached_at <= when):
+        _refuse_hole(database_id, epoch, reach, reached_at, when)
+
+
+def _refuse_hole(database_id: str, epoch: CaptureState, reach: str, reached_at: datetime,
+                 when: datetime) -> None:
+    raise StoreError(
+        f"{when.isoformat()} cannot be restored exactly: captured changes of "
+        f"{database_id} after {reach} (committed after {reached_at.isoformat()}, in the "
+        f"epoch of the base {epoch.base}) are gone from the store",
+        f"choose a time before {reached_at.isoformat()}, or restore a backup; "
+        "lifecycle may have expired them (the capture rule's days)")
 
 
 def _not_replayable_in(target: ConnectionInfo, large_objects_later: int) -> list[str]:

@@ -11,7 +11,9 @@ it, so a second delivery of the same tick stops as a duplicate (a success that d
 nothing; locks.py). The run's time limit is what the invocation has left (budget.py).
 
 Environment: SUPABACKUP_STORE (s3://BUCKET/PREFIX), SUPABACKUP_DB_SECRET_ARN,
-SUPABACKUP_SNS_TOPIC_ARN, and optionally SUPABACKUP_PROFILE.
+SUPABACKUP_SNS_TOPIC_ARN, and optionally SUPABACKUP_PROFILE and SUPABACKUP_KEEP_DAYS (how
+far back a restore to a time must reach: the retention pass after the backup keeps every
+change-capture base those days need; default 7).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from ..errors import DuplicateRun
 from ..report import backup_and_report
-from .common import Invocation, logger, metrics, read_secret, store
+from ..retention import KEEP_DAYS_ENV, checked_keep_days
+from .common import Invocation, env_int, logger, metrics, read_secret, store
 from .events import parse_backup_event
 
 
@@ -37,6 +40,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         request = parse_backup_event(event, os.environ.get("SUPABACKUP_PROFILE")
                                      ).with_time_limit(
             context.get_remaining_time_in_millis() / 1000)
+        keep_days = checked_keep_days(env_int(KEEP_DAYS_ENV),
+                                      f"the function's environment variable {KEEP_DAYS_ENV}")
         backups = store()
         conn = read_secret("SUPABACKUP_DB_SECRET_ARN")
     logger.set_correlation_id(request.backup_id)
@@ -44,7 +49,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
                                           "retention": request.retention})
     try:
         with run.running(conn.redact):
-            manifest, outcome = backup_and_report(conn, backups, request, run.notify)
+            manifest, outcome = backup_and_report(conn, backups, request, run.notify,
+                                                  keep_days)
     except DuplicateRun as duplicate:
         logger.info("duplicate delivery, nothing done: %s", duplicate)
         metrics.add_metric(name="DuplicateSkipped", unit=MetricUnit.Count, value=1)

@@ -10,7 +10,9 @@ what needs a person (report.capture_and_report).
 
 Environment: SUPABACKUP_STORE, SUPABACKUP_CAPTURE_SECRET_ARN (a direct connection:
 replication cannot use a pooler), SUPABACKUP_SNS_TOPIC_ARN, and optionally
-SUPABACKUP_MAX_RETAINED_WAL (bytes: drop the slot and start over above it).
+SUPABACKUP_MAX_RETAINED_WAL (bytes: drop the slot and start over above it) and
+SUPABACKUP_KEEP_DAYS (how far back a restore to a time must reach: a run that starts a new
+epoch runs the retention pass, which keeps every base those days need; default 7).
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from .. import capture
 from ..backup import BackupRequest
 from ..capture.stream import FlushPolicy
+from ..capture.window import window
+from ..manifest import utcnow
 from ..report import capture_and_report
+from ..retention import KEEP_DAYS_ENV, checked_keep_days
 from .common import Invocation, env_int, logger, metrics, read_secret, store
 from .events import parse_capture_event
 
@@ -43,19 +48,24 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
                        context.get_remaining_time_in_millis() / 1000 - RUN_MARGIN))
         policy = FlushPolicy(interval=float(request.flush_interval or FlushPolicy.interval))
         limit = env_int("SUPABACKUP_MAX_RETAINED_WAL") or None
+        keep_days = checked_keep_days(env_int(KEEP_DAYS_ENV),
+                                      f"the function's environment variable {KEEP_DAYS_ENV}")
         backups = store()
         conn = capture.require_direct(read_secret("SUPABACKUP_CAPTURE_SECRET_ARN"))
     database_id = os.environ.get("SUPABACKUP_DATABASE_ID") or conn.database_id
     with run.running(conn.redact):
         if action == "status":
-            return capture.status(conn, backups, database_id)
+            found = capture.status(conn, backups, database_id)
+            # the window as retention leaves it, and where the promised one starts
+            found["window"] = window(backups, database_id, keep_days, utcnow()).as_dict()
+            return found
         if action == "start":
             state, base = capture.start(conn, backups, BackupRequest(
                 database_id=database_id, retention="weekly", label="change capture base"))
             return run.succeeded({"slot": state.slot, "plugin": state.plugin,
                                   "base": base.backup_id})
         result = capture_and_report(conn, backups, database_id, run.notify, limit,
-                                    seconds=seconds, policy=policy)
+                                    seconds=seconds, policy=policy, keep_days=keep_days)
     stored = result.transactions
     metrics.add_metric(name="CapturedTransactions", unit=MetricUnit.Count, value=stored)
     if result.slot:
