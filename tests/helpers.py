@@ -104,11 +104,15 @@ def sam_template() -> dict[str, Any]:
 
 
 def _resolved(template: dict[str, Any], value: Any, parameters: dict[str, Any]) -> Any:
-    """A {"Ref": Parameter} as the stack would resolve it: the value given, else the
-    parameter's default."""
+    """A {"Ref": Parameter} (or a {"Fn::FindInMap"} keyed by one) as the stack would
+    resolve it: the value given, else the parameter's default."""
     if isinstance(value, dict) and set(value) == {"Ref"}:
         name = value["Ref"]
         return parameters.get(name, template["Parameters"][name]["Default"])
+    if isinstance(value, dict) and set(value) == {"Fn::FindInMap"}:
+        table, key, field = (_resolved(template, part, parameters)
+                             for part in value["Fn::FindInMap"])
+        return template["Mappings"][table][str(key)][field]
     return value
 
 

@@ -247,7 +247,8 @@ def test_a_rebase_hands_over_to_a_new_base_without_a_gap_under_concurrent_writer
     assert running is not None and running.start_lsn == history[1].start_lsn
     assert not running.handover and running.slot != state.slot
     slots = [r[0] for r in logical.execute(
-        "SELECT slot_name FROM pg_replication_slots ORDER BY 1", db)]
+        "SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"
+        " ORDER BY 1", db)]
     assert slots == [running.slot]
     status = capture.status(_conn(logical, db), store, database_id)
     assert status["window"]["gaps"] == []

@@ -1002,3 +1002,15 @@ def test_samconfig() -> None:
     assert deploy["resolve_s3"] is True
     assert "Password" not in deploy.get("parameter_overrides", "")
     assert config["default"]["global"]["parameters"]["stack_name"]
+
+
+def test_the_capture_role_may_read_the_lifecycle_rules_its_retention_pass_reckons_by(
+        cfn: dict[str, Any]) -> None:
+    # a new epoch (a rebase, a restart) runs the retention pass, which reads the bucket's
+    # lifecycle days (Store.expiration_days): without the right it would fail on Lambda
+    policy = cfn["Resources"]["CaptureFunctionPolicy"]["Properties"]["PolicyDocument"]
+    [read] = [s for s in policy["Statement"]
+              if "s3:GetLifecycleConfiguration" in as_list(s["Action"])]
+    assert read["Effect"] == "Allow" and as_list(read["Action"]) == [
+        "s3:GetLifecycleConfiguration"]
+    assert read["Resource"] == {"Fn::GetAtt": ["BackupBucket", "Arn"]}

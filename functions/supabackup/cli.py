@@ -20,11 +20,10 @@ from collections.abc import Sequence
 from . import __version__, capture
 from .backup import KINDS, BackupRequest
 from .capture.stream import FlushPolicy
-from .capture.window import window as capture_window
 from .catalog import describe_point, resolve_database_id, restore_point
 from .dburl import ConnectionInfo
 from .errors import ConfigError, SupabackupError, VerifyFailed
-from .manifest import RETENTION_CLASSES, utcnow
+from .manifest import RETENTION_CLASSES
 from .notify import Notifier, human_bytes, human_duration
 from .profiles import NAMES as PROFILE_NAMES
 from .report import (
@@ -263,10 +262,7 @@ def cmd_cdc(args: argparse.Namespace) -> int:
         if result.restarted:
             print(f"started a new epoch: {result.restarted}")
     elif args.action == "status":
-        found = capture.status(conn, store, database_id)
-        # the window as retention leaves it: epochs whose base is gone left out, and where
-        # the promised window (the last --keep-days days) starts
-        found["window"] = capture_window(store, database_id, keep_days, utcnow()).as_dict()
+        found = capture.status(conn, store, database_id, keep_days)
         print(json.dumps(found, indent=2, default=str) if args.json
               else "\n".join(capture.status_lines(found)))
     else:

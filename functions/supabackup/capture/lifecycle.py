@@ -59,7 +59,7 @@ from .state import (
     store_key,
 )
 from .stream import FINAL_MARGIN, FlushPolicy, stream_epoch
-from .window import window_of
+from .window import window
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,12 @@ def _next_slot(conn: ConnectionInfo, slot: str) -> str:
 
 def _base_request(store: Store, database_id: str, state: CaptureState,
                   label: str) -> BackupRequest:
-    """A new epoch's base: a weekly full, with the profile of the base before it."""
+    """A new epoch's base: a full with the profile of the base before it, of the daily
+    class: retention pins it while the point-in-time window needs it, and it does not
+    count among the four newest weekly fulls the schedule's backups keep."""
     profile = next((m.profile for m in store.manifests(database_id)
                     if m.backup_id == state.base), None)
-    return BackupRequest(database_id=database_id, retention="weekly", profile=profile,
+    return BackupRequest(database_id=database_id, retention="daily", profile=profile,
                          label=label[:200], trigger="schedule")
 
 
@@ -372,10 +374,13 @@ def drop(conn: ConnectionInfo, store: Store, database_id: str) -> CaptureState |
     return state
 
 
-def status(conn: ConnectionInfo, store: Store, database_id: str) -> dict[str, Any]:
+def status(conn: ConnectionInfo, store: Store, database_id: str,
+           keep_days: int | None = None) -> dict[str, Any]:
     """What `cdc status` prints and the capture function reports as metrics: the slot's
     health, how far capture has stored (`captured_through`, the commit time of the newest
-    stored transaction), the window a restore can reach, and what it cannot replay."""
+    stored transaction), the window a restore can reach as retention leaves it (epochs
+    whose base is gone left out; with `keep_days`, where the promised window starts), and
+    what it cannot replay."""
     state = read_state(store, database_id)
     db = connect(conn)
     try:
@@ -393,7 +398,7 @@ def status(conn: ConnectionInfo, store: Store, database_id: str) -> dict[str, An
         "retained_wal_bytes": health.get("retained_wal_bytes"),
         "wal_status": health.get("wal_status"), "safe_wal_size": health.get("safe_wal_size"),
         "captured_through": _captured_through(store, database_id, history),
-        "window": window_of(history).as_dict(),
+        "window": window(store, database_id, keep_days, utcnow(), history).as_dict(),
         "tables_without_identity": [line.split(":")[0] for line in inexact
                                     if "no replica identity" in line],
         "not_replayable": inexact}
@@ -447,6 +452,9 @@ def status_lines(found: dict[str, Any]) -> list[str]:
     lines.append(f"restores to a time reach: {window['earliest']} to {window['latest']}"
                  if window["earliest"] else "restores to a time reach: nothing yet")
     lines += [f"  gap (refused): {g['from']} to {g['to']}: {g['why']}" for g in window["gaps"]]
+    if window.get("promised_from"):
+        lines.append(f"kept for restores: from {window['promised_from']} on (the last "
+                     f"{window['keep_days']} days, --keep-days)")
     if found["slot"]:
         safe = found["safe_wal_size"]
         lines.append(f"slot: {found['wal_status']}, holds {found['retained_wal_bytes']} bytes "

@@ -26,8 +26,6 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from .. import capture
 from ..backup import BackupRequest
 from ..capture.stream import FlushPolicy
-from ..capture.window import window
-from ..manifest import utcnow
 from ..report import capture_and_report
 from ..retention import KEEP_DAYS_ENV, checked_keep_days
 from .common import Invocation, env_int, logger, metrics, read_secret, store
@@ -55,10 +53,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     database_id = os.environ.get("SUPABACKUP_DATABASE_ID") or conn.database_id
     with run.running(conn.redact):
         if action == "status":
-            found = capture.status(conn, backups, database_id)
-            # the window as retention leaves it, and where the promised one starts
-            found["window"] = window(backups, database_id, keep_days, utcnow()).as_dict()
-            return found
+            return capture.status(conn, backups, database_id, keep_days)
         if action == "start":
             state, base = capture.start(conn, backups, BackupRequest(
                 database_id=database_id, retention="weekly", label="change capture base"))
