@@ -7,6 +7,7 @@ damages the store one way and reads what verify says.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -108,7 +109,7 @@ def test_a_whole_capture_verifies_clean_and_says_what_it_checked(
     (message,) = inbox.messages()
     assert message["Message"]["details"]["capture"] == {
         "epochs": 1, "segments": 3, "transactions": 3, "bytes_read": segment_bytes,
-        "problems": 0}
+        "problems": 0, "released_epochs": 0}
 
 
 def test_a_store_without_capture_verifies_as_before(logical: Cluster, new_db: Any,
@@ -188,6 +189,7 @@ def test_the_command_line_fails_naming_the_first_problem(
     assert cli.main(args) == 0
     whole = capsys.readouterr()
     assert "0 problem(s)" in whole.out and not whole.err
+    assert "verified change capture: 3 segment(s) in 1 epoch(s), 3 transaction(s)" in whole.out
     first, second = captured.segments[0], captured.segments[1]
     s3.delete_object(Bucket=BUCKET, Key=first.key)
     s3.delete_object(Bucket=BUCKET, Key=second.key)
@@ -230,3 +232,34 @@ def test_entries_that_name_no_epoch_are_assigned_by_lsn_and_not_gap_checked() ->
         f"changes from 0/600 to 0/700 (the next entry, index/{entry_name('0/900', '0/500')}"
         ".json, "
         "begins after 0/700)"]
+
+
+def test_an_epoch_retention_let_go_is_not_checked_but_one_the_window_needs_is(
+        captured: Captured, logical: Cluster, store: Store, s3: Any) -> None:
+    from datetime import timedelta
+
+    from supabackup.capture.audit import audit_store
+    from supabackup.manifest import parse_time
+    # GIVEN a schema change: a second epoch, and the first one ended
+    logical.execute("ALTER TABLE accounts ADD COLUMN note text", captured.conn.dbname)
+    time.sleep(1.1)  # backup ids have one-second resolution: the new base needs its own
+    assert capture.run(captured.conn, store, captured.database_id).restarted
+    first, second = capture.epochs(store, captured.database_id)
+    # WHEN lifecycle took the first epoch's changes and retention its base
+    for segment in captured.segments:
+        s3.delete_object(Bucket=BUCKET, Key=segment.key)
+    s3.delete_object(Bucket=BUCKET, Key=store.backup_key(captured.database_id, first.base,
+                                                         "manifest.json"))
+    manifests = {m.backup_id for m in store.manifests(captured.database_id)}
+    # THEN, once the first epoch ended more than keep_days ago, verify leaves it alone
+    later = parse_time(second.base_at) + timedelta(days=8)
+    found = audit_store(store, captured.database_id, manifests, keep_days=7, now=later)
+    assert found is not None and found.problems == [] and found.released == 1
+    assert found.summary()["released_epochs"] == 1
+    # and while the window still reaches it, each loss is named
+    found = audit_store(store, captured.database_id, manifests, keep_days=7,
+                        now=parse_time(second.base_at) + timedelta(days=1))
+    assert found is not None and found.released == 0
+    names = {p.name for p in found.problems}
+    assert f"epochs/{lsn_key(first.start_lsn)}.json" in names
+    assert all(_name(s).removeprefix("cdc/") in names for s in captured.segments)

@@ -295,6 +295,12 @@ def _print_verify(report: VerifyReport) -> None:
         print(f"drill: restored {drill.backup_id} on {drill.server} (from "
               f"{', '.join(drill.restore.backups) if drill.restore else '-'}), compared "
               f"{drill.tables} tables, {drill.rows} rows: {len(drill.mismatches)} mismatch(es)")
+    if report.capture is not None:
+        found = report.capture
+        print(f"verified change capture: {found.segments} segment(s) in {found.epochs} "
+              f"epoch(s), {found.transactions} transaction(s)" + (
+                  f"; {found.released} epoch(s) past the window not checked"
+                  if found.released else ""))
     print(f"verified {len(report.verified)} backup(s) of {report.database_id}: "
           f"{human_bytes(report.bytes_read)} read, {len(report.findings)} problem(s)")
 

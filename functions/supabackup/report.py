@@ -86,6 +86,8 @@ def verify_and_report(store: Store, database_id: str, notifier: Notifier,
                                  details=report.summary() if report is not None else None))
         raise
     headline = f"{len(report.verified)} backup(s) whole"
+    if report.capture is not None:
+        headline += f"; change capture: {report.capture.segments} segment(s) whole"
     if report.drill is not None:
         headline += f"; drill: {report.drill.tables} tables match"
     notifier.publish(Outcome(kind="verify", database=database_id, headline=headline,

@@ -26,6 +26,7 @@ snapshot (drill.py); each mismatch is a finding that names the table.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ from .drill import DrillReport, run_drill
 from .errors import BackupNotFound, RestoreFailed, StoreError
 from .manifest import Manifest
 from .pgtools import Child, exit_reason, find_tools
+from .retention import KEEP_DAYS_ENV, checked_keep_days
 from .store import MANIFEST, Store
 
 log = logging.getLogger(__name__)
@@ -139,7 +141,8 @@ def _drill(store: Store, manifests: dict[str, Manifest], backup_id: str,
 def _check_capture(store: Store, database_id: str, manifests: dict[str, Manifest],
                    keys: list[str], report: VerifyReport) -> None:
     unreadable = {k.rsplit("/", 2)[-2] for k in keys} - set(manifests)
-    report.capture = audit_store(store, database_id, manifests, unreadable)
+    keep_days = checked_keep_days(os.environ.get(KEEP_DAYS_ENV), f"${KEEP_DAYS_ENV}")
+    report.capture = audit_store(store, database_id, manifests, unreadable, keep_days)
     if report.capture is not None:
         report.bytes_read += report.capture.bytes_read
         report.findings += [Finding(CAPTURE, p.name, p.problem)

@@ -23,9 +23,12 @@ import zlib
 from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 from ..errors import StoreError
+from ..manifest import utcnow
+from ..retention import KEEP_DAYS, capture_needs
 from ..store import MANIFEST, Store
 from .state import (
     INDEX_READERS,
@@ -88,27 +91,33 @@ class CaptureAudit:
     transactions: int = 0
     bytes_read: int = 0
     problems: list[Problem] = field(default_factory=list)
+    released: int = 0  # epochs retention let go: past the window, not checked
 
     def summary(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "segments": self.segments,
                 "transactions": self.transactions, "bytes_read": self.bytes_read,
-                "problems": len(self.problems)}
+                "problems": len(self.problems), "released_epochs": self.released}
 
 
-def audit(stored: Stored, bases: Mapping[str, str], objects: Mapping[str, Read | None]
-          ) -> list[Problem]:
+def audit(stored: Stored, bases: Mapping[str, str], objects: Mapping[str, Read | None],
+          released: Collection[str] = ()) -> list[Problem]:
     """Every problem with what capture stored. `bases`: {backup id: "" when its manifest
     reads back, else what is wrong with it}, for every epoch's base; `objects`: {segment
-    key: what reading it found, None when there is no such object}."""
+    key: what reading it found, None when there is no such object}; `released`: the
+    epochs (start LSNs) retention let go, whose base and changes may be gone by design."""
     problems = list(stored.damaged)
     starts = {e.start_lsn for e in stored.epochs}
     for entry in stored.entries:
+        if entry.epoch in released:
+            continue
         if entry.epoch and entry.epoch not in starts:
             problems.append(Problem(_index_name(entry.end_lsn, entry.epoch), (
                 f"names epoch {entry.epoch}, which has no record (epochs/"
                 f"{lsn_key(entry.epoch)}.json is missing): no restore replays it")))
         problems += _segment_problems(entry, objects.get(entry.key))
     for i, epoch in enumerate(stored.epochs):
+        if epoch.start_lsn in released:
+            continue
         until = stored.epochs[i + 1].start_lsn if i + 1 < len(stored.epochs) else ""
         mine = segments_of(stored.entries, epoch, until)
         wrong = bases.get(epoch.base, "missing")
@@ -192,19 +201,27 @@ def _segment_name(entry: Segment) -> str:
 # --- reading ------------------------------------------------------------------------------
 
 def audit_store(store: Store, database_id: str, manifests: Collection[str],
-                unreadable: Collection[str] = ()) -> CaptureAudit | None:
+                unreadable: Collection[str] = (), keep_days: int = KEEP_DAYS,
+                now: datetime | None = None) -> CaptureAudit | None:
     """Audit the database's change capture (None when it has none). `manifests`: the
-    backups whose manifests verify read; `unreadable`: those whose manifests it could not."""
+    backups whose manifests verify read; `unreadable`: those whose manifests it could not.
+    Epochs past the window of the last `keep_days` days (retention.capture_needs) are
+    not checked: retention let their bases go, and lifecycle their changes."""
     stored = read_stored(store, database_id)
     if not stored:
         return None
+    needed = capture_needs([(e, stored.progress.get(e.start_lsn)) for e in stored.epochs],
+                           now or utcnow(), keep_days)
+    released = frozenset(e.start_lsn for e in stored.epochs if e.base not in needed)
     bases = {e.base: _base(store, database_id, e.base, manifests, unreadable)
-             for e in stored.epochs}
-    objects = read_segments(store, stored.entries)
-    return CaptureAudit(epochs=len(stored.epochs), segments=len(stored.entries),
-                        transactions=sum(e.transactions for e in stored.entries),
+             for e in stored.epochs if e.start_lsn not in released}
+    checked = [e for e in stored.entries if e.epoch not in released]
+    objects = read_segments(store, checked)
+    return CaptureAudit(epochs=len(stored.epochs) - len(released), segments=len(checked),
+                        transactions=sum(e.transactions for e in checked),
                         bytes_read=sum(r.size for r in objects.values() if r is not None),
-                        problems=audit(stored, bases, objects))
+                        problems=audit(stored, bases, objects, released),
+                        released=len(released))
 
 
 def _base(store: Store, database_id: str, backup_id: str, manifests: Collection[str],
