@@ -302,3 +302,34 @@ def test_a_stream_decodes_values_under_the_pinned_settings_whatever_the_database
     assert logical.execute(query, "stream_settings_at") == logical.execute(query, db)
     exact = "SELECT f = 0.1::float8 + 0.2::float8 AND f <> 0.3::float8 FROM public.vals"
     assert logical.execute(exact, db) == logical.execute(exact, "stream_settings_at") == [(True,)]
+
+
+def test_a_rebase_that_fails_leaves_capture_running_and_says_so_on_sns(
+        logical: Cluster, store: Store, inbox: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from supabackup.capture import lifecycle
+    from supabackup.errors import DumpFailed
+    from supabackup.notify import Notifier
+    from supabackup.report import capture_and_report
+    db = "stream_rebase_fails"
+    database_id = _started(logical, store, db)
+    time.sleep(1.1)  # backup ids have one-second resolution
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise DumpFailed("pg_dump exited with status 1: out of disk")
+
+    # GIVEN a rebase due, whose base backup fails
+    monkeypatch.setattr(lifecycle, "run_backup", broken)
+    logical.execute("INSERT INTO ticks VALUES (1, now(), 'during')", db)
+    # WHEN the run goes on
+    result = capture_and_report(_conn(logical, db), store, database_id,
+                                Notifier(inbox.topic_arn, inbox.sns), rebase_every=timedelta(0))
+    # THEN it drained the old epoch all the same, left no new slot, and said why on SNS
+    assert result.transactions == 1 and not result.rebased
+    assert "rebase failed" in result.rebase_error and "out of disk" in result.rebase_error
+    assert len(capture.epochs(store, database_id)) == 1
+    slots = logical.execute("SELECT slot_name FROM pg_replication_slots WHERE database = "
+                            "current_database()", db)
+    assert slots == [(capture.read_state(store, database_id).slot,)]  # type: ignore[union-attr]
+    (alert,) = inbox.messages()
+    assert alert["MessageAttributes"]["status"]["Value"] == "failed"
+    assert "capture goes on in the old epoch" in alert["Message"]["error"]

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 
 from . import capture
 from .backup import BackupRequest, run_backup
 from .capture import CaptureRun
+from .capture.lifecycle import REBASE_EVERY
 from .capture.pointintime import PointInTimeReport, restore_to_time
 from .capture.stream import FlushPolicy
 from .catalog import RestorePoint
@@ -133,11 +135,12 @@ def restore_and_report(store: Store, point: RestorePoint, target: ConnectionInfo
 def capture_and_report(conn: ConnectionInfo, store: Store, database_id: str,
                        notifier: Notifier, max_retained_wal: int | None = None,
                        seconds: float | None = None, policy: FlushPolicy | None = None,
-                       keep_days: int = KEEP_DAYS) -> CaptureRun:
+                       keep_days: int = KEEP_DAYS,
+                       rebase_every: timedelta | None = REBASE_EVERY) -> CaptureRun:
     """One change-capture run. It runs all the time, so SNS hears only what needs a
-    person: a failed run, a lost slot (naming the times no restore can reach now) and a
-    new epoch after a schema change. A run that left because another drainer holds the
-    lease says nothing: the schedule overlaps runs on purpose.
+    person: a failed run, a lost slot (naming the times no restore can reach now), a
+    new epoch after a schema change, and a rebase that failed. A run that left because
+    another drainer holds the lease says nothing: the schedule overlaps runs on purpose.
 
     A run that started a new epoch (a restart, or a rebase that handed over) runs the
     retention pass, only then (the pass reads every manifest): the new base is held, and
@@ -145,7 +148,7 @@ def capture_and_report(conn: ConnectionInfo, store: Store, database_id: str,
     started = time.monotonic()
     try:
         result = capture.run(conn, store, database_id, max_retained_wal=max_retained_wal,
-                             seconds=seconds, policy=policy)
+                             seconds=seconds, policy=policy, rebase_every=rebase_every)
     except BaseException as exc:
         notifier.publish(Outcome(kind="capture", database=database_id, error=exc,
                                  scrub=conn.redact, duration_seconds=time.monotonic() - started))
@@ -169,4 +172,12 @@ def capture_and_report(conn: ConnectionInfo, store: Store, database_id: str,
                                  headline=f"{result.restarted}: a new base was taken",
                                  details={"slot": result.slot,
                                           "retention_changes": retention}))
+    if result.rebase_error:  # capture went on in the old epoch; the window still holds
+        notifier.publish(Outcome(
+            kind="capture", database=database_id, duration_seconds=time.monotonic() - started,
+            error=CaptureError(f"{result.rebase_error}; capture goes on in the old epoch",
+                               "the next run tries again; until a rebase works, restores "
+                               "replay ever more changes, and changes older than the "
+                               "window plus 2 days expire (restores into them refuse)"),
+            details={"slot": result.slot}))
     return result
