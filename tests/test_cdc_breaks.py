@@ -275,11 +275,6 @@ def test_a_rebase_that_fails_at_a_step_converges_on_the_next_runs(
                           _store_error, killed=False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lifecycle._begin_rebase: an error between _begin_epoch and the put of state.json "
-    "naming the handover (S3 refusing that put) leaves the new slot (nobody drains it, "
-    "its WAL grows for ever; every later rebase fails: the slot exists) and an epoch "
-    "record whose progress never moves, so every time after its base is refused"))
 def test_a_rebase_whose_state_write_fails_after_the_new_base_converges(
         logical: Cluster, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     _only(logical, "wal2json", "each step on one plugin")
@@ -287,13 +282,6 @@ def test_a_rebase_whose_state_write_fails_after_the_new_base_converges(
                           _store_error, killed=False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lifecycle._begin_rebase: the epoch record a failed rebase left (state.json never "
-    "named it) is the newest epoch begun by any later time, so pointintime.covering picks "
-    "it and refuses every later time for ever ('covers times up to' its base, 'run cdc "
-    "run'), though the old epoch captured them and `cdc status` shows them in the window "
-    "with no gap; and `restore --at` (pointintime.replays is False there) silently "
-    "restores that base instead: the state of an earlier time"))
 def test_times_after_a_failed_rebase_still_restore_exactly(
         logical: Cluster, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     _only(logical, "wal2json", "the store's records are the plugin's neither")
@@ -317,11 +305,6 @@ def test_times_after_a_failed_rebase_still_restore_exactly(
     assert _restored_ids(logical, store, database_id, when, f"{db}_at") == {1, 2}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lifecycle._finish_rebase: state.json is switched to the new epoch before the old "
-    "slot is dropped; a drop that fails (or a run killed there) leaves the old slot, "
-    "which nothing drops or drains again: it holds WAL for ever, and the next rebase, "
-    "which reuses its name, fails"))
 def test_a_rebase_whose_old_slot_drop_fails_converges(
         logical: Cluster, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     _only(logical, "pgoutput", "each step on one plugin")
@@ -329,11 +312,6 @@ def test_a_rebase_whose_old_slot_drop_fails_converges(
                           "old slot not dropped", _db_error, killed=False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lifecycle._begin_rebase/_begin_epoch: a run killed while the rebase's base is taken "
-    "(a Lambda timeout: bases take long) leaves the new slot with no record in the store; "
-    "nothing drops it, it holds WAL nobody drains, and every later rebase fails because "
-    "the slot's name is taken"))
 def test_a_rebase_killed_during_its_base_converges(
         logical: Cluster, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     _only(logical, "wal2json", "each step on one plugin (SIGKILL: see the next test)")
@@ -372,6 +350,7 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
 
 def test_runs_killed_at_random_moments_lose_nothing_and_store_nothing_twice(
         logical: Cluster, local_s3: Any) -> None:
+    _only(logical, "wal2json", "the kills are the store's and the slot's, either plugin's")
     db = _fresh(logical, "breaks_sigkill")
     store, env = _on_local_s3(local_s3, f"breaks-sigkill-{logical.plugin}")  # type: ignore[attr-defined]
     state, base = capture.start(_conn(logical, db), store, BackupRequest())
@@ -461,10 +440,6 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lifecycle._begin_rebase/_begin_epoch: a `cdc run` SIGKILLed while its rebase's base "
-    "is taken leaves the new slot (and, pgoutput, its publications) that nothing records, "
-    "drains or drops; every later rebase fails on the name"))
 def test_a_cdc_run_sigkilled_during_a_rebase_base_leaves_no_slot_behind(
         logical: Cluster, local_s3: Any) -> None:
     _only(logical, "pgoutput", "with its publications (in process, wal2json: above)")
@@ -537,6 +512,7 @@ MIXED = """CREATE TABLE ticks (id bigint PRIMARY KEY);
 
 def test_big_and_tiny_transactions_and_one_open_across_flushes_restore_exactly(
         logical: Cluster, store: Store) -> None:
+    _only(logical, "pgoutput", "a big transaction's Relation and row messages across flushes")
     db = _fresh(logical, "breaks_mixed", MIXED)
     _, base = capture.start(_conn(logical, db), store, BackupRequest())
     database_id = base.database_id
@@ -633,13 +609,6 @@ def test_vacuum_full_and_ddl_mid_stream_restore_exactly_or_refuse_only_between_e
     assert _stored_twice(store, database_id) == {}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "drain.checked/_rewritten: a check reads the WAL position, then the definitions and "
-    "sequences, then the tables' relfilenodes; a TRUNCATE that commits in between gives a "
-    "new relfilenode while its commit is after the check's position, so _rewritten "
-    "(which excuses only truncates before it) takes it for a rewrite outside the stream "
-    "and ends the epoch: a needless new base and a refused gap, on any database that "
-    "truncates often (a staging table emptied every few seconds)"))
 def test_a_truncate_that_commits_while_a_flush_checks_does_not_end_the_epoch(
         logical: Cluster, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     _only(logical, "wal2json", "the check is the plugin's neither")
@@ -668,12 +637,6 @@ def test_a_truncate_that_commits_while_a_flush_checks_does_not_end_the_epoch(
     assert len(capture.epochs(store, database_id)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "drain._rewritten: when a read stops short of the check (a peek's MAX_CHANGES, a "
-    "stream that cannot catch up in CATCH_UP s, as behind a 200 000-row transaction), a "
-    "TRUNCATE committed before the check but not read yet has changed the table's "
-    "relfilenode with no truncate in the batch: the flush ends the epoch as a rewrite "
-    "outside the stream (a new base, a refused gap) instead of waiting for the read"))
 def test_a_truncate_the_read_has_not_reached_yet_does_not_end_the_epoch(
         logical: Cluster, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     _only(logical, "pgoutput", "the read is the plugin's neither")
@@ -778,15 +741,9 @@ def test_cdc_run_with_values_it_cannot_keep_refuses_in_one_line_and_stores_nothi
         assert extra[-1] in line or (extra[-1] == "0" and "0.0" in line), line
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "stream.FlushPolicy.__post_init__: --flush-interval above the idle interval (10 s), "
-    "e.g. 30, is refused saying the bound is '0 < interval <= 600', which 30 meets: the "
-    "line does not name the real limit (the idle interval)"))
-def test_a_flush_interval_over_the_idle_interval_is_refused_naming_the_real_limit(
-        logical: Cluster, store: Store, capsys: pytest.CaptureFixture[str]) -> None:
-    _only(logical, "wal2json", "refused before any replication")
-    db = _fresh(logical, "breaks_bad_interval")
-    _, base = capture.start(_conn(logical, db), store, BackupRequest())
-    line = _refused(logical, store, db, base.database_id,
-                    ["--for", "60", "--flush-interval", "30"], capsys)
-    assert "600" not in line and "10" in line, line
+def test_a_flush_interval_over_the_idle_interval_is_kept_and_idle_flushes_follow_it() -> None:
+    # a person who asks for a flush every 30 s gets one every 30 s, idle or not
+    policy = capture.FlushPolicy(interval=30.0)
+    assert policy.interval == policy.idle_interval == 30.0
+    with pytest.raises(ValueError, match="more than 0, at most 600"):
+        capture.FlushPolicy(interval=601.0)

@@ -139,11 +139,12 @@ class Drain:
         if segment is not None:
             log.info("captured %d transaction(s) up to %s into %s", segment.transactions,
                      segment.end_lsn, segment.key)
-        rewritten = _rewritten(self.progress, check, batch.meta)
+        rewritten, unsure = _rewritten(self.progress, check, batch.meta, complete)
         if rewritten:
             return segment, (f"{', '.join(rewritten)} rewritten outside the change stream "
                              "(ALTER TABLE ... USING, VACUUM FULL or CLUSTER)")
-        progress = _progress_after(self.progress, check, batch.meta, complete, self.reach)
+        progress = _progress_after(self.progress, check, batch.meta, complete, self.reach,
+                                   unsure)
         put_json(self.store, progress_key(self.store, self.database_id, self.state),
                  asdict(progress))
         self.progress = progress
@@ -248,8 +249,11 @@ def checked(db: Any) -> Check:
         cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
         large_objects = int(cur.fetchone()[0])
         files = table_files(cur)
+        # A TRUNCATE committed after L but before the files were read shows a new file:
+        # the read goes on to here, so its TRUNCATE is read too (see _rewritten).
+        files_lsn = _flushed_through_insert(cur)
     return Check(lsn=lsn, at=iso(at), schema=schema, sequences=sequences,
-                 large_objects=large_objects, files=files)
+                 large_objects=large_objects, files=files, files_lsn=files_lsn)
 
 
 def table_files(cur: Any) -> dict[str, int]:
@@ -261,17 +265,24 @@ def table_files(cur: Any) -> dict[str, int]:
     return {name: int(node) for name, node in cur.fetchall()}
 
 
-def _rewritten(previous: Progress | None, check: Check,
-               transactions: list[dict[str, Any]]) -> list[str]:
-    """Tables whose rows were written anew since the previous check without a TRUNCATE in
-    the stream: ALTER TABLE ... ALTER COLUMN ... TYPE with USING (even to the same type,
-    so no definition changes), VACUUM FULL, CLUSTER. A rewrite is not decoded, so what it
-    changed is not in the stream (the last two change nothing, and cost a new base)."""
+def _rewritten(previous: Progress | None, check: Check, transactions: list[dict[str, Any]],
+               complete: bool) -> tuple[list[str], set[str]]:
+    """(tables whose rows were written anew since the previous check without a TRUNCATE in
+    the stream, tables whose new file is not explained yet). A rewrite is ALTER TABLE ...
+    ALTER COLUMN ... TYPE with USING (even to the same type, so no definition changes),
+    VACUUM FULL, CLUSTER: it is not decoded, so what it changed is not in the stream (the
+    last two change nothing, and cost a new base). A TRUNCATE gives a table a new file
+    too, and is in the stream: one committed before the files were read (check.files_lsn)
+    explains it. When the read stopped short of that position (a peek's MAX_CHANGES, a
+    stream that did not catch up), its TRUNCATE may not be read yet: the judgement waits
+    for a flush that reads that far (the table is left `unsure`)."""
     if previous is None or not previous.files:
-        return []
-    truncated = set(previous.truncated_after) | _truncated(transactions, below=check.lsn)
-    return sorted(name for name, node in check.files.items()
-                  if previous.files.get(name, node) != node and name not in truncated)
+        return [], set()
+    truncated = set(previous.truncated_after) | _truncated(
+        transactions, below=check.files_lsn or check.lsn)
+    changed = sorted(name for name, node in check.files.items()
+                     if previous.files.get(name, node) != node and name not in truncated)
+    return ([], set(changed)) if not complete else (changed, set())
 
 
 def _truncated(transactions: list[dict[str, Any]], below: str = "", since: str = "") -> set[str]:
@@ -284,11 +295,18 @@ def _truncated(transactions: list[dict[str, Any]], below: str = "", since: str =
 
 def _progress_after(previous: Progress | None, check: Check,
                     transactions: list[dict[str, Any]], complete: bool,
-                    reach: str) -> Progress:
+                    reach: str, unsure: set[str]) -> Progress:
     """What the epoch covers after a flush: all before the check, or, when the read stopped
     short of it (a peek's MAX_CHANGES, a stream that did not catch up in time), up to the
-    last whole transaction it stored; never less than before."""
-    after = sorted(_truncated(transactions, since=check.lsn))
+    last whole transaction it stored; never less than before. The files of `unsure`
+    tables stay as the previous check had them, and the TRUNCATEs read so far stay
+    counted, so the next flush judges them (_rewritten)."""
+    since = check.files_lsn or check.lsn
+    after = _truncated(transactions, since=since)
+    files = dict(check.files)
+    if unsure and previous is not None:
+        files.update({name: previous.files[name] for name in unsure if name in previous.files})
+        after |= (set(previous.truncated_after) | _truncated(transactions)) & unsure
     last = transactions[-1] if transactions else None
     if complete or (last is not None and lsn_int(last["end_lsn"]) >= lsn_int(check.lsn)):
         verified_lsn, verified_at = check.lsn, check.at
@@ -303,8 +321,8 @@ def _progress_after(previous: Progress | None, check: Check,
         verified_lsn, verified_at = previous.verified_lsn, previous.verified_at
     return Progress(verified_lsn=verified_lsn, verified_at=verified_at,
                     sequences=check.sequences, sequences_at=check.at,
-                    large_objects=check.large_objects, files=check.files,
-                    truncated_after=after, last_segment=reach)
+                    large_objects=check.large_objects, files=files,
+                    truncated_after=sorted(after), last_segment=reach)
 
 
 def _flushed_through_insert(cur: Any, patience: float = 2.0) -> str:

@@ -236,7 +236,8 @@ def run(conn: ConnectionInfo, store: Store, database_id: str,
         raise ConfigError(f"the retained-WAL limit must be 0 (none) or more bytes, not "
                           f"{max_retained_wal}")
     if seconds is not None and not 0 < seconds <= MAX_SECONDS:
-        raise ConfigError(f"--for must be between 0 and {MAX_SECONDS} seconds, not {seconds}")
+        raise ConfigError(f"--for must be more than 0 and at most {MAX_SECONDS} seconds, not "
+                          f"{seconds:g}")
     if read_state(store, database_id) is None:
         raise ConfigError(f"change capture of {database_id} is not started",
                           "run `supabackup cdc start` first")
@@ -274,6 +275,7 @@ def _drain(conn: ConnectionInfo, store: Store, database_id: str,
     under way the old slot is drained once at a time (a peek), which reaches past the new
     base at once; then the new epoch streams."""
     total = CaptureRun()
+    _tidy(conn, store, database_id)
     while True:
         state = read_state(store, database_id)
         if state is not None and not total.rebased and _rebase_due(state, rebase_every):
@@ -314,8 +316,51 @@ def _try_rebase(conn: ConnectionInfo, store: Store, database_id: str,
         log.info("rebase postponed: %s", exc.message)
     except SupabackupError as exc:
         log.error("rebase failed (capture goes on in the old epoch): %s", exc)
+        _tidy(conn, store, database_id)
         return f"rebase failed: {exc}"
     return ""
+
+
+def _tidy(conn: ConnectionInfo, store: Store, database_id: str) -> None:
+    """Converge after a run that died half way through a rebase (a Lambda timeout while
+    the new base was taken, a failed write): a slot of capture's two names that the state
+    does not name is dropped (it holds WAL nobody drains, and would block the next
+    rebase), with its publications; an epoch begun after the running one that the state
+    does not name as its handover was never drained, and its records go (its base stays,
+    an ordinary full backup), so restores never pick it. Best effort: what cannot be
+    dropped now is logged and tried again by the next run."""
+    state = read_state(store, database_id)
+    if state is None:
+        return
+    history = epochs(store, database_id)
+    keep = {state.slot} | {e.slot for e in history if e.start_lsn == state.handover}
+    for slot in sorted({slot_name(conn), _next_slot(conn, slot_name(conn))} - keep):
+        try:
+            if _slot_exists(conn, slot):
+                log.warning("dropping the replication slot %s, which no epoch drains (a "
+                            "rebase that did not finish)", slot)
+                drop_slot(conn, slot)
+            if state.plugin == "pgoutput":
+                drop_publications(conn, slot)
+        except SupabackupError as exc:
+            log.error("could not drop the slot %s nobody drains (the next run tries "
+                      "again): %s", slot, exc)
+    for epoch in history:
+        if (lsn_int(epoch.start_lsn) > lsn_int(state.start_lsn)
+                and epoch.start_lsn != state.handover):
+            log.warning("forgetting the epoch %s (base %s): a rebase that did not finish "
+                        "began it, and it was never drained", epoch.start_lsn, epoch.base)
+            store.delete_key(progress_key(store, database_id, epoch))
+            store.delete_key(store_key(store, database_id, "epochs",
+                                       f"{lsn_key(epoch.start_lsn)}.json"))
+
+
+def _slot_exists(conn: ConnectionInfo, slot: str) -> bool:
+    db = connect(conn)
+    try:
+        return bool(slot_status(db, slot))
+    finally:
+        db.close()
 
 
 def _restarted(conn: ConnectionInfo, store: Store, database_id: str, reason: str,

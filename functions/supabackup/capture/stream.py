@@ -56,10 +56,11 @@ class FlushPolicy:
     idle_interval: float = 10.0
 
     def __post_init__(self) -> None:
-        if not (0 < self.interval <= 600 and self.max_bytes > 0
-                and self.interval <= self.idle_interval):
-            raise ValueError(f"a flush interval of {self.interval} s (and {self.max_bytes} "
-                             "bytes) is not one a stream can keep: 0 < interval <= 600")
+        if not (0 < self.interval <= 600 and self.max_bytes > 0):
+            raise ValueError(f"a flush interval of {self.interval} s is not one a stream "
+                             "can keep: more than 0, at most 600")
+        if self.idle_interval < self.interval:  # an idle stream flushes no more often
+            object.__setattr__(self, "idle_interval", self.interval)
 
 
 class _Reader:
@@ -151,7 +152,8 @@ def stream_epoch(drain: Drain, deadline: float, policy: FlushPolicy,
             check = checked(drain.db)
             if check.schema != drain.state.schema:
                 return result, "the schema changed"
-            complete = reader.catch_up(check.lsn, min(CATCH_UP, max(deadline - now, 0.5)))
+            complete = reader.catch_up(check.files_lsn or check.lsn,
+                                       min(CATCH_UP, max(deadline - now, 0.5)))
             batch, reader.batch = reader.batch, Batch()
             segment, reason = drain.flush(check, batch, complete, reader.read_through,
                                           reader.confirm)
