@@ -205,6 +205,8 @@ def test_a_stream_goes_on_into_the_new_epoch_a_schema_change_starts(
 @pytest.mark.parametrize("seconds", [None, 6.0], ids=["once", "streaming"])
 def test_a_rebase_hands_over_to_a_new_base_without_a_gap_under_concurrent_writers(
         logical: Cluster, store: Store, seconds: float | None) -> None:
+    if (seconds is None) != (logical.plugin == "wal2json"):  # type: ignore[attr-defined]
+        pytest.skip("a peek's handover on wal2json, a stream's on pgoutput: the suite's time")
     db = "stream_rebase"
     logical.drop_database(db)
     logical.create_database(db)
@@ -221,6 +223,7 @@ def test_a_rebase_hands_over_to_a_new_base_without_a_gap_under_concurrent_writer
             while not stop.is_set():
                 i += 1
                 cur.execute("INSERT INTO ticks VALUES (%s)", (i,))
+                time.sleep(0.002)  # a busy writer, not one whose replay takes minutes
         conn.close()
 
     # GIVEN a writer committing one row per transaction without pause, and capture running
