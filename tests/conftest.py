@@ -19,7 +19,7 @@ from moto import mock_aws
 from supabackup.handlers import common
 from supabackup.store import BOTO_CONFIG, MIB, Store, StoreURL
 
-from devkit.pg import Cluster, bindir_for
+from devkit.pg import Cluster, bindir_for, logical_cluster
 from devkit.s3 import FAKE_CREDENTIALS, LocalS3
 
 from .helpers import BUCKET, PASSWORD, Inbox
@@ -67,6 +67,19 @@ def pg15() -> Cluster:
 @pytest.fixture(scope="session")
 def pg17() -> Cluster:
     return _cluster(17)
+
+
+@pytest.fixture(scope="module", params=[(15, "wal2json"), (17, "pgoutput")],
+                ids=["pg15-wal2json", "pg17-pgoutput"])
+def logical(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A server with wal_level=logical (adapted to the release) for change capture, and the
+    plugin capture will find on it: wal2json on PostgreSQL 15 from Debian
+    (postgresql-15-wal2json), pgoutput on the pinned 17, which has no wal2json."""
+    major, plugin = request.param
+    cluster = logical_cluster(major).start()
+    cluster.plugin = plugin  # type: ignore[attr-defined]
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(params=[15, 17], ids=["pg15", "pg17"])

@@ -12,7 +12,6 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -41,7 +40,7 @@ from supabackup.retention import (
 from supabackup.store import Store
 
 from devkit.compare import table_fingerprints
-from devkit.pg import Cluster, logical_cluster
+from devkit.pg import Cluster
 
 from .helpers import FakeContext, lifecycle_rules, retention_days
 
@@ -260,16 +259,6 @@ def test_the_functions_refuse_a_bad_keep_days_in_their_environment(
 
 
 # --- real: capture on PostgreSQL, three epochs --------------------------------------------
-
-@pytest.fixture(scope="module", params=[(15, "wal2json"), (17, "pgoutput")],
-                ids=["pg15-wal2json", "pg17-pgoutput"])
-def logical(request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    major, plugin = request.param
-    cluster = logical_cluster(major).start()  # wal_level=logical, adapted to the release
-    cluster.plugin = plugin  # type: ignore[attr-defined]
-    yield cluster
-    cluster.stop()
-
 
 def _conn(cluster: Cluster, db: str) -> ConnectionInfo:
     return ConnectionInfo.from_url(cluster.url(db))

@@ -25,7 +25,7 @@ from supabackup.report import verify_and_report
 from supabackup.store import Store
 from supabackup.verify import verify_database
 
-from devkit.pg import Cluster, logical_cluster
+from devkit.pg import Cluster
 
 from .helpers import BUCKET, Inbox
 
@@ -38,16 +38,6 @@ ROUNDS = [
     "UPDATE accounts SET balance = balance + 1 WHERE id <= 10",
     "DELETE FROM accounts WHERE id > 70; INSERT INTO accounts VALUES (100, 'last', 0)",
 ]
-
-
-@pytest.fixture(scope="module", params=[(15, "wal2json"), (17, "pgoutput")],
-                ids=["pg15-wal2json", "pg17-pgoutput"])
-def logical(request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    major, plugin = request.param
-    cluster = logical_cluster(major).start()  # wal_level=logical, adapted to the release
-    cluster.plugin = plugin  # type: ignore[attr-defined]
-    yield cluster
-    cluster.stop()
 
 
 @dataclass

@@ -12,7 +12,6 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,17 +28,7 @@ from supabackup.report import restore_and_report
 from supabackup.store import Store
 
 from devkit.compare import table_fingerprints
-from devkit.pg import Cluster, logical_cluster
-
-
-@pytest.fixture(scope="module", params=[(15, "wal2json"), (17, "pgoutput")],
-                ids=["pg15-wal2json", "pg17-pgoutput"])
-def logical(request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    major, plugin = request.param
-    cluster = logical_cluster(major).start()  # wal_level=logical, adapted to the release
-    cluster.plugin = plugin  # type: ignore[attr-defined]
-    yield cluster
-    cluster.stop()
+from devkit.pg import Cluster
 
 
 def _conn(cluster: Cluster, db: str) -> ConnectionInfo:

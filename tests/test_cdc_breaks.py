@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -39,19 +39,9 @@ from supabackup.manifest import parse_time, utcnow
 from supabackup.store import Store, StoreURL
 
 from devkit.compare import table_fingerprints
-from devkit.pg import Cluster, logical_cluster
+from devkit.pg import Cluster
 
 EXE = str(Path(sys.executable).with_name("supabackup"))
-
-
-@pytest.fixture(scope="module", params=[(15, "wal2json"), (17, "pgoutput")],
-                ids=["pg15-wal2json", "pg17-pgoutput"])
-def logical(request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    major, plugin = request.param
-    cluster = logical_cluster(major).start()
-    cluster.plugin = plugin  # type: ignore[attr-defined]
-    yield cluster
-    cluster.stop()
 
 
 # --- helpers -----------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import gzip
 import json
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,20 +19,10 @@ from supabackup.manifest import parse_time
 from supabackup.store import Store
 
 from devkit.compare import table_fingerprints
-from devkit.pg import Cluster, logical_cluster
+from devkit.pg import Cluster
 
 FLUSH = 5.0     # the default flush interval
 MARGIN = 5.0    # a flush's own time (check, catch-up, three small S3 writes), on a busy CI box
-
-
-@pytest.fixture(scope="module", params=[(15, "wal2json"), (17, "pgoutput")],
-                ids=["pg15-wal2json", "pg17-pgoutput"])
-def logical(request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    major, plugin = request.param
-    cluster = logical_cluster(major).start()
-    cluster.plugin = plugin  # type: ignore[attr-defined]
-    yield cluster
-    cluster.stop()
 
 
 def _conn(cluster: Cluster, db: str) -> ConnectionInfo:
