@@ -11,7 +11,7 @@ PG17   := build/postgresql-17/.version
 # aws-sam-cli and checkov pin conflicting versions of shared packages: a venv each.
 TOOLS  := build/tools/sam/.installed build/tools/checkov/.installed
 
-.PHONY: setup test demo bench bench-parallel lint layer clean fuzz
+.PHONY: setup test demo bench bench-parallel bench-capture lint layer clean fuzz
 
 setup: $(VENV)/.installed $(PG17)
 
@@ -56,6 +56,11 @@ bench: setup
 # Parallel backups and restores over a slow link (bench/README.md); about 9 minutes.
 bench-parallel: setup
 	$(BIN)/python bench/bench_parallel.py
+
+# Change capture: commit -> stored latency, the WAL rate a stream keeps up with, replay
+# speed of restore --at, Lambda cost on paper (bench/README.md); about 3 minutes.
+bench-capture: setup
+	$(BIN)/python bench/bench_capture.py
 
 lint: setup
 	$(BIN)/ruff check functions devkit tests bench layers
