@@ -76,7 +76,7 @@ PRICE_PUT = 0.005 / 1000
 PRICE_GET = 0.0004 / 1000
 RUNS_A_MONTH = 8640          # every 5 minutes for 30 days
 RUN_SECONDS = 300
-IDLE_PROGRESS = 30.0         # an idle stream records its progress this often
+IDLE_PROGRESS = capture.FlushPolicy().idle_interval  # an idle stream records progress this often
 SUPABASE_PITR = 100.0        # $ a month, the PITR add-on with 7 days
 
 
@@ -689,10 +689,13 @@ def cost(measured: dict[str, Any] | None) -> dict[str, Any]:
           f"(template.yaml) = {gb_s:,.0f} GB-s; Supabase's PITR add-on: "
           f"${SUPABASE_PITR:.0f}/month (7 days)")
     # The brief's model: a busy stream puts a segment, its index entry and the progress
-    # record at every flush; an idle one the progress record every 30 s. The stream also
-    # renews its lease after every flush (one GET and one PUT): the measured line.
-    models = {"busy (3 PUTs a flush)": busy_flushes * 3 * PRICE_PUT,
-              "idle (1 PUT every 30 s)": idle_flushes * PRICE_PUT}
+    # record at every flush; an idle one the progress record every idle interval. The
+    # stream also renews its lease every 30 s (one GET and one PUT): the measured line.
+    lease = month_s / 30.0
+    models = {"busy (3 PUTs a flush, the lease every 30 s)":
+              busy_flushes * 3 * PRICE_PUT + lease * (PRICE_PUT + PRICE_GET),
+              f"idle (1 PUT every {IDLE_PROGRESS:g} s, the lease every 30 s)":
+              idle_flushes * PRICE_PUT + lease * (PRICE_PUT + PRICE_GET)}
     if measured and measured.get("segments"):
         per = measured["requests_per_segment"]
         puts = per.get("PutObject", 0.0)
@@ -700,8 +703,6 @@ def cost(measured: dict[str, Any] | None) -> dict[str, Any]:
                                                       "HeadObject"))
         models[f"busy, as measured ({puts:g} PUT + {gets:g} GET/LIST a flush)"] = (
             busy_flushes * (puts * PRICE_PUT + gets * PRICE_GET))
-        models["idle, with the lease renewal (2 PUT + 1 GET every 30 s)"] = (
-            idle_flushes * (2 * PRICE_PUT + PRICE_GET))
     rows = []
     print(f"  {'S3 model':<60}{'S3 $':>7}{'x86 $':>9}{'arm64 $':>9}{'vs PITR':>9}")
     for name, s3_cost in models.items():

@@ -159,7 +159,9 @@ def test_the_newest_index_entry_deleted_is_named_by_the_progress_record(
 
 def test_an_epoch_whose_base_manifest_was_deleted_is_named(
         captured: Captured, store: Store, s3: Any) -> None:
-    # another backup, so the database still has one to verify
+    # another backup, so the database still has one to verify (backup ids have one-second
+    # resolution: it needs its own)
+    time.sleep(1.1)
     later = run_backup(captured.conn, store, BackupRequest(database_id=captured.database_id))
     base = captured.base.backup_id
     s3.delete_object(Bucket=BUCKET, Key=store.backup_key(captured.database_id, base,

@@ -162,7 +162,7 @@ def test_a_stream_goes_on_into_the_new_epoch_a_schema_change_starts(
     db = "stream_ddl"
     database_id = _started(logical, store, db)
     thread, out = _in_background(capture.run, _conn(logical, db), store, database_id,
-                                 seconds=16.0, policy=capture.FlushPolicy(interval=1.0,
+                                 seconds=20.0, policy=capture.FlushPolicy(interval=1.0,
                                                                           idle_interval=1.0))
     logical.execute("INSERT INTO ticks VALUES (1, now(), 'before')", db)
     time.sleep(2.5)
@@ -172,10 +172,10 @@ def test_a_stream_goes_on_into_the_new_epoch_a_schema_change_starts(
     # is not in the stream, so the epoch ends at the last check before it
     # WHEN the schema changes while the stream runs, and rows that use it commit
     logical.execute("ALTER TABLE ticks ADD COLUMN extra int DEFAULT 7", db)
-    time.sleep(1.2)  # backup ids have one-second resolution: the new base needs its own
-    time.sleep(5)  # the stream finds the change, takes a new base, streams on
+    deadline = time.monotonic() + 12  # the stream finds the change, takes a new base
+    while len(capture.epochs(store, database_id)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
     logical.execute("INSERT INTO ticks VALUES (2, now(), 'after', 8)", db)
-    time.sleep(3)
     after = logical.execute("SELECT clock_timestamp()", db)[0][0]
     result = _result(thread, out)
     # THEN the run started a new epoch and kept streaming in it

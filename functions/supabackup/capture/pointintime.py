@@ -40,6 +40,7 @@ from .slot import not_replayable
 from .state import (
     CaptureState,
     Progress,
+    Segment,
     epochs,
     lsn_int,
     read_progress,
@@ -87,6 +88,8 @@ class Covering:
     progress: Progress
     base: Manifest
     until_lsn: str  # the next epoch's start ("" for the epoch that runs now)
+    # every index entry, read once (a day of streaming is some 17,000 of them)
+    listed: list[Segment] = field(default_factory=list)
 
 
 def covering(store: Store, database_id: str, when: datetime) -> Covering:
@@ -119,8 +122,9 @@ def covering(store: Store, database_id: str, when: datetime) -> Covering:
                          "epoch runs", "restore a backup; `supabackup cdc drop`, then "
                          "`cdc start` takes a new base")
     until_lsn = following[0].start_lsn if following else ""
-    _refuse_broken_chain(store, database_id, epoch, progress, when, until_lsn)
-    return Covering(epoch, progress, base, until_lsn)
+    listed = segments(store, database_id)
+    _refuse_broken_chain(listed, database_id, epoch, progress, when, until_lsn)
+    return Covering(epoch, progress, base, until_lsn, listed)
 
 
 def _reach(store: Store, database_id: str, history: list[CaptureState]) -> str:
@@ -193,19 +197,19 @@ def _bring_forward(store: Store, database_id: str, target: ConnectionInfo, when:
     """Onto the restored base: the captured transactions up to `when`, then sequences and
     materialized views; `report` names what could not be brought to that time."""
     epoch, progress, base = found.epoch, found.progress, found.base
-    report.inexact += _not_replayable_in(target, _large_objects_seen(store, database_id,
-                                                                     epoch, progress))
+    report.inexact += _not_replayable_in(target, _large_objects_seen(found.listed, epoch,
+                                                                     progress))
     # Only the tables whose data the base holds: what the profile leaves out stays out
     # (Supabase's realtime.subscription, say), and a table created and dropped between two
     # runs has no rows to bring back (what it did to other tables is in the stream).
     held = {(t.schema, t.name) for t in base.tables} or None
     replayed = replay(target, transactions_until(store, database_id, epoch, when,
-                                                 found.until_lsn), held)
+                                                 found.until_lsn, found.listed), held)
     report.transactions = replayed.transactions
     report.inexact += [f"{table}: a float or numeric value that wal2json decoded as null may "
                        "have been NaN or +-Infinity (wal2json before 2.6 cannot tell them "
                        "apart; it was restored as NULL)" for table in sorted(replayed.ambiguous)]
-    read = _sequences_for(store, database_id, epoch, progress, when)
+    read = _sequences_for(found.listed, epoch, progress, when)
     report.inexact += _set_sequences(target, read, when, replayed.transactions)
     checked_then = bool(read[0]) and parse_time(read[0]) == when
     if (not checked_then and when > parse_time(base.snapshot_at)
@@ -238,7 +242,7 @@ def _refuse_uncovered(store: Store, database_id: str, history: list[CaptureState
         "run `supabackup cdc run` and try again, or choose an earlier time")
 
 
-def _refuse_broken_chain(store: Store, database_id: str, epoch: CaptureState,
+def _refuse_broken_chain(listed: list[Segment], database_id: str, epoch: CaptureState,
                          progress: Progress, when: datetime, until_lsn: str) -> None:
     """Refuse when a stored change a restore to `when` must replay is gone: the epoch's
     chain of index entries (state.py) has a hole before `when`, at its start (lifecycle
@@ -246,7 +250,7 @@ def _refuse_broken_chain(store: Store, database_id: str, epoch: CaptureState,
     its progress names. Replaying around a hole would give a state the database never
     had. Entries stored before 0.6 name no chain and are not checked."""
     reach, reached_at = epoch.start_lsn, parse_time(epoch.base_at)
-    for segment in segments_of(segments(store, database_id), epoch, until_lsn):
+    for segment in segments_of(listed, epoch, until_lsn):
         if reached_at > when:
             return  # the replay stops before the hole
         if segment.epoch and segment.after and lsn_int(segment.after) > lsn_int(reach):
@@ -283,19 +287,19 @@ def _not_replayable_in(target: ConnectionInfo, large_objects_later: int) -> list
     return lines
 
 
-def _large_objects_seen(store: Store, database_id: str, epoch: CaptureState,
+def _large_objects_seen(listed: list[Segment], epoch: CaptureState,
                         progress: Progress) -> int:
-    """The most large objects any run of `epoch` saw."""
+    """The most large objects any run since `epoch` began saw."""
     start = lsn_int(epoch.start_lsn)
-    return max([progress.large_objects] + [s.large_objects for s in segments(store, database_id)
+    return max([progress.large_objects] + [s.large_objects for s in listed
                                            if lsn_int(s.end_lsn) > start])
 
 
-def _sequences_for(store: Store, database_id: str, epoch: CaptureState, progress: Progress,
+def _sequences_for(listed: list[Segment], epoch: CaptureState, progress: Progress,
                    when: datetime) -> tuple[str, dict[str, list[Any]]]:
     """(when they were read, values) of the newest read of the sequences at or before
     `when` in `epoch`; ("", {}) when no run read them since the base, which holds them."""
-    reads = [(s.checked_at, s.sequences) for s in segments(store, database_id)
+    reads = [(s.checked_at, s.sequences) for s in listed
              if lsn_int(s.end_lsn) > lsn_int(epoch.start_lsn) and s.checked_at]
     if progress.sequences_at:
         reads.append((progress.sequences_at, progress.sequences))

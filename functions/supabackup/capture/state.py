@@ -277,18 +277,21 @@ def reach_of(progress: Progress | None, epoch: CaptureState) -> str:
 
 
 def transactions_until(store: Store, database_id: str, epoch: CaptureState,
-                       when: datetime, until_lsn: str = "") -> Iterator[dict[str, Any]]:
+                       when: datetime, until_lsn: str = "",
+                       listed: list[Segment] | None = None) -> Iterator[dict[str, Any]]:
     """The transactions of `epoch` (after its base, before `until_lsn`, the next epoch's
     start) that make up the database as of `when`: once each, in commit (LSN) order, up
     to the first one committed after `when`. That is PostgreSQL's own recovery_target_time
     rule: the state is a prefix of the commit order, which is a state the database had.
     (A commit time is taken just before the commit is written, so two commits may be in
-    one order by LSN and the other by time; the prefix rule keeps the state consistent.)"""
+    one order by LSN and the other by time; the prefix rule keeps the state consistent.)
+    `listed`: every index entry, when the caller read them already."""
     applied: set[str] = set()
     start = lsn_int(epoch.start_lsn)
     end = lsn_int(until_lsn) if until_lsn else None
+    everything = segments(store, database_id) if listed is None else listed
     reached = itertools.takewhile(lambda s: parse_time(s.first_commit_time) <= when,
-                                  segments_of(segments(store, database_id), epoch, until_lsn))
+                                  segments_of(everything, epoch, until_lsn))
     for segment, raw in _read_ahead(store, reached):
         if raw is None or hashlib.sha256(raw).hexdigest() != segment.sha256:
             raise StoreError(f"change segment {segment.key} is missing or damaged",
