@@ -325,3 +325,54 @@ def test_a_rebase_that_fails_leaves_capture_running_and_says_so_on_sns(
     (alert,) = inbox.messages()
     assert alert["MessageAttributes"]["status"]["Value"] == "failed"
     assert "capture goes on in the old epoch" in alert["Message"]["error"]
+
+
+def test_a_new_epoch_killed_during_its_base_begins_again_on_the_next_run(
+        logical: Cluster, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from supabackup.capture import lifecycle
+    db = "stream_restart_killed"
+    database_id = _started(logical, store, db)
+    logical.execute("INSERT INTO ticks VALUES (1, now(), 'before')", db)
+    assert capture.run(_conn(logical, db), store, database_id).segment is not None
+    before = logical.execute("SELECT clock_timestamp()", db)[0][0]
+    expected_before = table_fingerprints(logical.url(db))
+    covered = capture.run(_conn(logical, db), store, database_id).covered_through
+    assert covered is not None and covered >= before
+    logical.execute("ALTER TABLE ticks ADD COLUMN extra int", db)
+    time.sleep(1.1)  # backup ids have one-second resolution
+
+    class Killed(BaseException):
+        """What a Lambda timeout is to the run: nothing after it runs."""
+
+    def killed(*args: Any, **kwargs: Any) -> Any:
+        raise Killed
+
+    # GIVEN a run that ends the epoch (DDL) and is killed while it takes the new base:
+    # neither its cleanup nor its lease's release runs
+    with monkeypatch.context() as patch:
+        patch.setattr(lifecycle, "run_backup", killed)
+        patch.setattr(lifecycle, "abandon", lambda *args: None)
+        patch.setattr(lifecycle.locks, "release", lambda *args: None)
+        with pytest.raises(Killed):
+            capture.run(_conn(logical, db), store, database_id)
+    store.delete_key(store.key(database_id, "locks", "capture.json"))  # as if expired
+    # WHEN the next run comes
+    logical.execute("INSERT INTO ticks VALUES (2, now(), 'after', 5)", db)
+    again = capture.run(_conn(logical, db), store, database_id)
+    # THEN it begins the new epoch (not "not started", not a loss), one slot is left
+    assert "the schema changed" in again.restarted and not again.lost
+    slots = logical.execute("SELECT slot_name FROM pg_replication_slots WHERE database = "
+                            "current_database()", db)
+    state = capture.read_state(store, database_id)
+    assert state is not None and slots == [(state.slot,)]
+    assert len(capture.epochs(store, database_id)) == 2
+    later = capture.run(_conn(logical, db), store, database_id)
+    assert later.covered_through is not None and not later.restarted
+    # and restores on both sides are exact
+    for name, when, expected in [("stream_rk_before", before, expected_before),
+                                 ("stream_rk_after", later.covered_through,
+                                  table_fingerprints(logical.url(db)))]:
+        logical.drop_database(name)
+        logical.create_database(name)
+        capture.restore_to_time(store, database_id, _conn(logical, name), when)
+        assert table_fingerprints(logical.url(name)) == expected, name

@@ -60,6 +60,10 @@ from .state import (
 
 log = logging.getLogger(__name__)
 
+# How the reasons open_drain gives for a lost slot begin: the changes since the last run
+# are lost (a reason that resumes an ended epoch's restart keeps its first words).
+LOSSES = ("the replication slot", "the slot held")
+
 
 @dataclass
 class CaptureRun:
@@ -173,6 +177,11 @@ def open_drain(conn: ConnectionInfo, store: Store, database_id: str,
                              f"the slot {state.slot} decodes with {health['plugin']}",
                              "the state is damaged: `supabackup cdc drop`, then `cdc start`")
         reason = ""
+        progress = read_progress(store, database_id, state)
+        if progress is not None and progress.ended:
+            # a run that ended this epoch died before the next one began: begin it now
+            db.close()
+            return None, f"{progress.ended} (its new epoch had not begun: begun now)", {}
         if health.get("wal_status") in (None, "lost"):
             reason = (f"the replication slot {state.slot} is gone" if not health
                       else f"the replication slot {state.slot} was invalidated (wal_status lost)")
@@ -182,7 +191,6 @@ def open_drain(conn: ConnectionInfo, store: Store, database_id: str,
         if reason:
             db.close()
             return None, reason, health
-        progress = read_progress(store, database_id, state)
         return (Drain(conn, store, database_id, state, db, health, progress,
                       _reach(store, database_id, state, progress), after_upload), "", health)
     except BaseException:

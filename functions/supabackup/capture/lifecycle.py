@@ -30,7 +30,7 @@ from ..definitions import definitions_fingerprint
 from ..errors import CaptureError, ConfigError, RunInProgress, StoreError, SupabackupError
 from ..manifest import Manifest, parse_time, utcnow
 from ..store import Store
-from .drain import CaptureRun, drain_once, open_drain, table_files
+from .drain import LOSSES, CaptureRun, drain_once, open_drain, table_files
 from .pointintime import DROPPED
 from .slot import (
     abandon,
@@ -284,7 +284,7 @@ def _drain(conn: ConnectionInfo, store: Store, database_id: str,
         drain, reason, health = open_drain(conn, store, database_id, max_retained_wal,
                                            after_upload)
         total.slot = total.slot or health
-        lost = bool(reason)
+        lost = drain is None and reason.startswith(LOSSES)
         handing_over = drain is not None and bool(drain.state.handover)
         if drain is not None:
             try:
@@ -368,14 +368,20 @@ def _restarted(conn: ConnectionInfo, store: Store, database_id: str, reason: str
     """End the epoch at its last check, start the next one; what that did. No restore can
     reach the times between the two (`lost_window`): the ended epoch's changes after its
     last check were lost (`lost`), or cannot be replayed onto either base (DDL, a
-    rewrite)."""
+    rewrite).
+
+    The ended epoch stays the one `state.json` names until the new one is recorded, and
+    the new slot takes capture's other name: a run killed half way (during the new base)
+    leaves the state naming an ended epoch whose slot is gone, and the next run starts the
+    new epoch again (after _tidy drops the half-made slot), never "not started"."""
     log.warning("change capture of %s starts a new epoch: %s", database_id, reason)
     state = read_state(store, database_id)
     assert state is not None  # the drain that found the reason read it
     previous = read_progress(store, database_id, state) or Progress(state.start_lsn,
                                                                      state.base_at)
-    put_json(store, progress_key(store, database_id, state),
-             asdict(replace(previous, ended=reason)))
+    if not previous.ended:  # a restart tried again keeps the first reason
+        put_json(store, progress_key(store, database_id, state),
+                 asdict(replace(previous, ended=reason)))
     pending = next((e for e in epochs(store, database_id) if e.start_lsn == state.handover),
                    None) if state.handover else None
     if pending is not None:  # a handover under way ends with the epoch it hands from
@@ -383,10 +389,20 @@ def _restarted(conn: ConnectionInfo, store: Store, database_id: str, reason: str
         if begun is not None:
             put_json(store, progress_key(store, database_id, pending),
                      asdict(replace(begun, ended=reason)))
-    drop(conn, store, database_id)
+    for slot in {state.slot} | ({pending.slot} if pending is not None else set()):
+        drop_slot(conn, slot)
+        drop_publications(conn, slot)
     _after_last_base(store, database_id)
-    _, base = start(conn, store, _base_request(store, database_id, state,
-                                               f"change capture base: {reason}"))
+    new, base = _begin_epoch(conn, store, database_id, _next_slot(conn, state.slot),
+                             _base_request(store, database_id, state,
+                                           f"change capture base: {reason}"))
+    try:
+        put_json(store, store_key(store, database_id, "state.json"), asdict(new))
+    except BaseException:
+        abandon(conn, new.slot, new.plugin)  # the next run starts it again
+        raise
+    log.info("change capture of %s: new epoch from %s, slot %s, base %s", database_id,
+             new.start_lsn, new.slot, base.backup_id)
     return CaptureRun(restarted=reason, lost=lost,
                       lost_window=f"{previous.verified_at} to {base.snapshot_at}",
                       covered_through=parse_time(base.snapshot_at))
