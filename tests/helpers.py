@@ -136,3 +136,37 @@ def retention_days(parameters: dict[str, Any] | None = None) -> dict[str, int]:
     """{retention class: days} of a stack deployed with `parameters` (defaults otherwise)."""
     return {rule["Filter"]["Tag"]["Value"]: rule["Expiration"]["Days"]
             for rule in lifecycle_rules(parameters)}
+
+
+# --- change capture -----------------------------------------------------------------------
+
+def server_now(cluster: Any, db: str) -> Any:
+    """The server's clock_timestamp(): the time a restore to "now" means."""
+    return cluster.execute("SELECT clock_timestamp()", db)[0][0]
+
+
+def restore_at(cluster: Any, store: Any, database_id: str, when: Any,
+               name: str) -> dict[str, Any]:
+    """Restore `database_id` as of `when` into a fresh database `name`; its fingerprints."""
+    from supabackup import capture
+    from supabackup.dburl import ConnectionInfo
+
+    from devkit.compare import table_fingerprints
+    cluster.drop_database(name)
+    cluster.create_database(name)
+    capture.restore_to_time(store, database_id, ConnectionInfo.from_url(cluster.url(name)),
+                            when)
+    return table_fingerprints(cluster.url(name))
+
+
+def stored_commits(store: Any, database_id: str) -> list[str]:
+    """The commit LSN of every stored transaction, in store order, duplicates kept."""
+    import gzip
+
+    from supabackup import capture
+    lsns = []
+    for segment in capture.segments(store, database_id):
+        raw = store.read_small(segment.key)
+        assert raw is not None
+        lsns += [json.loads(line)["commit_lsn"] for line in gzip.decompress(raw).splitlines()]
+    return lsns

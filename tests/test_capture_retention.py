@@ -43,6 +43,8 @@ from devkit.compare import table_fingerprints
 from devkit.pg import Cluster
 
 from .helpers import FakeContext, lifecycle_rules, retention_days
+from .helpers import restore_at as _restore_at
+from .helpers import server_now as _now
 
 K = 7
 DAYS = retention_days()  # as the template deploys them by default
@@ -260,21 +262,9 @@ def test_the_functions_refuse_a_bad_keep_days_in_their_environment(
 
 # --- real: capture on PostgreSQL, three epochs --------------------------------------------
 
+
 def _conn(cluster: Cluster, db: str) -> ConnectionInfo:
     return ConnectionInfo.from_url(cluster.url(db))
-
-
-def _now(cluster: Cluster, db: str) -> datetime:
-    (ts,) = cluster.execute("SELECT clock_timestamp()", db)[0]
-    return ts  # type: ignore[no-any-return]
-
-
-def _restore_at(cluster: Cluster, store: Store, database_id: str, when: datetime,
-                name: str) -> dict[str, Any]:
-    cluster.drop_database(name)
-    cluster.create_database(name)
-    capture.restore_to_time(store, database_id, _conn(cluster, name), when)
-    return table_fingerprints(cluster.url(name))
 
 
 SCHEMA = """

@@ -30,22 +30,13 @@ from supabackup.store import Store
 from devkit.compare import table_fingerprints
 from devkit.pg import Cluster
 
+from .helpers import restore_at as _restore_at
+from .helpers import server_now as _now
+from .helpers import stored_commits as _stored_commits
+
 
 def _conn(cluster: Cluster, db: str) -> ConnectionInfo:
     return ConnectionInfo.from_url(cluster.url(db))
-
-
-def _now(cluster: Cluster, db: str) -> datetime:
-    (ts,) = cluster.execute("SELECT clock_timestamp()", db)[0]
-    return ts  # type: ignore[no-any-return]
-
-
-def _restore_at(cluster: Cluster, store: Store, database_id: str, when: datetime,
-                name: str) -> dict[str, Any]:
-    cluster.drop_database(name)
-    cluster.create_database(name)
-    capture.restore_to_time(store, database_id, _conn(cluster, name), when)
-    return table_fingerprints(cluster.url(name))
 
 
 SCHEMA = """
@@ -99,16 +90,6 @@ def test_restore_at_each_time_equals_the_source_as_it_was_then(
     before = _restore_at(logical, store, base.database_id, first - timedelta(microseconds=1),
                          "cdc_at_base")
     assert before["public.scratch"][0] == 0 and before["public.events"][0] == 0
-
-
-def _stored_commits(store: Store, database_id: str) -> list[str]:
-    """The commit LSN of every stored transaction, in store order, duplicates kept."""
-    lsns = []
-    for segment in capture.segments(store, database_id):
-        raw = store.read_small(segment.key)
-        assert raw is not None
-        lsns += [json.loads(line)["commit_lsn"] for line in gzip.decompress(raw).splitlines()]
-    return lsns
 
 
 @pytest.mark.parametrize("seconds", [None, 3.0], ids=["once", "streaming"])

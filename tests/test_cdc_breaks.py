@@ -41,6 +41,8 @@ from supabackup.store import Store, StoreURL
 from devkit.compare import table_fingerprints
 from devkit.pg import Cluster
 
+from .helpers import server_now as _now
+
 EXE = str(Path(sys.executable).with_name("supabackup"))
 
 
@@ -479,10 +481,6 @@ def _ended(thread: threading.Thread, out: list[Any]) -> capture.CaptureRun:
     if isinstance(out[0], BaseException):
         raise out[0]
     return out[0]  # type: ignore[no-any-return]
-
-
-def _now(cluster: Cluster, db: str) -> datetime:
-    return cluster.execute("SELECT clock_timestamp()", db)[0][0]  # type: ignore[no-any-return]
 
 
 def _fingerprint_at(logical: Cluster, store: Store, database_id: str, when: datetime,

@@ -4,8 +4,6 @@ at a time, and a stream that goes on across a new epoch. Both plugins, as test_c
 
 from __future__ import annotations
 
-import gzip
-import json
 import threading
 import time
 from datetime import datetime, timedelta
@@ -20,6 +18,8 @@ from supabackup.store import Store
 
 from devkit.compare import table_fingerprints
 from devkit.pg import Cluster
+
+from .helpers import stored_commits as _stored_commits
 
 FLUSH = 5.0     # the default flush interval
 MARGIN = 5.0    # a flush's own time (check, catch-up, three small S3 writes), on a busy CI box
@@ -37,15 +37,6 @@ def _started(cluster: Cluster, store: Store, db: str) -> str:
     state, base = capture.start(_conn(cluster, db), store, BackupRequest())
     assert state.plugin == cluster.plugin  # type: ignore[attr-defined]
     return base.database_id
-
-
-def _stored_commits(store: Store, database_id: str) -> list[str]:
-    lsns = []
-    for segment in capture.segments(store, database_id):
-        raw = store.read_small(segment.key)
-        assert raw is not None
-        lsns += [json.loads(line)["commit_lsn"] for line in gzip.decompress(raw).splitlines()]
-    return lsns
 
 
 def _in_background(target: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, list[Any]]:
