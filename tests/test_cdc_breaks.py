@@ -211,7 +211,7 @@ def _rebase_then_converge(logical: Cluster, store: Store, monkeypatch: pytest.Mo
                 crashed = None
         if killed:  # the killed run's lease expires (LEASE); here it is taken as expired
             store.delete_key(store.key(database_id, "locks", "capture.json"))
-        time.sleep(0.3)
+        time.sleep(1.1)  # the crashed rebase may have committed a base: the next needs its own id
         # the next runs: the old base is still older than rebase_every, a new one is not
         running = capture.read_state(store, database_id)
         assert running is not None
