@@ -7,6 +7,11 @@ AWS_ENDPOINT_URL_S3 variable that boto3 reads itself; `env()` returns what to se
 from __future__ import annotations
 
 import logging
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from types import TracebackType
 
 import boto3
@@ -51,3 +56,45 @@ class LocalS3:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.server.stop()
+
+
+class MotoProcess:
+    """moto's server in a process of its own, on 127.0.0.1:<free port>: an S3 endpoint
+    whose buckets are its own (a ThreadedMotoServer shares this process's moto state, and
+    so the store's buckets). Stands in for Supabase Storage's S3 endpoint."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, service: str = "s3"):  # type: ignore[no-untyped-def]
+        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")  # noqa: S106
+
+    def reset(self) -> None:
+        """Forget every bucket (moto's reset API), between tests."""
+        urllib.request.urlopen(urllib.request.Request(  # noqa: S310 - loopback
+            f"{self.endpoint}/moto-api/reset", method="POST"), timeout=10).read()
+
+    def __enter__(self) -> MotoProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.process.kill()
+        raise RuntimeError(f"moto's server did not listen on port {self.port} in 30 s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)

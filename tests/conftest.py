@@ -20,7 +20,7 @@ from supabackup.handlers import common
 from supabackup.store import BOTO_CONFIG, MIB, Store, StoreURL
 
 from devkit.pg import Cluster, bindir_for, logical_cluster
-from devkit.s3 import FAKE_CREDENTIALS, LocalS3
+from devkit.s3 import FAKE_CREDENTIALS, LocalS3, MotoProcess
 
 from .helpers import BUCKET, PASSWORD, Inbox
 
@@ -34,6 +34,7 @@ os.environ.update(FAKE_CREDENTIALS)
 # A test that uses none of these and is not marked `tools` or `server` is a unit test
 # (`pytest -m unit`).
 SERVER_FIXTURES = frozenset({"pg15", "pg17", "cluster", "logical", "new_db", "local_s3",
+                             "storage_servers",
                              "deployed", "restore_target"})
 
 
@@ -138,6 +139,22 @@ def inbox(aws: None) -> Inbox:
 def local_s3() -> Iterator[LocalS3]:
     with LocalS3() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def _storage_servers() -> Iterator[tuple[MotoProcess, MotoProcess]]:
+    with MotoProcess() as source, MotoProcess() as target:
+        yield source, target
+
+
+@pytest.fixture
+def storage_servers(_storage_servers: tuple[MotoProcess, MotoProcess]
+                    ) -> tuple[MotoProcess, MotoProcess]:
+    """Two S3 endpoints of their own (moto's server in its own process, emptied for each
+    test), standing in for the Supabase Storage of a source project and of a target."""
+    for server in _storage_servers:
+        server.reset()
+    return _storage_servers
 
 
 # --- the stack, as the Lambda handlers see it -------------------------------------------

@@ -403,6 +403,22 @@ END $$;
 CREATE TRIGGER update_objects_updated_at BEFORE UPDATE ON storage.objects
   FOR EACH ROW EXECUTE FUNCTION storage.update_updated_at_column();
 
+-- Platform guard (storage migration 0055-prevent-direct-deletes): rows of storage's
+-- tables are deleted by the Storage server only, which sets storage.allow_delete_query.
+CREATE FUNCTION storage.protect_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF coalesce(current_setting('storage.allow_delete_query', true), 'false') <> 'true' THEN
+    RAISE EXCEPTION 'Direct deletion from storage tables is not allowed. Use the Storage API instead.'
+      USING HINT = 'This prevents accidental data loss from orphaned objects.',
+            ERRCODE = '42501';
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER protect_objects_delete BEFORE DELETE ON storage.objects
+  FOR EACH STATEMENT EXECUTE FUNCTION storage.protect_delete();
+CREATE TRIGGER protect_buckets_delete BEFORE DELETE ON storage.buckets
+  FOR EACH STATEMENT EXECUTE FUNCTION storage.protect_delete();
+
 -- Migrations the Storage API has applied in a fresh project (a subset).
 -- The hash is sha1(file) in reality; any fixed 40 hex digits will do here.
 INSERT INTO storage.migrations (id, name, hash, executed_at)
@@ -412,7 +428,8 @@ FROM unnest(ARRAY['create-migrations-table', 'initialmigration', 'storage-schema
                   'pathtoken-column', 'add-migrations-rls', 'add-size-functions',
                   'change-column-name-in-get-size', 'add-rls-to-buckets',
                   'add-public-to-buckets', 'fix-search-function',
-                  'search-files-search-function', 'add-trigger-to-auto-update-updated_at-column'])
+                  'search-files-search-function', 'add-trigger-to-auto-update-updated_at-column',
+                  'prevent-direct-deletes'])
      WITH ORDINALITY AS m(n, ord);
 
 RESET ROLE;

@@ -23,6 +23,7 @@ import io
 import logging
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -31,6 +32,8 @@ from .budget import Budget
 from .dburl import ConnectionInfo
 from .dump import DumpProcess
 from .errors import ConfigError, DumpFailed, DuplicateRun
+from .files.copy import CopyRequest
+from .files.run import FILES_RESERVE, SnapshotRows, back_up_files, previous_files
 from .inventory import (
     CONTENT_CHANGED,
     WORKER_LOCK_TIMEOUT,
@@ -91,6 +94,7 @@ class BackupRequest:
     wait: float = 0.0                # seconds to wait for a run in progress to finish
     snapshot: str | None = None      # an exported snapshot to dump (capture.start's aligned base)
     jobs: int | None = None          # workers; None: derived from CPUs and memory
+    files: CopyRequest | None = None  # Supabase Storage files to copy with the database
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -147,7 +151,8 @@ def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Ma
     try:
         if request.tick:
             _refuse_a_done_tick(store, database_id, request.tick)
-        return _run_locked(conn, store, request, profile, started, database_id, budget)
+        return _run_locked(conn, store, request, profile, started, database_id, budget,
+                           lambda: locks.renew(store, lease, locks.LEASE))
     except BaseException as exc:
         if budget.expired:
             raise budget.ran_out(request.kind) from exc
@@ -174,9 +179,12 @@ def _release(store: Store, lease: locks.Lease) -> None:
 
 
 def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, profile: Profile,
-                started: datetime, database_id: str, budget: Budget) -> Manifest:
-    # Earlier backups are read only when needed: to chain from, or to predict the run's length.
-    needs_history = request.kind == "incremental" or budget.limited
+                started: datetime, database_id: str, budget: Budget,
+                heartbeat: Callable[[], None]) -> Manifest:
+    # Earlier backups are read only when needed: to chain from, to predict the run's
+    # length, or to know which files are stored already.
+    needs_history = (request.kind == "incremental" or budget.limited
+                     or request.files is not None)
     history = store.manifests(database_id) if needs_history else []
     parent, escalation = (None, "")
     if request.kind == "incremental":
@@ -196,6 +204,10 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
         with session.connection.cursor() as cur:
             listed = list_tables(cur, profile.exclude_schemas, profile.exclude_table_data)
         lock_tables(session.connection, listed)
+        rows = None
+        if request.files is not None:  # the files' rows, as of the snapshot
+            with session.connection.cursor() as cur:
+                rows = SnapshotRows.read(cur, request.files)
         _refuse_changed(conn, listed, profile, "as the backup began")
         if parent is not None:  # which tables to dump must be known before the workers start
             scanned = scan_tables(session.connection, profile.exclude_schemas,
@@ -235,6 +247,12 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
             parts = dumper.run(slices)
             _refuse_changed(conn, listed, profile, "while the backup ran")
             tables = _with_parts(tables, by_oid, parts, parent)
+            files = None
+            if request.files is not None and rows is not None:
+                files = back_up_files(
+                    request.files, conn, store, writer, tags, rows, previous_files(history),
+                    stop=lambda: budget.remaining() < budget.margin + FILES_RESERVE,
+                    heartbeat=heartbeat)
             manifest = Manifest(
                 backup_id=backup_id, database_id=database_id, kind=kind,
                 profile=profile.name, retention=request.retention, label=request.label,
@@ -250,7 +268,7 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
                 base=(parent.base or parent.backup_id) if parent else "",
                 parent=parent.backup_id if parent else "",
                 tables=tables, encoding=copy_encoding(session.server.encoding),
-                database_encoding=session.server.encoding, jobs=jobs,
+                database_encoding=session.server.encoding, jobs=jobs, files=files,
             )
             if budget.expired:  # never commit past the margin
                 raise budget.ran_out(kind)

@@ -82,6 +82,64 @@ class TableState:
         return f"{self.schema}.{self.name}"
 
 
+@dataclass(frozen=True)
+class StoredFile:
+    """One Supabase Storage file as a backup holds it: content-addressed in the store
+    (`<database-id>/files/<sha256[:2]>/<sha256>`), shared by every backup that has the
+    same bytes, with what the restore gives back besides the bytes."""
+
+    bucket: str
+    key: str
+    size: int
+    sha256: str
+    etag: str                # the source's, without quotes
+    last_modified: str = ""  # the source's
+    content_type: str = ""
+    cache_control: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)  # user metadata (x-amz-meta-*)
+    # "" when the file agrees with its row in the backup's snapshot; else why not
+    # (files.instep: "replaced while the backup ran", "a file without a row", ...)
+    out_of_step: str = ""
+
+    @property
+    def path(self) -> str:
+        return f"{self.bucket}/{self.key}"
+
+
+@dataclass(frozen=True)
+class FileSet:
+    """A backup's Storage files: what it copied, and how they compare with its rows."""
+
+    endpoint: str                 # where they came from (no credentials)
+    buckets: list[str]
+    files: list[StoredFile]
+    complete: bool = True         # False: the run ran out of time; `missing` were not copied
+    missing: list[str] = field(default_factory=list)   # bucket/key, listed but not copied
+    # Rows of the snapshot's storage.objects without a file (bucket/key: why); the files
+    # out of step say so themselves (StoredFile.out_of_step).
+    rows_without_files: list[str] = field(default_factory=list)
+    compared: bool = True         # False: the database has no storage.objects to compare
+    # Against the previous backup with files: counts and bytes added, changed, deleted,
+    # and the bytes this run stored (new content only).
+    changes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def out_of_step(self) -> list[str]:
+        """Every file and row not in step with the snapshot, a line each."""
+        return ([f"{f.path}: {f.out_of_step}" for f in self.files if f.out_of_step]
+                + self.rows_without_files)
+
+    def summary(self) -> dict[str, Any]:
+        lines = self.out_of_step()
+        return {"endpoint": self.endpoint, "buckets": self.buckets, "files": len(self.files),
+                "bytes": self.total_bytes, "complete": self.complete,
+                "missing": len(self.missing), "changes": self.changes,
+                "out_of_step": len(lines), "out_of_step_first": lines[:20]}
+
+
 @dataclass
 class Manifest:
     backup_id: str
@@ -118,6 +176,7 @@ class Manifest:
     encoding: str = ""
     database_encoding: str = ""
     jobs: int = 0          # workers the run used (format 2)
+    files: FileSet | None = None  # Supabase Storage files, with --storage-endpoint
 
     @property
     def total_bytes(self) -> int:
@@ -178,6 +237,8 @@ class Manifest:
             data["objects"] = [record(StoredObject, o, "an object") for o in data["objects"]]
             data["tables"] = [record(TableState, _with_parts(t), "a table")
                               for t in data.get("tables", [])]
+            if data.get("files") is not None:
+                data["files"] = _file_set(data["files"])
             manifest = record(cls, data, "the manifest")  # parses the times it has
             if not (manifest.started_at and manifest.finished_at and manifest.snapshot_at):
                 raise ValueError("it lacks a time")
@@ -199,7 +260,16 @@ class Manifest:
             "pg_dump_version": self.pg_dump_version, "warnings": self.warnings,
             "base": self.base, "parent": self.parent, "escalation": self.escalation,
             "tables_dumped": self.tables_dumped, "tables_total": len(self.tables),
+            **({"files": self.files.summary()} if self.files is not None else {}),
         }
+
+
+def _file_set(files: Any) -> FileSet:
+    """A manifest's file set from JSON, its files built as StoredFiles (type-checked)."""
+    if not isinstance(files, dict) or not isinstance(files.get("files"), list):
+        raise ValueError("files is not a file set")
+    return record(FileSet, {**files, "files": [record(StoredFile, f, "a file")
+                                               for f in files["files"]]}, "the file set")
 
 
 def _with_parts(table: Any) -> Any:

@@ -169,11 +169,12 @@ class Store:
 
     # --- small control objects (locks) ----------------------------------------------------
 
-    def create_exclusive(self, key: str, body: bytes) -> bool:
+    def create_exclusive(self, key: str, body: bytes,
+                         content_type: str = "application/json") -> bool:
         """Put `body` at `key` unless something is there already (If-None-Match: *)."""
         try:
             self.s3.put_object(Bucket=self.url.bucket, Key=key, Body=body, IfNoneMatch="*",
-                               ContentType="application/json")
+                               ContentType=content_type)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
                                                              "ConditionalRequestConflict"):

@@ -31,6 +31,7 @@ from typing import IO
 from ..db import connect
 from ..dburl import ConnectionInfo
 from ..errors import RestoreFailed, StoreError
+from ..files.putback import FilesRestore, files_of, restore_files
 from ..manifest import Manifest, StoredObject
 from ..pgtools import Child, PgTools, child_env, exit_reason, find_tools
 from ..roles import drop_reserved, plan_roles, quote_ident
@@ -63,12 +64,15 @@ class RestoreReport:
     backups: list[str] = field(default_factory=list)  # whose archives were read
     notes: list[str] = field(default_factory=list)    # what the options changed
     inexact: list[str] = field(default_factory=list)  # what is not as the backup held it
+    files: FilesRestore | None = None  # the Storage files written, with a target endpoint
 
     def lines(self) -> list[str]:
         out = [f"restored {self.backup_id} into {self.target} ({self.bytes} bytes read)"]
         if len(self.backups) > 1:
             out.append(f"table data from: {', '.join(self.backups)}")
         out += self.notes
+        if self.files is not None:
+            out += self.files.lines()
         out += [f"NOT AS BACKED UP: {line}" for line in self.inexact]
         if self.roles_created:
             out.append(f"created roles: {', '.join(self.roles_created)} (without passwords)")
@@ -81,6 +85,8 @@ def run_restore(store: Store, manifest: Manifest, target: ConnectionInfo,
                 options: RestoreOptions | None = None) -> RestoreReport:
     """Restore `manifest`'s backup into the empty database `target`."""
     options = options or RestoreOptions()
+    if options.storage is not None:
+        files_of(manifest)  # a backup without files refuses before the database is touched
     report = RestoreReport(backup_id=manifest.backup_id, target=target.display())
     selected = select_tables(manifest, options.tables)
     conn = connect(target)
@@ -143,6 +149,9 @@ def run_restore(store: Store, manifest: Manifest, target: ConnectionInfo,
                             "NOT VALID)")
     if supabase is not None:
         report.notes += supabase.notes()
+    if options.storage is not None:  # the database holds the files' rows: it comes first
+        report.files = restore_files(store, manifest, options.storage, target)
+        report.inexact += report.files.inexact
     log.info("restored %s into %s", manifest.backup_id, target.display())
     return report
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BackupNotFound, ConfigError, RestoreFailed
+from ..files.endpoint import StorageEndpoint
 from ..manifest import Manifest, TableState
 from ..profiles import PROFILES
 from ..store import Store
@@ -26,6 +27,7 @@ class RestoreOptions:
     tables: tuple[str, ...] = ()  # schema.name, or name alone when one schema has it
     profile: str = "postgres"     # "supabase": into a fresh Supabase project
     jobs: int | None = None       # connections (format 2); None: derived from CPUs and memory
+    storage: StorageEndpoint | None = None  # write the backup's Storage files there too
 
     def __post_init__(self) -> None:
         if self.jobs is not None:
