@@ -22,6 +22,7 @@ from .capture.pointintime import covering, replays
 from .capture.state import epochs
 from .capture.window import window
 from .errors import BackupNotFound, ConfigError
+from .files.putback import describe_files
 from .manifest import Manifest, parse_time
 from .restore import RestoreOptions, describe_plan
 from .store import Store
@@ -89,6 +90,12 @@ class RestorePoint:
                                                     options.profile != RestoreOptions.profile):
             raise ConfigError("a restore by replaying change capture takes no tables or "
                               "profile", "restore a backup with them instead (--at BACKUP_ID)")
+        if self.replay and options is not None and options.storage is not None:
+            raise ConfigError("a restore to a time between backups cannot bring back Storage "
+                              "files as of that time: Storage keeps no versions of a file",
+                              "restore the database to the time without "
+                              "--target-storage-endpoint, or a backup (--at BACKUP_ID) with "
+                              "its files")
 
     def describe(self) -> str:
         """One line: which of the two meanings of a time applied, and why."""
@@ -136,8 +143,10 @@ def describe_point(store: Store, point: RestorePoint, options: RestoreOptions | 
     """What a restore of `point` would do, in order, touching no database (--dry-run)."""
     point.check(options)
     if point.manifest is not None:
-        return ([point.describe()] if point.when else []) + describe_plan(store, point.manifest,
-                                                                           options)
+        files = (describe_files(point.manifest, options.storage)
+                 if options is not None and options.storage is not None else [])
+        return ([point.describe()] if point.when else []) + describe_plan(
+            store, point.manifest, options) + files
     assert point.when is not None
     found = covering(store, point.database_id, point.when)
     return [point.describe(), *describe_plan(store, found.base),

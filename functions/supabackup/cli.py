@@ -23,6 +23,9 @@ from .capture.stream import FlushPolicy
 from .catalog import describe_point, resolve_database_id, restore_point
 from .dburl import ConnectionInfo
 from .errors import ConfigError, SupabackupError, VerifyFailed
+from .files import CopyRequest, StorageEndpoint, files_lines, parse_buckets
+from .files.endpoint import SOURCE_ENV as STORAGE_ENV
+from .files.endpoint import TARGET_ENV as TARGET_STORAGE_ENV
 from .manifest import RETENTION_CLASSES
 from .notify import Notifier, human_bytes, human_duration
 from .profiles import NAMES as PROFILE_NAMES
@@ -100,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="if another backup of the database is in progress, wait this "
                              "long for it to finish (default: fail at once, naming it)")
     jobs_flag(backup, "dump tables over N connections at once")
+    backup.add_argument("--storage-endpoint", default=os.environ.get("SUPABACKUP_STORAGE_ENDPOINT"),
+                        metavar="URL", help="also copy the project's Storage files from its S3 "
+                        "endpoint (https://<ref>.storage.supabase.co/storage/v1/s3; keys in "
+                        f"${STORAGE_ENV}_ACCESS_KEY_ID, ${STORAGE_ENV}_SECRET_ACCESS_KEY, "
+                        f"${STORAGE_ENV}_REGION)")
+    backup.add_argument("--storage-buckets", default=os.environ.get("SUPABACKUP_STORAGE_BUCKETS"),
+                        metavar="A,B", help="copy only these buckets (default: every bucket)")
     keep_days_flag(backup)
     sns_flag(backup)
 
@@ -124,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="supabase: into a fresh Supabase project, skipping what it "
                               "already has (default: postgres, into an empty database)")
     jobs_flag(restore, "load tables and build indexes over N connections at once")
+    restore.add_argument("--target-storage-endpoint", metavar="URL",
+                         help="also write the backup's Storage files to this S3 endpoint (the "
+                         "target project's; keys in "
+                         f"${TARGET_STORAGE_ENV}_ACCESS_KEY_ID, ..._SECRET_ACCESS_KEY, "
+                         "..._REGION) and make storage.objects the backup's rows")
     sns_flag(restore)
     capture = sub.add_parser("cdc", help="change capture, for restores to any point in time")
     capture.add_argument("action", choices=("start", "run", "status", "drop"),
@@ -178,7 +193,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     store = Store(StoreURL.parse(require(args.store, "--store", "SUPABACKUP_STORE")))
     request = BackupRequest(kind=args.kind, profile=args.profile, retention=args.retention,
                             label=args.label, trigger="cli", database_id=args.database_id,
-                            wait=args.wait, jobs=_jobs(args.jobs))
+                            wait=args.wait, jobs=_jobs(args.jobs), files=_files(args))
     manifest, outcome = backup_and_report(conn, store, request, Notifier(args.sns_topic_arn),
                                           keep_days)
     print(f"{manifest.backup_id}: {human_bytes(manifest.total_bytes)} in "
@@ -187,7 +202,20 @@ def cmd_backup(args: argparse.Namespace) -> int:
           f"{manifest.server_version}, pg_dump {manifest.pg_dump_version})")
     if manifest.escalation:
         print(f"an incremental was asked for; took a full backup because {manifest.escalation}")
+    if manifest.files is not None:
+        for line in files_lines(manifest.files):
+            print(line)
     return 0
+
+
+def _files(args: argparse.Namespace) -> CopyRequest | None:
+    """--storage-endpoint and --storage-buckets as the backup's file request."""
+    if not args.storage_endpoint:
+        if args.storage_buckets:
+            raise ConfigError("--storage-buckets needs --storage-endpoint")
+        return None
+    return CopyRequest(StorageEndpoint.from_env(args.storage_endpoint, STORAGE_ENV),
+                       parse_buckets(args.storage_buckets))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -213,9 +241,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     store = Store(StoreURL.parse(require(args.store, "--store", "SUPABACKUP_STORE")))
     target = ConnectionInfo.from_url(args.target_url)
+    storage = (StorageEndpoint.from_env(args.target_storage_endpoint, TARGET_STORAGE_ENV)
+               if args.target_storage_endpoint else None)
     options = RestoreOptions(tables=tuple(t.strip() for arg in args.tables
                                           for t in arg.split(",") if t.strip()),
-                             profile=args.profile, jobs=_jobs(args.jobs))
+                             profile=args.profile, jobs=_jobs(args.jobs), storage=storage)
     point = restore_point(store, resolve_database_id(store, args.database_id), args.at)
     if args.dry_run:
         for line in describe_point(store, point, options):
@@ -294,7 +324,9 @@ def _print_verify(report: VerifyReport) -> None:
         drill = report.drill
         print(f"drill: restored {drill.backup_id} on {drill.server} (from "
               f"{', '.join(drill.restore.backups) if drill.restore else '-'}), compared "
-              f"{drill.tables} tables, {drill.rows} rows: {len(drill.mismatches)} mismatch(es)")
+              f"{drill.tables} tables, {drill.rows} rows" + (f", {drill.files} files" if drill.files
+                                                        else "")
+              + f": {len(drill.mismatches)} mismatch(es)")
     if report.capture is not None:
         found = report.capture
         print(f"verified change capture: {found.segments} segment(s) in {found.epochs} "

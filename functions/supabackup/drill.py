@@ -67,6 +67,7 @@ class DrillReport:
     unfingerprinted: int = 0  # tables whose backup recorded no fingerprint (counts only)
     mismatches: list[Mismatch] = field(default_factory=list)
     restore: RestoreReport | None = None
+    files: int = 0            # Storage files restored and compared (files/check.py)
 
     @property
     def ok(self) -> bool:
@@ -74,7 +75,8 @@ class DrillReport:
 
     def summary(self) -> dict[str, Any]:
         return {"backup_id": self.backup_id, "server": self.server, "tables": self.tables,
-                "rows": self.rows, "mismatches": [str(m) for m in self.mismatches],
+                "rows": self.rows, "files": self.files,
+                "mismatches": [str(m) for m in self.mismatches],
                 "restored_from": self.restore.backups if self.restore else []}
 
 

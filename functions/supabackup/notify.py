@@ -84,6 +84,11 @@ class Outcome:
                     f"{human_duration(self.duration_seconds)}")
             if self.manifest.kind == "incremental":
                 text += f", {self.manifest.tables_dumped} of {len(self.manifest.tables)} tables"
+            files = self.manifest.files
+            if files is not None:
+                text += f", {len(files.files)} files" + (
+                    "; files INCOMPLETE" if not files.complete else "") + (
+                    f"; {len(files.out_of_step())} out of step" if files.out_of_step() else "")
         else:
             text = f"{head}: {self.headline}" if self.headline else head
         text = " ".join(text.split()).encode("ascii", "replace").decode()

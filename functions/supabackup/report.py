@@ -23,6 +23,7 @@ from .capture.stream import FlushPolicy
 from .catalog import RestorePoint
 from .dburl import ConnectionInfo
 from .errors import CaptureError, DuplicateRun, SupabackupError, VerifyFailed
+from .files.retain import sweep_files
 from .manifest import Manifest
 from .notify import Notifier, Outcome
 from .restore import RestoreOptions, RestoreReport, run_restore
@@ -35,14 +36,16 @@ log = logging.getLogger(__name__)
 
 def _retention_pass(store: Store, database_id: str, keep_days: int = KEEP_DAYS) -> list[str]:
     """Re-tag after each backup and each new capture epoch (keeping the bases a restore to
-    any time of the last `keep_days` days needs); a failure is reported, never turned into
-    a failed run."""
+    any time of the last `keep_days` days needs), then remove the stored Storage files no
+    backup lists (files/retain.py); a failure is reported, never turned into a failed run."""
     try:
-        changes = apply_retention(store, store.manifests(database_id), keep_days)
+        changes = [str(c) for c in apply_retention(store, store.manifests(database_id),
+                                                   keep_days)]
+        swept = sweep_files(store, database_id)
     except SupabackupError as exc:
         log.error("retention pass failed (what the run stored is committed): %s", exc)
         return [f"retention pass failed: {exc.message}"]
-    return [str(c) for c in changes]
+    return changes + ([str(swept)] if swept is not None and swept.files else [])
 
 
 def backup_and_report(conn: ConnectionInfo, store: Store, request: BackupRequest,

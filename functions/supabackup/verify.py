@@ -21,6 +21,11 @@ capture verifies as before; `--backup` verifies that backup's chain only.
 With a drill server, verify then restores the chosen backup (or the newest) into a
 scratch database there and compares every table with what the backup recorded in its own
 snapshot (drill.py); each mismatch is a finding that names the table.
+
+Supabase Storage files (files/check.py): every stored content the verified backups list
+is re-read and re-hashed once; a missing or damaged one is a finding named
+`files/<bucket>/<key>` for each backup that lists it. The drill also restores a sample of
+the backup's files into a scratch folder of the store and compares them.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from .capture.audit import CaptureAudit, audit_store
 from .dburl import ConnectionInfo
 from .drill import DrillReport, run_drill
 from .errors import BackupNotFound, RestoreFailed, StoreError
+from .files.check import drill_files, verify_files
 from .manifest import Manifest
 from .pgtools import Child, exit_reason, find_tools
 from .retention import KEEP_DAYS_ENV, checked_keep_days
@@ -111,6 +117,9 @@ def verify_database(store: Store, database_id: str, backup_id: str | None = None
         report.findings += _check_held_parts(manifest, manifests)
         report.findings += _check_objects(store, manifest, report)
         report.verified.append(bid)
+    problems, read = verify_files(store, [manifests[b] for b in wanted if b in manifests])
+    report.bytes_read += read
+    report.findings += [Finding(p.backup_id, f"files/{p.path}", p.problem) for p in problems]
     if backup_id is None:
         _check_capture(store, database_id, manifests, keys, report)
     if drill is not None:
@@ -136,6 +145,8 @@ def _drill(store: Store, manifests: dict[str, Manifest], backup_id: str,
         report.findings.append(Finding(backup_id, "drill", f"the restore failed: {exc.message}"))
         return
     report.findings += [Finding(backup_id, m.table, m.problem) for m in report.drill.mismatches]
+    report.drill.files, problems = drill_files(store, manifest)
+    report.findings += [Finding(p.backup_id, f"files/{p.path}", p.problem) for p in problems]
 
 
 def _check_capture(store: Store, database_id: str, manifests: dict[str, Manifest],

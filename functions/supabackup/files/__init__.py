@@ -15,6 +15,7 @@ references, and their removal), check (verify and the drill).
 from .copy import FILE_WORKERS, CopyRequest, copy_files
 from .endpoint import StorageEndpoint, parse_buckets
 from .putback import FilesRestore, describe_files, restore_files
+from .run import files_lines
 
 __all__ = ["FILE_WORKERS", "CopyRequest", "FilesRestore", "StorageEndpoint", "copy_files",
-           "describe_files", "parse_buckets", "restore_files"]
+           "describe_files", "files_lines", "parse_buckets", "restore_files"]

@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from boto3.s3.transfer import TransferConfig
@@ -65,15 +66,24 @@ def blob_key(store: Store, database_id: str, sha256: str) -> str:
     return store.key(database_id, FILES, sha256[:2], sha256)
 
 
-def stored_blobs(store: Store, database_id: str) -> dict[str, int]:
-    """{sha256: size} of every file content stored for the database."""
+@dataclass(frozen=True)
+class Blob:
+    """One stored file content, as the store lists it."""
+
+    size: int
+    modified: datetime
+
+
+def stored_blobs(store: Store, database_id: str) -> dict[str, Blob]:
+    """{sha256: blob} of every file content stored for the database."""
     prefix = store.key(database_id, FILES) + "/"
-    found: dict[str, int] = {}
+    found: dict[str, Blob] = {}
     paginator = store.s3.get_paginator("list_objects_v2")
     try:
         for page in paginator.paginate(Bucket=store.url.bucket, Prefix=prefix):
             for item in page.get("Contents", []):
-                found[item["Key"].rsplit("/", 1)[-1]] = int(item["Size"])
+                found[item["Key"].rsplit("/", 1)[-1]] = Blob(int(item["Size"]),
+                                                             item["LastModified"])
     except (ClientError, BotoCoreError) as exc:
         raise store_error(exc, prefix) from None
     return found
@@ -99,7 +109,7 @@ class FileCopier:
         self.writer = writer
         self.tags = tags
         self.before = {f.path: f for f in previous.files} if previous else {}
-        self.stored = stored_blobs(store, writer.database_id)
+        self.stored = set(stored_blobs(store, writer.database_id))
         self.copied = Copied()
         self._lock = threading.Lock()
         self._large = threading.Semaphore(LARGE_AT_ONCE)
@@ -196,7 +206,7 @@ class FileCopier:
         with self._lock:
             if not listed_already:
                 self.writer.written.append(key)
-            self.stored[digest] = size
+            self.stored.add(digest)
             self.copied.stored_bytes += size
             self.copied.stored_files += 1
 

@@ -109,7 +109,7 @@ def restore_files(store: Store, manifest: Manifest, endpoint: StorageEndpoint,
                                       "files were written, their rows were not")
         report.buckets_created = _ensure_buckets(client, endpoint, files.buckets)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="putback") as pool:
-            for stored, problem in pool.map(lambda f: _put(store, manifest, client, f),
+            for stored, problem in pool.map(lambda f: put_file(store, manifest, client, f),
                                             files.files):
                 if problem:
                     report.inexact.append(f"file {stored.path}: {problem}")
@@ -151,7 +151,7 @@ def _ensure_buckets(client: Any, endpoint: StorageEndpoint, buckets: list[str]) 
     return created
 
 
-def _put(store: Store, manifest: Manifest, client: Any, stored: StoredFile
+def put_file(store: Store, manifest: Manifest, client: Any, stored: StoredFile
          ) -> tuple[StoredFile, str]:
     """Write one file; ("" when written, else why not). Bytes that do not hash to the
     manifest's sha256 are never left at the target."""

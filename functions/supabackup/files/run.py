@@ -14,6 +14,7 @@ from typing import Any
 
 from ..dburl import ConnectionInfo
 from ..manifest import FileSet, Manifest, StoredFile
+from ..notify import human_bytes
 from ..snapshot import connect
 from ..store import BackupWriter, Store
 from .copy import CopyRequest, copy_files
@@ -99,3 +100,19 @@ def changes(previous: FileSet | None, files: list[StoredFile], missing: list[str
             "changed": len(changed), "changed_bytes": sum(f.size for f in changed),
             "deleted": len(deleted), "deleted_bytes": sum(f.size for f in deleted),
             "stored_files": stored_files, "stored_bytes": stored_bytes}
+
+
+def files_lines(files: FileSet) -> list[str]:
+    """What the command line says of a backup's files."""
+    c = files.changes
+    out = [f"files: {len(files.files)} in {len(files.buckets)} bucket(s), "
+           f"{human_bytes(files.total_bytes)}; since the previous backup {c.get('added', 0)} "
+           f"added, {c.get('changed', 0)} changed, {c.get('deleted', 0)} deleted; "
+           f"{human_bytes(c.get('stored_bytes', 0))} stored"]
+    if not files.complete:
+        out.append(f"files: INCOMPLETE: {len(files.missing)} file(s) not copied (out of time); "
+                   "the next backup copies them")
+    if not files.compared:
+        out.append("files: the database has no storage.objects to compare them with")
+    out += [f"files: out of step with the snapshot: {line}" for line in files.out_of_step()]
+    return out
