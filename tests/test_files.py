@@ -216,7 +216,8 @@ def test_files_changed_while_the_backup_ran_are_named_in_the_manifest_sns_and_re
                                     f"documents/b.txt: {instep.DELETED}",
                                     f"documents/d.txt: {instep.WRITTEN}"])
     message = inbox.messages()[-1]
-    assert "3 out of step" in message["Subject"]
+    assert message["Message"]["backup"]["files"]["out_of_step"] == 3
+    assert "out of" in message["Subject"]
     assert sorted(message["Message"]["backup"]["files"]["out_of_step_first"]) == sorted(lines)
     report = _restore(store, manifest, target)
     for line in lines:
@@ -407,8 +408,7 @@ def test_the_command_line_backs_up_and_restores_files(
         source: Project, target: Project, store: Store, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     source.peer.put("documents", "cli/one.txt", b"one", "text/plain")
-    for prefix, project in (("SUPABACKUP_STORAGE", source), ("SUPABACKUP_TARGET_STORAGE",
-                                                             target)):
+    for prefix in ("SUPABACKUP_STORAGE", "SUPABACKUP_TARGET_STORAGE"):
         monkeypatch.setenv(f"{prefix}_ACCESS_KEY_ID", "testing")
         monkeypatch.setenv(f"{prefix}_SECRET_ACCESS_KEY", "testing")
         monkeypatch.setenv(f"{prefix}_REGION", "us-east-1")
