@@ -422,7 +422,18 @@ COMMON_ENV = {"SUPABACKUP_STORE", "SUPABACKUP_SNS_TOPIC_ARN", "POWERTOOLS_SERVIC
 def test_the_function_environment(cfn: dict[str, Any]) -> None:
     env = cfn["Resources"]["BackupFunction"]["Properties"]["Environment"]["Variables"]
     assert set(env) == COMMON_ENV | {"SUPABACKUP_DB_SECRET_ARN", "SUPABACKUP_PROFILE",
-                                     "SUPABACKUP_KEEP_DAYS"}
+                                     "SUPABACKUP_KEEP_DAYS", "SUPABACKUP_STORAGE_ENDPOINT",
+                                     "SUPABACKUP_STORAGE_BUCKETS",
+                                     "SUPABACKUP_STORAGE_SECRET_ARN"}
+    # Storage files only with StorageEndpoint (off by default); their keys come from a
+    # secret, never a variable
+    assert cfn["Parameters"]["StorageEndpoint"]["Default"] == ""
+    assert env["SUPABACKUP_STORAGE_ENDPOINT"] == {
+        "Fn::If": ["HasStorage", {"Ref": "StorageEndpoint"}, {"Ref": "AWS::NoValue"}]}
+    assert env["SUPABACKUP_STORAGE_BUCKETS"] == {
+        "Fn::If": ["HasStorage", {"Ref": "StorageBuckets"}, {"Ref": "AWS::NoValue"}]}
+    assert env["SUPABACKUP_STORAGE_SECRET_ARN"] == {
+        "Fn::If": ["HasStorageSecret", {"Ref": "StorageSecretArn"}, {"Ref": "AWS::NoValue"}]}
     assert env["SUPABACKUP_STORE"] == {"Fn::Sub": "s3://${BackupBucket}/${BackupPrefix}"}
     assert env["SUPABACKUP_DB_SECRET_ARN"] == {
         "Fn::If": ["CreateDatabaseSecret", {"Ref": "DatabaseSecret"}, {"Ref": "DatabaseSecretArn"}]}
@@ -442,6 +453,10 @@ def test_verify_restore_and_capture_read_their_own_secret_only(
     env = cfn["Resources"][function]["Properties"]["Environment"]["Variables"]
     extra = ({"SUPABACKUP_MAX_RETAINED_WAL", "SUPABACKUP_KEEP_DAYS"}
              if function == "CaptureFunction" else set())
+    if function == "RestoreFunction":  # and the target project's Storage keys, when given
+        extra = {"SUPABACKUP_TARGET_STORAGE_SECRET_ARN"}
+        assert env["SUPABACKUP_TARGET_STORAGE_SECRET_ARN"] == {"Fn::If": [
+            "HasTargetStorageSecret", {"Ref": "TargetStorageSecretArn"}, {"Ref": "AWS::NoValue"}]}
     assert set(env) == COMMON_ENV | {variable} | extra
     assert env[variable] == {"Ref": parameter}
     assert default(cfn, env[variable]) == ""  # optional: the handler then does without
@@ -642,8 +657,12 @@ def test_the_function_role_is_least_privilege(cfn: dict[str, Any]) -> None:
         "Fn::GetAtt": ["BackupBucket", "Arn"]}
     assert resource_of("s3:GetLifecycleConfiguration")["Resource"] == {
         "Fn::GetAtt": ["BackupBucket", "Arn"]}
-    assert resource_of("secretsmanager:GetSecretValue")["Resource"] == {
-        "Fn::If": ["CreateDatabaseSecret", {"Ref": "DatabaseSecret"}, {"Ref": "DatabaseSecretArn"}]}
+    secrets = [s["Resource"] for s in statements
+               if "secretsmanager:GetSecretValue" in as_list(s["Action"])]
+    assert secrets == [
+        {"Fn::If": ["CreateDatabaseSecret", {"Ref": "DatabaseSecret"},
+                    {"Ref": "DatabaseSecretArn"}]},
+        {"Ref": "StorageSecretArn"}]  # Storage's S3 keys, only when that secret is given
     assert resource_of("kms:Decrypt")["Resource"] == KEY
     assert resource_of("sns:Publish")["Resource"] == {"Ref": "NotificationTopic"}
 
@@ -664,8 +683,11 @@ def test_verify_and_restore_roles_only_read(cfn: dict[str, Any], function: str,
     assert actions <= {"logs:CreateLogStream", "logs:PutLogEvents", "sqs:SendMessage",
                        "s3:GetObject", "s3:ListBucket", "secretsmanager:GetSecretValue",
                        "kms:Decrypt", "kms:GenerateDataKey", "sns:Publish"}
-    [read] = [s for s in statements if "secretsmanager:GetSecretValue" in as_list(s["Action"])]
-    assert read["Resource"] == {"Ref": secret}
+    reads = [s["Resource"] for s in statements
+             if "secretsmanager:GetSecretValue" in as_list(s["Action"])]
+    # the restore also reads the target project's Storage keys, when given
+    assert reads == [{"Ref": secret}] + ([{"Ref": "TargetStorageSecretArn"}]
+                                         if function == "RestoreFunction" else [])
     [get] = [s for s in statements if "s3:GetObject" in as_list(s["Action"])]
     assert get["Resource"] == {"Fn::Sub": "${BackupBucket.Arn}/${BackupPrefix}/*"}
     for statement in statements:
@@ -674,9 +696,9 @@ def test_verify_and_restore_roles_only_read(cfn: dict[str, Any], function: str,
     # The secret statement exists only when the parameter is given.
     policy = next(r for r in cfn["Resources"].values() if r["Type"] == "AWS::IAM::Policy"
                   and {"Ref": f"{function}Role"} in r["Properties"]["Roles"])
-    [conditional] = [s for s in policy["Properties"]["PolicyDocument"]["Statement"]
-                     if "Fn::If" in s]
-    assert conditional["Fn::If"][2] == {"Ref": "AWS::NoValue"}
+    conditional = [s for s in policy["Properties"]["PolicyDocument"]["Statement"]
+                   if "Fn::If" in s]
+    assert conditional and all(c["Fn::If"][2] == {"Ref": "AWS::NoValue"} for c in conditional)
 
 
 def test_the_key_policy(cfn: dict[str, Any]) -> None:
@@ -923,6 +945,8 @@ def test_the_stack_deploys_into_moto() -> None:
     # is linted and checked on the translated template above.
     parameters = {"DatabaseSecretArn": EXISTING_SECRET, "DrillSecretArn": DRILL_SECRET,
                   "RestoreTargetSecretArn": TARGET_SECRET, "CaptureSecretArn": CAPTURE_SECRET,
+                  "StorageSecretArn": TARGET_SECRET + "-storage",
+                  "TargetStorageSecretArn": TARGET_SECRET + "-target-storage",
                   "PointInTimeDays": "30"}
     template = translate(parameters)
     env = {"AWS_DEFAULT_REGION": REGION, "AWS_ACCESS_KEY_ID": "testing",

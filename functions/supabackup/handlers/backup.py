@@ -14,11 +14,20 @@ Environment: SUPABACKUP_STORE (s3://BUCKET/PREFIX), SUPABACKUP_DB_SECRET_ARN,
 SUPABACKUP_SNS_TOPIC_ARN, and optionally SUPABACKUP_PROFILE and SUPABACKUP_KEEP_DAYS (how
 far back a restore to a time must reach: the retention pass after the backup keeps every
 change-capture base those days need; default 7).
+
+Storage files: with SUPABACKUP_STORAGE_ENDPOINT (the template's StorageEndpoint), or an
+event's "storage" (events.py), a backup also copies the project's Storage files
+(SUPABACKUP_STORAGE_BUCKETS: only these buckets), with the S3 keys of the secret
+SUPABACKUP_STORAGE_SECRET_ARN names (StorageSecretArn; JSON: access_key_id,
+secret_access_key, region), else the database secret's storage_access_key_id,
+storage_secret_access_key and storage_region. They are read before anything is stored:
+a missing key, or an endpoint that is neither https nor on loopback, refuses the run.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -27,7 +36,15 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from ..errors import DuplicateRun
 from ..report import backup_and_report
 from ..retention import KEEP_DAYS_ENV, checked_keep_days
-from .common import Invocation, env_int, logger, metrics, read_secret, store
+from .common import (
+    Invocation,
+    env_int,
+    logger,
+    metrics,
+    read_secret,
+    store,
+    with_storage_keys,
+)
 from .events import parse_backup_event
 
 
@@ -40,13 +57,18 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         request = parse_backup_event(event, os.environ.get("SUPABACKUP_PROFILE")
                                      ).with_time_limit(
             context.get_remaining_time_in_millis() / 1000)
+        if request.files is not None:
+            request = replace(request, files=replace(request.files, endpoint=with_storage_keys(
+                request.files.endpoint, "SUPABACKUP_STORAGE_SECRET_ARN",
+                "SUPABACKUP_DB_SECRET_ARN")))
         keep_days = checked_keep_days(env_int(KEEP_DAYS_ENV),
                                       f"the function's environment variable {KEEP_DAYS_ENV}")
         backups = store()
         conn = read_secret("SUPABACKUP_DB_SECRET_ARN")
     logger.set_correlation_id(request.backup_id)
-    logger.info("backup starting", extra={"database": conn.display(), "label": request.label,
-                                          "retention": request.retention})
+    logger.info("backup starting", extra={
+        "database": conn.display(), "label": request.label, "retention": request.retention,
+        "storage": request.files.endpoint.display() if request.files else None})
     try:
         with run.running(conn.redact):
             manifest, outcome = backup_and_report(conn, backups, request, run.notify,

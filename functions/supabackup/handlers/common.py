@@ -7,6 +7,7 @@ moto-backed ones (`clients`) before a call.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ..catalog import resolve_database_id
 from ..dburl import ConnectionInfo
 from ..errors import ConfigError, SupabackupError
+from ..files import StorageEndpoint
 from ..notify import Notifier, Outcome
 from ..store import Store, StoreURL, aws_client
 
@@ -56,18 +58,60 @@ def env_int(name: str) -> int | None:
 
 def read_secret(variable: str) -> ConnectionInfo:
     """The database credentials in the secret whose ARN the variable `variable` holds."""
+    return ConnectionInfo.from_secret(_secret_text(variable, "database"))
+
+
+def _secret_text(variable: str, what: str) -> str:
+    """The text of the secret whose ARN the variable `variable` holds (`what`: its name in
+    messages)."""
     arn = env(variable)
     try:
         secret = client("secretsmanager").get_secret_value(SecretId=arn).get("SecretString")
     except (ClientError, BotoCoreError) as exc:
         code = exc.response["Error"]["Code"] if isinstance(exc, ClientError) else type(exc).__name__
-        raise ConfigError(f"cannot read the database secret {arn}: {code}",
+        raise ConfigError(f"cannot read the {what} secret {arn}: {code}",
                           f"check {variable} and the function's IAM role") from None
     if not secret:
-        raise ConfigError(f"the database secret {arn} holds no text (SecretString)",
+        raise ConfigError(f"the {what} secret {arn} holds no text (SecretString)",
                           "store the connection as JSON text: host, port, username, password, "
-                          "dbname")
-    return ConnectionInfo.from_secret(secret)
+                          "dbname" if what == "database" else
+                          "store the Storage S3 keys as JSON text: access_key_id, "
+                          "secret_access_key, region")
+    return str(secret)
+
+
+STORAGE_KEYS = ("access_key_id", "secret_access_key", "region")
+# The variables that name a secret of Storage keys, and the stack parameter behind each.
+STORAGE_SECRETS = {"SUPABACKUP_STORAGE_SECRET_ARN": "StorageSecretArn",
+                   "SUPABACKUP_TARGET_STORAGE_SECRET_ARN": "TargetStorageSecretArn"}
+
+
+def with_storage_keys(endpoint: StorageEndpoint, variable: str, fallback: str
+                      ) -> StorageEndpoint:
+    """`endpoint` (as an event or the stack names it, without keys) with its S3 keys:
+    those of the secret the variable `variable` names (JSON: access_key_id,
+    secret_access_key, region), else the storage_access_key_id, storage_secret_access_key
+    and storage_region of the database secret the variable `fallback` names. A missing
+    key is named, never a value."""
+    source, names, what = variable, list(STORAGE_KEYS), "Storage"
+    if not os.environ.get(variable):
+        source, names, what = fallback, [f"storage_{k}" for k in STORAGE_KEYS], "database"
+    try:
+        values = json.loads(_secret_text(source, what))
+    except json.JSONDecodeError:
+        values = None
+    if not isinstance(values, dict):
+        raise ConfigError(f"the {what} secret {os.environ[source]} is not a JSON object",
+                          f"store the Storage S3 keys in it as JSON: {', '.join(names)}")
+    missing = [n for n in names if not str(values.get(n) or "").strip()]
+    if missing:
+        raise ConfigError(f"the Storage endpoint {endpoint.display()} needs its S3 keys: the "
+                          f"{what} secret {os.environ[source]} ({source}) lacks "
+                          f"{', '.join(missing)}",
+                          "add them from the project's Storage settings (S3 access keys; the "
+                          "region is the project's), or give the stack "
+                          f"{STORAGE_SECRETS[variable]}")
+    return StorageEndpoint.of(endpoint.url, values, names)
 
 
 def store() -> Store:
