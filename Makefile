@@ -11,7 +11,7 @@ PG17   := build/postgresql-17/.version
 # aws-sam-cli and checkov pin conflicting versions of shared packages: a venv each.
 TOOLS  := build/tools/sam/.installed build/tools/checkov/.installed
 
-.PHONY: setup test demo bench bench-parallel bench-capture lint layer clean fuzz
+.PHONY: setup test demo bench bench-parallel bench-capture bench-storage model-large lint layer clean fuzz
 
 setup: $(VENV)/.installed $(PG17)
 
@@ -61,6 +61,18 @@ bench-parallel: setup
 # speed of restore --at, Lambda cost on paper (bench/README.md); about 3 minutes.
 bench-capture: setup
 	$(BIN)/python bench/bench_capture.py
+
+# Storage files: supabackup's file copy against `aws s3 sync` (awscli in a venv of its
+# own, requirements-awscli.txt), and what an incremental stores (bench/README.md); about
+# N minutes. A quick run: BENCH_STORAGE_SMALL=1000 BENCH_STORAGE_LARGE=2 make bench-storage
+bench-storage: setup build/tools/awscli/.installed
+	$(BIN)/python bench/bench_storage.py
+
+# Large databases on paper: backup and restore times on Lambda and Fargate and a month's
+# cost, from bench-parallel's figures (bench/results/parallel.json, else those recorded in
+# bench/README.md); a second.
+model-large: setup
+	$(BIN)/python bench/model_large.py
 
 lint: setup
 	$(BIN)/ruff check functions devkit tests bench layers
