@@ -352,6 +352,18 @@ def test_a_backup_that_fails_while_copying_files_leaves_nothing(
     assert open_uploads(store.s3) == []
 
 
+def test_a_restore_of_named_buckets_names_the_rows_of_the_others(
+        source: Project, target: Project, store: Store) -> None:
+    source.peer.put("avatars", "u1/a.png", b"\x89PNG", "image/png")
+    source.peer.put("documents", "d.txt", b"doc", "text/plain")
+    manifest = _backup(source, store, buckets=("documents",))
+    report = _restore(store, manifest, target)
+    assert set(_only_files(target)) == {"documents/d.txt"}
+    assert any(line.startswith("bucket avatars: 1 row(s) of storage.objects came back")
+               and "did not copy" in line for line in report.inexact), report.inexact
+    assert not any("bucket documents" in line for line in report.inexact)
+
+
 def test_bad_storage_input_fails_clearly_and_stores_nothing(
         source: Project, store: Store) -> None:
     with pytest.raises(ConfigError, match="not an http"):

@@ -99,7 +99,9 @@ class StorageEndpoint:
         unknown = [b for b in named if b not in found]
         if unknown:
             raise ConfigError(f"no bucket {', '.join(unknown)} at {self.display()} (it has: "
-                              f"{', '.join(found) or 'none'})", "fix --storage-buckets")
+                              f"{', '.join(found) or 'none'})",
+                              "name only buckets it has (--storage-buckets, or the "
+                              "event's storage.buckets)")
         return list(named) if named else found
 
     def files(self, client: Any, bucket: str) -> Iterator[Listed]:

@@ -63,9 +63,10 @@ class FilesRestore:
 def files_of(manifest: Manifest) -> FileSet:
     if manifest.files is None:
         raise ConfigError(f"backup {manifest.backup_id} holds no Storage files (it was "
-                          "taken without --storage-endpoint)",
-                          "restore without --target-storage-endpoint, or pick a backup "
-                          "with files (`supabackup list` shows them)")
+                          "taken without a Storage endpoint)",
+                          "restore without a target Storage endpoint "
+                          "(--target-storage-endpoint, or an event's target_storage), or "
+                          "pick a backup with files (`supabackup list` shows them)")
     return manifest.files
 
 
@@ -104,6 +105,7 @@ def restore_files(store: Store, manifest: Manifest, endpoint: StorageEndpoint,
                 cur.execute(sql.SQL("CREATE TEMP TABLE {} AS SELECT * FROM storage.objects "
                                     "WHERE bucket_id = ANY(%s)").format(sql.Identifier(KEPT)),
                             (files.buckets,))
+                report.inexact += _rows_of_other_buckets(cur, files.buckets)
             else:
                 report.inexact.append("the target database has no storage.objects: the "
                                       "files were written, their rows were not")
@@ -127,6 +129,18 @@ def restore_files(store: Store, manifest: Manifest, endpoint: StorageEndpoint,
     log.info("restored %d file(s) of %s to %s", report.files, manifest.backup_id,
              endpoint.display())
     return report
+
+
+def _rows_of_other_buckets(cur: Any, copied: list[str]) -> list[str]:
+    """A line for the restored rows of storage.objects in buckets the backup did not copy
+    (it named others with --storage-buckets): the database has them, the target's
+    Storage has no file for them."""
+    cur.execute("SELECT bucket_id, count(*) FROM storage.objects "
+                "WHERE NOT (bucket_id = ANY(%s)) GROUP BY bucket_id ORDER BY bucket_id",
+                (copied,))
+    return [f"bucket {bucket}: {n} row(s) of storage.objects came back with the database, "
+            "but the backup did not copy this bucket's files (it named its buckets): the "
+            "target has no file for them" for bucket, n in cur.fetchall()]
 
 
 def _ensure_buckets(client: Any, endpoint: StorageEndpoint, buckets: list[str]) -> list[str]:
