@@ -239,7 +239,7 @@ def test_translates_with_every_architecture_and_an_existing_secret() -> None:
     for arch in ("arm64", "x86_64"):
         out = translate({"Architecture": arch, "DatabaseSecretArn": EXISTING_SECRET})
         functions = of_type(out, "AWS::Lambda::Function")
-        assert set(functions) == {*FUNCTIONS, "CaptureFunction"}
+        assert set(functions) == {*FUNCTIONS, "CaptureFunction", "PlanFunction"}
         assert all(f["Properties"]["ReservedConcurrentExecutions"] == 1
                    for f in functions.values())
 
@@ -265,25 +265,32 @@ def test_globals_and_parameters(sam: dict[str, Any]) -> None:
 
 
 def schedules(cfn: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The scheduler's schedules, by the kind of backup their input asks for (or verify)."""
+    """The scheduler's schedules, by the kind of backup their input asks for (or verify).
+    The backups' start the state machine with {"operation": "backup", "event": ...}."""
     found = {}
     for resource in cfn["Resources"].values():
         if resource["Type"] == "AWS::Scheduler::Schedule":
             sent = json.loads(resource["Properties"]["Target"]["Input"])
-            function = resource["Properties"]["Target"]["Arn"]["Fn::GetAtt"][0]
-            found[sent.get("kind") or function.removesuffix("Function").lower()] = \
-                resource["Properties"]
+            target = resource["Properties"]["Target"]["Arn"]
+            if target == {"Ref": "RunStateMachine"}:
+                found[sent["event"]["kind"]] = resource["Properties"]
+            else:
+                function = target["Fn::GetAtt"][0]
+                found[function.removesuffix("Function").lower()] = resource["Properties"]
     return found
 
 
-@pytest.mark.parametrize("kind, cron, state, function", [
-    ("full", "cron(0 3 ? * SUN *)", "ScheduleState", "BackupFunction"),
-    ("incremental", "cron(0 3 ? * MON-SAT *)", "IncrementalScheduleState", "BackupFunction"),
-    ("verify", "cron(0 5 ? * SUN *)", "VerifyScheduleState", "VerifyFunction"),
-    ("capture", "rate(5 minutes)", "CaptureScheduleState", "CaptureFunction"),
+@pytest.mark.parametrize("kind, cron, state, target", [
+    ("full", "cron(0 3 ? * SUN *)", "ScheduleState", {"Ref": "RunStateMachine"}),
+    ("incremental", "cron(0 3 ? * MON-SAT *)", "IncrementalScheduleState",
+     {"Ref": "RunStateMachine"}),
+    ("verify", "cron(0 5 ? * SUN *)", "VerifyScheduleState",
+     {"Fn::GetAtt": ["VerifyFunction", "Arn"]}),
+    ("capture", "rate(5 minutes)", "CaptureScheduleState",
+     {"Fn::GetAtt": ["CaptureFunction", "Arn"]}),
 ])
 def test_the_schedules_run_weekly_fulls_daily_incrementals_and_weekly_verify(
-        cfn: dict[str, Any], kind: str, cron: str, state: str, function: str) -> None:
+        cfn: dict[str, Any], kind: str, cron: str, state: str, target: dict[str, Any]) -> None:
     props = schedules(cfn)[kind]
     assert default(cfn, props["ScheduleExpression"]) == cron
     assert props["ScheduleExpressionTimezone"] == {"Ref": "ScheduleTimezone"}
@@ -291,8 +298,8 @@ def test_the_schedules_run_weekly_fulls_daily_incrementals_and_weekly_verify(
     assert props["State"] == {"Ref": state}
     assert default(cfn, props["State"]) == "ENABLED"
     assert "Name" not in props  # CloudFormation names it: two stacks must not clash
+    assert props["Target"]["Arn"] == target
     target = props["Target"]
-    assert target["Arn"] == {"Fn::GetAtt": [function, "Arn"]}
     # capture runs every 5 minutes: the next run is its retry
     assert target["RetryPolicy"]["MaximumRetryAttempts"] >= (0 if kind == "capture" else 1)
     queue_id = target["DeadLetterConfig"]["Arn"]["Fn::GetAtt"][0]
@@ -312,7 +319,11 @@ def test_the_schedules_run_weekly_fulls_daily_incrementals_and_weekly_verify(
 ])
 def test_the_schedules_send_the_sample_scheduled_events(cfn: dict[str, Any], kind: str,
                                                         sample: str, retention: str) -> None:
-    sent = json.loads(schedules(cfn)[kind]["Target"]["Input"])
+    # through the state machine, which gives the backup function the event alone
+    # (tests/test_state_machine.py runs it)
+    started = json.loads(schedules(cfn)[kind]["Target"]["Input"])
+    assert set(started) == {"operation", "event"} and started["operation"] == "backup"
+    sent = started["event"]
     sample_event = json.loads((EVENTS / sample).read_text())
     # The scheduler puts the tick's time in place of its context attribute.
     assert sent.pop("tick") == "<aws.scheduler.scheduled-time>"
@@ -353,7 +364,12 @@ def test_the_sample_events_are_valid_requests() -> None:
     samples = sorted(EVENTS.glob("*.json"))
     assert {p.name.split("-")[0] for p in samples} == set(PARSERS)
     for path in samples:
-        PARSERS[path.name.split("-")[0]](json.loads(path.read_text()))
+        event = json.loads(path.read_text())
+        operation = path.name.split("-")[0]
+        if path.name.endswith("-large.json"):  # the state machine's input, around the event
+            assert event["operation"] == operation and operation in ("backup", "restore")
+            event = event["event"]
+        PARSERS[operation](event)
 
 
 def test_failed_asynchronous_runs_go_to_the_dead_letter_queue(cfn: dict[str, Any]) -> None:
@@ -713,7 +729,10 @@ def test_the_key_policy(cfn: dict[str, Any]) -> None:
     assert roles["Principal"]["AWS"] == [
         *({"Fn::GetAtt": [f"{f}Role", "Arn"]} for f in FUNCTIONS),
         {"Fn::If": ["HasCapture", {"Fn::GetAtt": ["CaptureFunctionRole", "Arn"]},
-                    {"Ref": "AWS::NoValue"}]}]
+                    {"Ref": "AWS::NoValue"}]},
+        # past one Lambda run: the plan, the Fargate task, the state machine's report
+        *({"Fn::GetAtt": [r, "Arn"]} for r in ("PlanFunctionRole", "TaskRole",
+                                               "RunStateMachineRole"))]
     assert set(roles["Action"]) == {"kms:Decrypt", "kms:GenerateDataKey"}
     # Alarms publish to the encrypted topic.
     assert any(s["Principal"] == {"Service": "cloudwatch.amazonaws.com"} for s in statements)
@@ -951,7 +970,13 @@ def test_the_stack_deploys_into_moto() -> None:
     template = translate(parameters)
     env = {"AWS_DEFAULT_REGION": REGION, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing"}
-    with mock.patch.dict(os.environ, env), mock_aws(), warnings.catch_warnings(record=True) as caught:
+    # moto's LayerVersion has no physical id: a Ref to it (the Fargate task's role and
+    # environment name the layer version) would be the model object, not its ARN.
+    from moto.awslambda.models import LayerVersion
+    layer_ref = mock.patch.object(LayerVersion, "physical_resource_id",
+                                  property(lambda self: self.arn), create=True)
+    with mock.patch.dict(os.environ, env), mock_aws(), layer_ref, \
+            warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         s3 = boto3.client("s3", region_name=REGION)
         s3.create_bucket(Bucket="artifacts")
@@ -1000,6 +1025,26 @@ def test_the_stack_deploys_into_moto() -> None:
                 "30" if function == "Capture" else None)
         assert outputs["ManualBackupCommand"].startswith(
             f"aws lambda invoke --region {REGION} --function-name {outputs['BackupFunctionName']} ")
+        # past one Lambda run: the state machine exists, and the Fargate task loads the
+        # code of the backup function and the very layer version it runs with
+        machine = boto3.client("stepfunctions", region_name=REGION).describe_state_machine(
+            stateMachineArn=outputs["StateMachineArn"])
+        assert machine["roleArn"].split("/")[-1].startswith("supabackup-RunStateMachineRole")
+        ecs = boto3.client("ecs", region_name=REGION)
+        [task_arn] = ecs.list_task_definitions()["taskDefinitionArns"]
+        [container] = ecs.describe_task_definition(taskDefinition=task_arn)[
+            "taskDefinition"]["containerDefinitions"]
+        # (moto keeps an Fn::If's AWS::NoValue in a list as None; CloudFormation drops it)
+        task_env = {e["name"]: e["value"] for e in container["environment"] if e}
+        assert task_env["SUPABACKUP_CODE_FUNCTION"] == outputs["BackupFunctionName"]
+        # (moto's functions list no layers: the stack's one layer, as the bootstrap reads it)
+        [stack_layer] = lam.list_layers()["Layers"]
+        arn, version = task_env["SUPABACKUP_LAYER_ARN"].rsplit(":", 1)
+        assert arn == stack_layer["LayerArn"]
+        assert lam.get_layer_version(LayerName=arn, VersionNumber=int(version))[
+            "LayerVersionArn"] == stack_layer["LatestMatchingVersion"]["LayerVersionArn"]
+        assert task_env["SUPABACKUP_RESTORE_SECRET_ARN"] == TARGET_SECRET
+        assert task_env["SUPABACKUP_DB_SECRET_ARN"] == EXISTING_SECRET
     # Anything else moto skipped would be deployed untested: name it in MOTO_SKIPS first.
     skipped = {m.group(1) for w in caught
                if (m := re.search(r"Tried to parse (\S+) but it's not supported", str(w.message)))}
