@@ -165,10 +165,11 @@ class Invocation:
     @contextmanager
     def running(self, scrub: Callable[[str], str] = str) -> Iterator[None]:
         """The engine's run (which publishes its own outcome): a failure is counted and
-        logged with `scrub` applied, so no password reaches the log."""
+        logged with `scrub` applied, so no password reaches the log. So is a run stopped
+        by a signal (an ECS task's SIGTERM, raised as a KeyboardInterrupt: handlers/task.py)."""
         try:
             yield
-        except Exception as exc:
+        except BaseException as exc:
             self.count("Failed")
             logger.error("%s failed: %s", self.metric.lower(), scrub(str(exc)))
             raise

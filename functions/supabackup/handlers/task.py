@@ -13,9 +13,11 @@ ARNs, SUPABACKUP_SNS_TOPIC_ARN, ...), and
   - SUPABACKUP_OPERATION: backup or restore;
   - SUPABACKUP_EVENT: the function's event, as JSON text (the state machine's
     States.JsonToString($.event));
-  - SUPABACKUP_TIME_LIMIT (optional): seconds the run may take, counted from the task's
-    start, which the engine's budget keeps to (budget.py: it stops the run cleanly before
-    the state's timeout would); without it, none.
+  - SUPABACKUP_TIME_LIMIT (optional): seconds a backup may take, counted from the task's
+    start, which the engine's budget keeps to as it keeps to Lambda's remaining time
+    (budget.py: it refuses a run that cannot fit, and stops one cleanly before the
+    state's timeout would kill it); without it, none. A restore has no budget, on Lambda
+    or here.
 
 SIGTERM (a Fargate Spot interruption, StopTask, the state's timeout) stops the run as
 Ctrl-C stops the command line's: its workers stop, its uploads abort, what it wrote is
