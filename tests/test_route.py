@@ -430,10 +430,6 @@ def test_sigterm_mid_run_exits_143_and_keeps_nothing(task_stack: dict[str, Any])
     assert "stopped by SIGTERM" in msg["Message"]["error"], msg
 
 
-@pytest.mark.xfail(strict=True, reason="tabledata.run_all waits for its COPY workers before "
-                   "it stops them when the main thread is interrupted (Ctrl-C, SIGTERM): "
-                   "its pool's exit joins them first, so a COPY that takes its time holds "
-                   "the cleanup (on Fargate Spot, past the two minutes' warning)")
 def test_sigterm_during_the_copies_exits_143_at_once(task_stack: dict[str, Any]) -> None:
     code, out, err, held = _terminated_while_frozen(task_stack, "psql", 10)
     assert [k for k in held if k.endswith("/schema.dump")], held

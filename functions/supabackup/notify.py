@@ -114,12 +114,17 @@ class Outcome:
 def error_message(error: BaseException | None) -> str:
     if isinstance(error, SupabackupError):
         return error.message
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or SIGTERM in a task: no bug
+        return str(error) or "interrupted; nothing of this run was kept"
     return f"unexpected {type(error).__name__}: {error}"
 
 
 def error_hint(error: BaseException | None) -> str:
     if isinstance(error, SupabackupError) and error.hint:
         return error.hint
+    if isinstance(error, KeyboardInterrupt):
+        return ("run it again (a run stopped on Fargate Spot runs once more on demand "
+                "capacity by itself)")
     return "see the function's logs for the traceback, and report it if it recurs"
 
 

@@ -333,10 +333,20 @@ def run_all(jobs: int, name: str, work: list[Callable[[], R]],
             stop: Callable[[], None]) -> list[R]:
     """Run `work` over `jobs` threads; the results, in order. The first failure calls
     `stop` (which kills what the others run), cancels what has not started, waits for
-    the rest, and raises the error that started it, not one of those it killed."""
+    the rest, and raises the error that started it, not one of those it killed.
+
+    Ctrl-C or SIGTERM (a KeyboardInterrupt in this thread) stops the workers too before
+    the pool waits for them: else a long COPY would hold the cleanup up for as long as it
+    runs (past Fargate Spot's two minutes' warning)."""
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix=name) as pool:
         futures = [pool.submit(job) for job in work]
-        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        try:
+            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:
+            stop()
+            for future in futures:
+                future.cancel()
+            raise
         failed = [f for f in finished if f.exception() is not None]
         if failed:
             stop()

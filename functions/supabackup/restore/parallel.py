@@ -246,7 +246,11 @@ class Loader:
                         running[pool.submit(self.apply_entries, [by_id[dump_id]],
                                             by_id[dump_id].name)] = dump_id
                     waiting.clear()
-                finished, _ = wait(running, return_when=FIRST_EXCEPTION)
+                try:
+                    finished, _ = wait(running, return_when=FIRST_EXCEPTION)
+                except BaseException:  # Ctrl-C, SIGTERM: stop the builds, then wait
+                    self.stop()
+                    raise
                 for future in finished:
                     dump_id = running.pop(future)
                     if future.exception() is not None:
