@@ -71,8 +71,10 @@ class Budget:
                 f"this {kind} backup would take about {human_duration(estimate)} "
                 f"({human_bytes(database_size)} at the pace of the last backups), but "
                 f"{human_duration(max(left, 0))} are left before the time limit",
-                "raise the function's timeout (FunctionTimeout, at most 900 s) and memory, "
-                "or run `supabackup backup` where there is no 15-minute limit")
+                "raise the time limit (on Lambda FunctionTimeout, at most 900 s, and memory; "
+                "on Fargate TaskTimeoutHours), give the stack TaskSubnetIds so that the "
+                "state machine runs what does not fit on Fargate, or run `supabackup "
+                "backup` where there is no limit")
 
     def on_expiry(self, stop: Callable[[], None]) -> None:
         """Call `stop` (kill pg_dump, cancel a scan) when the margin is reached."""
@@ -104,5 +106,5 @@ class Budget:
         return TimeLimitExceeded(
             f"the {kind} backup was stopped {self.margin:.0f} s before the time limit "
             f"({human_duration(self.seconds)}) and nothing of it was kept",
-            "raise the function's timeout and memory, or run `supabackup backup` where "
-            "there is no 15-minute limit")
+            "raise the time limit (on Lambda FunctionTimeout and memory; on Fargate "
+            "TaskTimeoutHours), or run `supabackup backup` where there is no limit")
