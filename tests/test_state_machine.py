@@ -1032,6 +1032,10 @@ def test_the_task_definition(cfn: dict[str, Any]) -> None:
     storage = task["EphemeralStorage"]["Fn::If"]
     assert storage[0] == "HasExtraTaskStorage" and storage[2] == {"Ref": "AWS::NoValue"}
     assert cfn["Parameters"]["TaskEphemeralStorageGiB"]["Default"] == 20  # what is free
+    # the key only above it (the API's minimum is 21)
+    assert cfn["Conditions"]["HasExtraTaskStorage"] == {"Fn::Not": [{"Fn::Equals": [
+        {"Ref": "TaskEphemeralStorageGiB"}, "20"]}]}
+    assert cfn["Parameters"]["TaskEphemeralStorageGiB"]["MinValue"] == 20
     assert cfn["Parameters"]["TaskImage"]["Default"].startswith("public.ecr.aws/lambda/python:3.12")
 
 
