@@ -464,6 +464,20 @@ def test_the_task_states_run_the_templates_task_on_its_cluster_in_its_network(
     assert cfn["Parameters"]["TaskSpot"]["Default"] == "false"
 
 
+def test_the_fargate_path_is_off_without_subnets_and_on_spot_only_when_asked(
+        cfn: dict[str, Any]) -> None:
+    params, conditions = cfn["Parameters"], cfn["Conditions"]
+    assert params["TaskSubnetIds"]["Default"] == ""  # off by default: every run on Lambda
+    assert conditions["UseTaskSpot"] == {"Fn::Equals": [{"Ref": "TaskSpot"}, "true"]}
+    assert set(params["TaskSpot"]["AllowedValues"]) == {"true", "false"}
+    # subnets without security groups would fail only at the first large run: refused at deploy
+    [rule] = [r for r in cfn["Rules"].values()
+              if r["RuleCondition"] == conditions["HasTaskNetwork"]]
+    [assertion] = rule["Assertions"]
+    assert assertion["Assert"] == {"Fn::Not": [{"Fn::Equals": [
+        {"Fn::Join": ["", {"Ref": "TaskSecurityGroupIds"}]}, ""]}]}
+
+
 def test_every_target_exists_and_every_state_is_reachable(asl: dict[str, Any]) -> None:
     names = set(asl["States"])
     for name, state in asl["States"].items():
