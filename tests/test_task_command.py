@@ -600,7 +600,8 @@ def test_a_refusal_of_the_lambda_api_stops_the_task_with_one_line(
     stack.task.api.refuse(operation, status, code, message)
     line = assert_bootstrap_failed(stack, stack.task.run(backup_overrides()))
     if operation == DOWNLOAD:
-        assert line.endswith("HTTPError HTTP Error 403: Forbidden"), line
+        assert "cannot download http" in line and "HTTP Error 403: Forbidden" in line, line
+        assert "lasts 10 minutes" in line and "X-Amz-" not in line, line
     else:
         assert f"({code}) when calling the {operation} operation: {message}" in line, line
     assert not any(stack.task.layer.iterdir())
