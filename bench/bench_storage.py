@@ -287,18 +287,6 @@ def own_peak_mb() -> float | None:
     return None if got is None else got[1] / 1024
 
 
-def own_rss_mb() -> float | None:
-    """This process's resident memory now (what a run's peak started from)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 class Account:
     """Where the machine's CPU time went during one run: the client (this process and
     the children it reaped: supabackup's pg_dump and psql, or aws under GNU time), the
@@ -380,7 +368,7 @@ class Runner:
         self.clock.seconds.clear()
         self.requests.take()
         before = self.account.snapshot()
-        rss_before = own_rss_mb()
+        rss_before = harness.rss_mb(os.getpid())
         reset_peak_rss()
         started = time.perf_counter()
         manifest = run_backup(self.source.conn, self.store, BackupRequest(
@@ -406,7 +394,7 @@ class Runner:
         writer = self.store.begin(COPY_DATABASE, f"copy-{uuid.uuid4().hex[:12]}")
         self.requests.take()
         before = self.account.snapshot()
-        rss_before = own_rss_mb()
+        rss_before = harness.rss_mb(os.getpid())
         reset_peak_rss()
         started = time.perf_counter()
         _, done, missing, copied = copy_files(CopyRequest(self.source.endpoint), self.store,

@@ -456,16 +456,7 @@ class S3Endpoint:
 
     def rss_mb(self) -> float | None:
         """The endpoint's resident memory now (None in thread mode: it is this process)."""
-        if self.proc is None:
-            return None
-        try:
-            with open(f"/proc/{self.proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return None
+        return None if self.proc is None else rss_mb(self.proc.pid)
 
     def empty(self, prefix: str = "") -> int:
         """Delete every object and abort every upload under prefix; return bytes deleted."""
@@ -734,3 +725,15 @@ def add_settle(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--settle", type=float, default=10.0, metavar="SECONDS",
                         help="before each run, wait up to this long for the machine to be "
                              "idle (default: 10; 0 disables)")
+
+
+def rss_mb(pid: int) -> float | None:
+    """A process's resident memory now, in MB (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

@@ -7,8 +7,10 @@ engine and handler tests, its server on loopback (`local_s3`) for the CLI subpro
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -179,3 +181,15 @@ def deployed(pg15: Cluster, new_db: Any, s3: Any, inbox: Inbox,
     monkeypatch.setattr(common, "clients", {
         "s3": s3, "secretsmanager": secrets, "sns": inbox.sns})
     return {"db": db, "secrets": secrets, "arn": arn}
+
+
+@pytest.fixture
+def log_buffer() -> Iterator[io.StringIO]:
+    """The handlers' structured log lines, formatted by Powertools' own formatter (every
+    handler logs through common.logger)."""
+    buffer = io.StringIO()
+    extra = logging.StreamHandler(buffer)
+    extra.setFormatter(common.logger.registered_formatter)
+    common.logger.addHandler(extra)
+    yield buffer
+    common.logger.removeHandler(extra)

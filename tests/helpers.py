@@ -61,9 +61,10 @@ def open_uploads(client: Any, bucket: str = BUCKET) -> list[str]:
     return [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
 
 
-def child_pids(name: str) -> list[int]:
-    """PIDs of our child processes called `name` (e.g. the running pg_dump)."""
-    me, found = os.getpid(), []
+def child_pids(name: str, parent: int | None = None) -> list[int]:
+    """PIDs of the child processes called `name` (e.g. the running pg_dump) of `parent`
+    (default: this process)."""
+    me, found = os.getpid() if parent is None else parent, []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)

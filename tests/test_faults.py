@@ -429,7 +429,7 @@ def test_a_run_killed_mid_upload_leaves_no_backup_and_what_it_leaves_expires(
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # WHEN it is killed as its workers copy and upload table parts
         deadline = time.monotonic() + 60
-        while not ((copies := _children(run.pid, "psql"))
+        while not ((copies := child_pids("psql", run.pid))
                    and any("/tables/" in k for k in open_uploads(client, bucket))):
             assert run.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline, "the run never reached its table parts"
@@ -476,19 +476,6 @@ def test_a_run_killed_mid_upload_leaves_no_backup_and_what_it_leaves_expires(
     with pytest.raises(RunInProgress, match=r"another backup of .* is in progress: cli run"):
         run_backup(_conn(pg17, big_db), store, BackupRequest(jobs=JOBS))
     assert stored_keys(client, bucket) == left
-
-
-def _children(parent: int, name: str) -> list[int]:
-    """PIDs of the processes called `name` whose parent is `parent`."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            comm, rest = stat.read_text().rsplit(")", 1)
-        except OSError:
-            continue
-        if comm.split("(", 1)[1] == name and int(rest.split()[1]) == parent:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def _running(pid: int) -> bool:

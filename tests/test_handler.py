@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 from typing import Any
 
 import pytest
@@ -24,17 +22,6 @@ from .helpers import (
     open_uploads,
     stored_keys,
 )
-
-
-@pytest.fixture
-def log_buffer() -> Any:
-    """The handler's structured log lines, formatted by Powertools' own formatter."""
-    buffer = io.StringIO()
-    extra = logging.StreamHandler(buffer)
-    extra.setFormatter(handler_module.logger.registered_formatter)
-    handler_module.logger.addHandler(extra)
-    yield buffer
-    handler_module.logger.removeHandler(extra)
 
 
 def _emf(out: str) -> dict[str, Any]:

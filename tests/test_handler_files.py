@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -150,16 +148,6 @@ def _storage_secret(deployed: dict[str, Any], name: str, monkeypatch: pytest.Mon
                                                 SecretString=json.dumps(values))["ARN"])
     monkeypatch.setenv(variable, arn)
     return arn
-
-
-@pytest.fixture
-def log_buffer() -> Iterator[io.StringIO]:
-    buffer = io.StringIO()
-    extra = logging.StreamHandler(buffer)
-    extra.setFormatter(backup_handler.logger.registered_formatter)
-    backup_handler.logger.addHandler(extra)
-    yield buffer
-    backup_handler.logger.removeHandler(extra)
 
 
 def _no_secret_in(*texts: str) -> None:

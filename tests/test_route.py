@@ -34,6 +34,7 @@ from .helpers import (
     REPO,
     FakeContext,
     Inbox,
+    child_pids,
     load_event,
     open_uploads,
     stored_keys,
@@ -365,18 +366,6 @@ def test_a_task_refuses_bad_input_with_exit_2_one_line_and_nothing_stored(
     assert msg["MessageAttributes"]["status"]["Value"] == "failed"
 
 
-def _child_of(parent: int, name: str) -> int | None:
-    """A process called `name` the run started, or None yet."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            comm, rest = stat.read_text().rsplit(")", 1)
-        except OSError:
-            continue
-        if comm.split("(", 1)[1] == name and int(rest.split()[1]) == parent:
-            return int(stat.parent.name)
-    return None
-
-
 def _terminated_while_frozen(stack: dict[str, Any], name: str, wait: float
                              ) -> tuple[int | None, str, str, list[str]]:
     """A backup task sent SIGTERM while its child `name` (pg_dumpall, psql) is frozen
@@ -387,7 +376,7 @@ def _terminated_while_frozen(stack: dict[str, Any], name: str, wait: float
     child = None
     try:
         deadline = time.monotonic() + 60
-        while (child := _child_of(run.pid, name)) is None:
+        while (child := next(iter(child_pids(name, run.pid)), None)) is None:
             assert run.poll() is None, run.communicate()
             assert time.monotonic() < deadline, f"the run never started {name}"
             time.sleep(0.001)
