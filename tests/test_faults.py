@@ -26,6 +26,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from datetime import timedelta
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -850,6 +851,19 @@ def test_the_lease_of_a_killed_run_expires_and_the_next_run_takes_over(
     locks.acquire(store, database_id, "schedule run alive")
     with pytest.raises(RunInProgress, match="schedule run alive"):
         locks.acquire(store, database_id, "manual run", wait=10, sleep=lambda s: None)
+
+
+def test_a_run_longer_than_its_lease_keeps_it_renewed(store: Store) -> None:
+    """A Fargate backup takes hours; the lease (LEASE) is renewed while it runs, so the
+    next run waits or leaves as for a live run, and does not take the lease over."""
+    hold = timedelta(seconds=2)
+    lease = locks.acquire(store, "long", "fargate run", hold=hold)
+    with locks.Renewer(store, lease, hold=hold, every=0.3):
+        time.sleep(3)  # past the hold it was taken with
+        with pytest.raises(RunInProgress, match="fargate run"):
+            locks.acquire(store, "long", "next run", hold=hold)
+    time.sleep(2.5)  # the renewals stopped with the run: the lease now lapses
+    assert locks.acquire(store, "long", "next run", hold=hold).owner == "next run"
 
 
 # --- local disk ---------------------------------------------------------------------------------

@@ -280,7 +280,7 @@ def test_an_incremental_does_not_chain_from_a_backup_of_another_format() -> None
     archive, no parts to reference) becomes a full backup and says why."""
     from datetime import timedelta
 
-    from supabackup.backup import _parent_for
+    from supabackup.backup import parent_for
     from supabackup.manifest import Manifest, parse_time
     from supabackup.profiles import PROFILES
 
@@ -289,7 +289,7 @@ def test_an_incremental_does_not_chain_from_a_backup_of_another_format() -> None
              if p.parent.name.endswith("full")]
     old = Manifest.from_json(raw.read_bytes())
     assert old.format == 1
-    parent, why = _parent_for([old], PROFILES[old.profile],
+    parent, why = parent_for([old], PROFILES[old.profile],
                               parse_time(old.snapshot_at) + timedelta(days=1))
     assert parent is None and why == (f"{old.backup_id} is of manifest format 1; a chain is "
                                       "of one format (2 now)")

@@ -13,13 +13,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from supabackup import budget, route
-from supabackup.errors import ConfigError
+from supabackup.errors import ConfigError, TimeLimitExceeded
 from supabackup.handlers import backup as backup_handler
 from supabackup.handlers import plan
 from supabackup.manifest import Manifest, StoredObject, iso, parse_time
@@ -110,6 +111,23 @@ def test_an_incremental_goes_by_the_incrementals_else_by_the_fulls() -> None:
     assert (later.path, later.estimate_seconds) == ("lambda", 40.0)
 
 
+def test_runs_with_more_workers_count_slower_for_a_run_with_fewer() -> None:
+    """A database that moved to Fargate (8 workers) must not look fast enough to come
+    back to Lambda (2 workers), where it would run out of time every week."""
+    lambda_run = replace(_backup("full", 20 * GB, 1200), jobs=2)
+    fargate_runs = [replace(_backup("full", 20 * GB, 450, day), jobs=8) for day in (8, 15, 22)]
+    history = [lambda_run, *fargate_runs]
+    on_lambda = route.choose("backup", "full", 20 * GB, history, TIMEOUT, True, jobs=2)
+    assert (on_lambda.path, on_lambda.estimate_seconds) == ("fargate", 1800.0)
+    # the same history for a run as wide as theirs: their own pace
+    assert budget.estimate_seconds(history, "full", 20 * GB, 8) == 450
+    # a run with fewer workers than this one counts as it was: never shorter
+    assert budget.estimate_seconds([lambda_run], "full", 20 * GB, 8) == 1200
+    # and the Lambda's own budget agrees with the plan: it refuses before anything runs
+    with pytest.raises(TimeLimitExceeded, match="would take about 30m"):
+        budget.Budget(TIMEOUT).check("full", 20 * GB, history, 2)
+
+
 def test_with_fargate_off_every_run_goes_to_lambda_saying_so() -> None:
     chosen = route.choose("backup", "full", 100 * GB, [], TIMEOUT, fargate=False)
     assert chosen.path == "lambda" and chosen.estimate_seconds > TIMEOUT
@@ -188,6 +206,26 @@ def test_plan_reads_the_pace_of_the_stored_backups(planning: dict[str, Any], s3:
     monkeypatch.setenv(plan.FARGATE_ENV, "false")
     off = plan.handler(event, FakeContext())
     assert off["path"] == "lambda" and "the Fargate path is off" in off["reason"]
+
+
+def test_plan_paces_an_incremental_whose_chain_cannot_go_on_as_the_full_it_will_be(
+        planning: dict[str, Any], s3: Any) -> None:
+    full = backup_handler.handler(load_event("backup-full-manual.json"), FakeContext())
+    incremental = backup_handler.handler(load_event("backup-incremental-manual.json"),
+                                         FakeContext())
+    _slow(s3, _manifest_key(s3, full["backup_id"]))  # fulls are slow, incrementals quick
+    event = {"operation": "backup", "event": load_event("backup-incremental-manual.json")}
+    chained = plan.handler(event, FakeContext())
+    assert chained["path"] == "lambda", chained["reason"]
+    key = _manifest_key(s3, full["backup_id"])   # now the chain's base is too old to go on
+    doc = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    doc["snapshot_at"] = iso(parse_time(doc["snapshot_at"]) - timedelta(days=60))
+    s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(doc))
+    escalated = plan.handler(event, FakeContext())
+    assert escalated["path"] == "fargate", escalated["reason"]
+    assert "a full backup of" in escalated["reason"]
+    assert "asked for an incremental: the chain's base" in escalated["reason"]
+    assert incremental["kind"] == "incremental"  # the chain did go on before
 
 
 def test_plan_sends_a_restore_by_its_backup_without_reaching_the_target(
@@ -358,7 +396,7 @@ def test_a_task_backs_up_and_restores_as_the_functions_do(task_stack: dict[str, 
 def test_a_task_refuses_bad_input_with_exit_2_one_line_and_nothing_stored(
         task_stack: dict[str, Any], operation: str, event: Any, match: str) -> None:
     code, out, err = _ran(task_stack, operation, event)
-    assert code == 2 and len(err.splitlines()) == 1, (code, err)
+    assert code == 12 and len(err.splitlines()) == 1, (code, err)
     assert err.startswith("supabackup: error: ") and match in err, err
     assert stored_keys(task_stack["s3"]) == []
     assert 'Failed":[1.0]' in out  # TaskFailed, BackupFailed, RestoreFailed: as counted on Lambda

@@ -23,7 +23,6 @@ import io
 import logging
 import math
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -151,8 +150,8 @@ def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Ma
     try:
         if request.tick:
             _refuse_a_done_tick(store, database_id, request.tick)
-        return _run_locked(conn, store, request, profile, started, database_id, budget,
-                           lambda: locks.renew(store, lease, locks.LEASE))
+        with locks.Renewer(store, lease):
+            return _run_locked(conn, store, request, profile, started, database_id, budget)
     except BaseException as exc:
         if budget.expired:
             raise budget.ran_out(request.kind) from exc
@@ -179,8 +178,7 @@ def _release(store: Store, lease: locks.Lease) -> None:
 
 
 def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, profile: Profile,
-                started: datetime, database_id: str, budget: Budget,
-                heartbeat: Callable[[], None]) -> Manifest:
+                started: datetime, database_id: str, budget: Budget) -> Manifest:
     # Earlier backups are read only when needed: to chain from, to predict the run's
     # length, or to know which files are stored already.
     needs_history = (request.kind == "incremental" or budget.limited
@@ -188,10 +186,12 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
     history = store.manifests(database_id) if needs_history else []
     parent, escalation = (None, "")
     if request.kind == "incremental":
-        parent, escalation = _parent_for(history, profile, started)
+        parent, escalation = parent_for(history, profile, started)
     jobs = request.jobs or default_jobs()
     with SnapshotSession(conn, request.snapshot) as session:
-        budget.check(request.kind, session.server.database_size, history)
+        # paced as what the run is: an incremental without a parent is a full
+        budget.check("full" if parent is None else request.kind,
+                     session.server.database_size, history, jobs)
         budget.on_expiry(session.connection.cancel)
         tools = find_tools(session.server.major)
         xmin = snapshot_xmin(session.connection)
@@ -251,8 +251,7 @@ def _run_locked(conn: ConnectionInfo, store: Store, request: BackupRequest, prof
             if request.files is not None and rows is not None:
                 files = back_up_files(
                     request.files, conn, store, writer, tags, rows, previous_files(history),
-                    stop=lambda: budget.remaining() < budget.margin + FILES_RESERVE,
-                    heartbeat=heartbeat)
+                    stop=lambda: budget.remaining() < budget.margin + FILES_RESERVE)
             manifest = Manifest(
                 backup_id=backup_id, database_id=database_id, kind=kind,
                 profile=profile.name, retention=request.retention, label=request.label,
@@ -333,7 +332,7 @@ def _stored(parts: list[tuple[Slice, TablePart]]) -> list[StoredObject]:
             for p in sorted((part for _, part in parts), key=lambda p: p.name)]
 
 
-def _parent_for(manifests: list[Manifest], profile: Profile,
+def parent_for(manifests: list[Manifest], profile: Profile,
                 now: datetime) -> tuple[Manifest | None, str]:
     """The backup an incremental chains from, or None and the reason to take a full."""
     if not manifests:

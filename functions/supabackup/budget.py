@@ -32,13 +32,24 @@ MARGIN = 60.0   # seconds kept for aborting uploads, deleting objects and report
 HISTORY = 3     # recent backups whose pace predicts this one
 
 
-def estimate_seconds(history: list[Manifest], kind: str, database_size: int) -> float | None:
-    """How long a `kind` backup of `database_size` bytes should take, from recent ones."""
+def estimate_seconds(history: list[Manifest], kind: str, database_size: int,
+                     jobs: int | None = None) -> float | None:
+    """How long a `kind` backup of `database_size` bytes should take, from recent ones.
+
+    With `jobs` (the workers this run will have), a recent run that had more workers (a
+    Fargate task's, before a Lambda run) counts as slower by their ratio: its streams
+    carried the bytes side by side. Without that, a database that moved to Fargate
+    would look fast enough to go back to Lambda, and run out of time there, every time.
+    A run with fewer workers counts as it was (the estimate errs long, never short)."""
     recent = [m for m in history if m.kind == kind and m.database_size > 0
               and m.duration_seconds > 0][-HISTORY:]
     if not recent:
         return None
-    pace = statistics.median(m.duration_seconds / m.database_size for m in recent)
+
+    def slower(m: Manifest) -> float:
+        return max(1.0, m.jobs / jobs) if jobs and m.jobs > 0 else 1.0
+    pace = statistics.median(m.duration_seconds / m.database_size * slower(m)
+                             for m in recent)
     return pace * database_size
 
 
@@ -62,9 +73,10 @@ class Budget:
     def remaining(self) -> float:
         return self.seconds - (time.monotonic() - self.started)
 
-    def check(self, kind: str, database_size: int, history: list[Manifest]) -> None:
+    def check(self, kind: str, database_size: int, history: list[Manifest],
+              jobs: int | None = None) -> None:
         """Fail now if the estimate does not fit in what is left before the margin."""
-        estimate = estimate_seconds(history, kind, database_size)
+        estimate = estimate_seconds(history, kind, database_size, jobs)
         left = self.remaining() - self.margin
         if estimate is not None and estimate > left:
             raise TimeLimitExceeded(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,6 +92,37 @@ def renew(store: Store, lease: Lease, hold: timedelta, now: Callable[[], datetim
     if held is not None and held.get("owner") == lease.owner:
         store.put_small(lease.key, _body(lease.owner, lease.tick, now(), hold),
                         "application/json")
+
+
+class Renewer:
+    """Renews a lease every quarter of LEASE in a thread of its own while a run lasts
+    (`with Renewer(store, lease):`). A run longer than LEASE (a Fargate task's, for
+    hours) would else look killed to the next run, which would take its lease over and
+    then fail on the database's own lock. A renewal that fails is logged: the lease then
+    expires as a killed run's does, which is the worst that can happen."""
+
+    def __init__(self, store: Store, lease: Lease, hold: timedelta = LEASE,
+                 every: float | None = None) -> None:
+        self.store, self.lease, self.hold = store, lease, hold
+        self.every = hold.total_seconds() / 4 if every is None else every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="supabackup-lease",
+                                        daemon=True)
+
+    def __enter__(self) -> Renewer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                renew(self.store, self.lease, self.hold)
+            except Exception as exc:  # noqa: BLE001 - the run goes on; the lease may lapse
+                log.warning("could not renew the lease %s: %s", self.lease.key, exc)
 
 
 def _body(owner: str, tick: str | None, taken: datetime, hold: timedelta) -> bytes:

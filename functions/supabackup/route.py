@@ -72,16 +72,18 @@ class Route:
 
 
 def choose(operation: str, kind: str, database_size: int, history: Sequence[Manifest],
-           lambda_timeout: float, fargate: bool, margin: float = MARGIN) -> Route:
+           lambda_timeout: float, fargate: bool, margin: float = MARGIN,
+           jobs: int | None = None) -> Route:
     """Route a `kind` backup (full, incremental) of a database of `database_size` bytes,
     or a restore (`operation`; `kind` its method: backup, or replay from a base) of a
     backup holding that many, given the database's committed backups, oldest first
     (`history`; for a restore, those up to the one restored)."""
     if operation not in OPERATIONS:
         raise ValueError(f"unknown operation {operation!r}")
-    estimate, basis = _estimate(operation, kind, database_size, list(history))
+    estimate, basis = _estimate(operation, kind, database_size, list(history), jobs)
     needed = estimate * (1 + margin) + budget.MARGIN
-    what = (f"a {kind} backup of {human_bytes(database_size)}" if operation == "backup"
+    article = "an" if kind == "incremental" else "a"
+    what = (f"{article} {kind} backup of {human_bytes(database_size)}" if operation == "backup"
             else f"a restore of {human_bytes(database_size)}" + (
                 " (its base: the replay of the changes after it is not counted)"
                 if kind == "replay" else ""))
@@ -106,14 +108,15 @@ def on_lambda(why: str, lambda_timeout: float) -> Route:
     return Route(LAMBDA, 0.0, lambda_timeout, f"{why}: on Lambda")
 
 
-def _estimate(operation: str, kind: str, database_size: int, history: list[Manifest]
-              ) -> tuple[float, str]:
-    """Seconds the run should take, and what the figure comes from."""
+def _estimate(operation: str, kind: str, database_size: int, history: list[Manifest],
+              jobs: int | None) -> tuple[float, str]:
+    """Seconds the run should take on Lambda with `jobs` workers, and what the figure
+    comes from (budget.estimate_seconds: runs that had more workers count slower)."""
     paced = kind if operation == "backup" else "full"
-    found = budget.estimate_seconds(history, paced, database_size)
+    found = budget.estimate_seconds(history, paced, database_size, jobs)
     basis = f"at the pace of the last {paced} backups"
     if found is None and paced == "incremental":
-        found = budget.estimate_seconds(history, "full", database_size)
+        found = budget.estimate_seconds(history, "full", database_size, jobs)
         basis = "at the pace of the last full backups, none incremental yet"
     if found is None:
         found = database_size / DEFAULT_BYTES_PER_SECOND

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -50,7 +49,6 @@ FILE_WORKERS = 8
 SMALL = 8 * MIB          # held whole; larger files stream through a multipart upload
 LARGE_PART = 8 * MIB
 LARGE_AT_ONCE = 2        # large files in flight at once (each: its part buffers)
-HEARTBEAT_EVERY = 60.0   # seconds between calls of the run's heartbeat (its lease)
 FILES = "files"
 
 
@@ -224,7 +222,6 @@ class FileCopier:
 def copy_files(request: CopyRequest, store: Store, writer: BackupWriter,
                tags: dict[str, str], previous: FileSet | None,
                stop: Callable[[], bool] = lambda: False,
-               heartbeat: Callable[[], None] = lambda: None,
                workers: int = FILE_WORKERS) -> tuple[list[str], list[StoredFile], list[str],
                                                      Copied]:
     """Copy every file of the request's buckets; return the buckets, the files as stored
@@ -235,7 +232,6 @@ def copy_files(request: CopyRequest, store: Store, writer: BackupWriter,
     done: list[StoredFile] = []
     missing: list[str] = []
     running: dict[Future[StoredFile | None], Listed] = {}
-    beat = time.monotonic()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="files") as pool:
         try:
             for listed in listing:
@@ -245,9 +241,6 @@ def copy_files(request: CopyRequest, store: Store, writer: BackupWriter,
                 while len(running) >= workers * 2:
                     done += _collect(running, FIRST_COMPLETED)
                 running[pool.submit(copier.copy, listed)] = listed
-                if time.monotonic() - beat > HEARTBEAT_EVERY:
-                    heartbeat()
-                    beat = time.monotonic()
             done += _collect(running, None)
         except BaseException:
             for future in running:

@@ -52,11 +52,11 @@ def previous_files(history: list[Manifest]) -> FileSet | None:
 
 def back_up_files(request: CopyRequest, conn: ConnectionInfo, store: Store,
                   writer: BackupWriter, tags: dict[str, str], snapshot: SnapshotRows,
-                  previous: FileSet | None, stop: Callable[[], bool] = lambda: False,
-                  heartbeat: Callable[[], None] = lambda: None) -> FileSet:
+                  previous: FileSet | None, stop: Callable[[], bool] = lambda: False
+                  ) -> FileSet:
     """Copy the files and record them with how they compare with the snapshot's rows."""
     buckets, files, missing, copied = copy_files(request, store, writer, tags, previous,
-                                                 stop, heartbeat)
+                                                 stop)
     lone: list[str] = []
     if snapshot.rows is not None:
         rows = {p: r for p, r in snapshot.rows.items() if r.bucket in buckets}

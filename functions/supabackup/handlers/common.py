@@ -20,7 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ..catalog import resolve_database_id
 from ..dburl import ConnectionInfo
-from ..errors import ConfigError, SupabackupError
+from ..errors import ConfigError
 from ..files import StorageEndpoint
 from ..notify import Notifier, Outcome
 from ..store import Store, StoreURL, aws_client
@@ -152,10 +152,12 @@ class Invocation:
 
     @contextmanager
     def refusing(self) -> Iterator[None]:
-        """Bad input fails before the engine starts; it still gets its SNS message."""
+        """Bad input fails before the engine starts; it still gets its SNS message. So
+        does anything else that fails here (a bug, a library's own error): no failure
+        before the engine may go unreported."""
         try:
             yield
-        except SupabackupError as exc:
+        except Exception as exc:
             logger.error("%s refused: %s", self.metric.lower(), exc)
             self.notify.publish(Outcome(kind=self.kind, database="unknown", error=exc,
                                         duration_seconds=time.monotonic() - self.started))

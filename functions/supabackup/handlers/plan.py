@@ -26,19 +26,23 @@ default route.MARGIN), SUPABACKUP_PROFILE and SUPABACKUP_DATABASE_ID, as the fun
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
+import psycopg2
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from .. import route
-from ..backup import KINDS
+from ..backup import KINDS, parent_for
 from ..capture.pointintime import covering
 from ..catalog import restore_point
 from ..db import connect
 from ..dburl import ConnectionInfo
-from ..errors import ConfigError
-from ..manifest import new_backup_id, parse_time
+from ..errors import ConfigError, ConnectionFailed
+from ..manifest import new_backup_id, parse_time, utcnow
+from ..profiles import resolve_profile
 from ..store import Store
+from ..tabledata import default_jobs
 from .common import Invocation, database_in, env_int, logger, metrics, read_secret, store
 from .events import parse_backup_event, parse_restore_event
 
@@ -128,8 +132,16 @@ def _backup_route(backups: Store, event: dict[str, Any], limit: int, fargate: bo
         if done:
             return route.on_lambda(f"schedule tick {request.tick} already has its backup, "
                                    f"{done[0]} (the function says so and does nothing)", limit)
-    return route.choose("backup", request.kind, _database_size(conn), history, limit,
-                        fargate, margin)
+    # Paced as what the run will be: an incremental whose chain cannot go on is a full
+    # (backup.parent_for decides, as the run will), with as many workers as the run.
+    kind, why = request.kind, ""
+    if kind == "incremental":
+        parent, why = parent_for(history, resolve_profile(request.profile, conn), utcnow())
+        kind = "incremental" if parent is not None else "full"
+    chosen = route.choose("backup", kind, _database_size(conn), history, limit, fargate,
+                          margin, request.jobs or default_jobs())
+    return replace(chosen, reason=f"{chosen.reason} (asked for an incremental: {why})"
+                   ) if why else chosen
 
 
 def _restore_route(backups: Store, event: dict[str, Any], limit: int, fargate: bool,
@@ -156,6 +168,10 @@ def _database_size(conn: ConnectionInfo) -> int:
         with db.cursor() as cur:
             cur.execute("SELECT pg_database_size(current_database())")
             row = cur.fetchone()
+    except psycopg2.Error as exc:
+        raise ConnectionFailed(f"cannot read the size of {conn.display()}: "
+                               f"{conn.redact(str(exc).strip())}",
+                               "check the database user's rights and the network") from None
     finally:
         db.close()
     return int(row[0]) if row else 0

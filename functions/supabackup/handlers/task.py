@@ -24,9 +24,11 @@ Ctrl-C stops the command line's: its workers stop, its uploads abort, what it wr
 removed and its lease given back, so nothing of it counts; it exits 143. A second SIGTERM
 during that is ignored (ECS sends SIGKILL after the container's StopTimeout).
 
-Exit status, which the state machine routes by: 0 success (a duplicate tick too), 1 the
-run failed (the engine said why on SNS), 2 refused, bad input (said on SNS), 143 stopped
-by SIGTERM, 70 an unexpected error (a bug: the state machine reports it). The handler's
+Exit status, which the state machine routes by: 0 success (a duplicate tick too), 10 the
+run failed (the engine said why on SNS), 12 refused, bad input (said on SNS), 143 stopped
+by SIGTERM, 70 an unexpected error (a bug: the state machine reports it). Not 1 and 2,
+the command line's: Python itself exits 1 when it dies before the engine can say anything
+(an import that fails, say), and that the state machine must report. The handler's
 result is the last line of stdout, one JSON object; a failure is one line on stderr.
 """
 
@@ -58,6 +60,8 @@ HANDLERS: dict[str, Callable[[dict[str, Any], LambdaContext], dict[str, Any]]] =
     "backup": backup.handler, "restore": restore.handler}
 EXIT_STOPPED = 128 + signal.SIGTERM  # 143, as a container stopped by SIGTERM exits
 EXIT_BUG = 70                        # as the command line's (cli.py)
+EXIT_FAILED = 10                     # the run failed, and the engine said why on SNS
+EXIT_REFUSED = 12                    # bad input, refused, and said so on SNS
 
 
 class Terminated(KeyboardInterrupt):
@@ -81,6 +85,7 @@ class TaskContext:
     started: float = field(default_factory=time.monotonic)
     task_arn: str = ""
     memory_limit_in_mb: int = 0
+    local_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # one id a run
 
     @property
     def function_name(self) -> str:
@@ -92,7 +97,7 @@ class TaskContext:
 
     @property
     def aws_request_id(self) -> str:
-        return self.task_arn.rsplit("/", 1)[-1] if self.task_arn else uuid.uuid4().hex
+        return self.task_arn.rsplit("/", 1)[-1] if self.task_arn else self.local_id
 
     def get_remaining_time_in_millis(self) -> float:
         return (self.time_limit - (time.monotonic() - self.started)) * 1000
@@ -151,7 +156,7 @@ def run() -> int:
                                                                                  limit)))
     except SupabackupError as exc:
         _say(f"supabackup: error: {exc}")
-        return exc.exit_code
+        return EXIT_REFUSED if isinstance(exc, ConfigError) else EXIT_FAILED
     except Terminated as exc:
         _say(f"supabackup: {exc}")
         return EXIT_STOPPED
