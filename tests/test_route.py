@@ -438,7 +438,8 @@ def _terminated_while_frozen(stack: dict[str, Any], name: str, wait: float
 
 
 STOPPED = ("supabackup: stopped by SIGTERM (a Fargate Spot interruption, StopTask or the "
-           "state machine's timeout); nothing of this run was kept")
+           "state machine's timeout): a backup keeps nothing of the run, a restore leaves "
+           "its target incomplete")
 
 
 def test_sigterm_mid_run_exits_143_and_keeps_nothing(task_stack: dict[str, Any]) -> None:

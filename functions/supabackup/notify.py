@@ -115,7 +115,7 @@ def error_message(error: BaseException | None) -> str:
     if isinstance(error, SupabackupError):
         return error.message
     if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or SIGTERM in a task: no bug
-        return str(error) or "interrupted; nothing of this run was kept"
+        return str(error) or "interrupted"
     return f"unexpected {type(error).__name__}: {error}"
 
 
@@ -123,8 +123,8 @@ def error_hint(error: BaseException | None) -> str:
     if isinstance(error, SupabackupError) and error.hint:
         return error.hint
     if isinstance(error, KeyboardInterrupt):
-        return ("run it again (a run stopped on Fargate Spot runs once more on demand "
-                "capacity by itself)")
+        return ("run it again: a backup stopped on Fargate Spot runs once more on demand by "
+                "itself; a restore goes into a new, empty database")
     return "see the function's logs for the traceback, and report it if it recurs"
 
 

@@ -71,7 +71,8 @@ class Terminated(KeyboardInterrupt):
 
     def __str__(self) -> str:
         return ("stopped by SIGTERM (a Fargate Spot interruption, StopTask or the state "
-                "machine's timeout); nothing of this run was kept")
+                "machine's timeout): a backup keeps nothing of the run, a restore leaves "
+                "its target incomplete")
 
 
 @dataclass
