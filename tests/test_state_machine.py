@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from supabackup import errors
+from supabackup import errors, tabledata
 from supabackup.handlers.events import parse_backup_event, parse_restore_event
 
 from .helpers import EVENTS
@@ -189,6 +189,10 @@ def intrinsic(text: str, data: Any, context: dict[str, Any]) -> Any:
         return json.dumps(args[0], separators=(",", ":"))
     if function == "States.StringSplit":
         return [part for part in args[0].split(args[1]) if part]
+    if function == "States.ArrayLength":
+        if not isinstance(args[0], list):
+            raise StatesError("States.Runtime", "not an array")
+        return len(args[0])
     raise AssertionError(f"no such intrinsic here: {function}")
 
 
@@ -270,8 +274,17 @@ def rule_matches(rule: dict[str, Any], data: Any, context: dict[str, Any]) -> bo
     raise AssertionError(f"no such comparison here: {test}")
 
 
+# Terminal: States.ALL does not catch them (AWS Step Functions, "Error handling":
+# States.ALL "can't catch the States.DataLimitExceeded terminal error type and runtime
+# error types"); the execution fails, and only the RunFailedAlarm tells.
+UNCATCHABLE = {"States.Runtime", "States.DataLimitExceeded"}
+
+
 def catches(error: str, names: list[str]) -> bool:
-    """States.ALL matches any error; States.TaskFailed any but States.Timeout."""
+    """States.ALL matches any error but the terminal ones; States.TaskFailed any but
+    those and States.Timeout."""
+    if error in UNCATCHABLE:
+        return False
     return any(n == error or n == "States.ALL"
                or (n == "States.TaskFailed" and error != "States.Timeout") for n in names)
 
@@ -283,7 +296,8 @@ def run(asl: dict[str, Any], cfn: dict[str, Any], execution_input: dict[str, Any
         integration: Integration) -> tuple[list[str], str, Any]:
     """Run the definition: (the states entered, the final state's type, the output).
     `integration(state, resource, parameters)` returns a task's result or raises
-    StatesError."""
+    StatesError. An error no Catch takes (or one in a Pass or Choice state) fails the
+    execution: raised as StatesError."""
     context = {"Execution": {"Name": "exec-1", "Id": "arn:exec-1"}}
     name, data, visited = asl["StartAt"], execution_input, []
     while True:
@@ -308,8 +322,11 @@ def run(asl: dict[str, Any], cfn: dict[str, Any], execution_input: dict[str, Any
                 if "ResultSelector" in state:
                     result = evaluate(state["ResultSelector"], result, context)
             except StatesError as exc:
-                [catch] = [c for c in state.get("Catch", []) if catches(exc.error,
-                                                                        c["ErrorEquals"])][:1]
+                caught = [c for c in state.get("Catch", []) if catches(exc.error,
+                                                                       c["ErrorEquals"])]
+                if not caught:
+                    raise
+                catch = caught[0]
                 data = put(data, catch.get("ResultPath", "$"),
                            {"Error": exc.error, "Cause": exc.cause})
                 name = catch["Next"]
@@ -329,7 +346,7 @@ RESTORE = json.loads((EVENTS / "restore-large.json").read_text())
 
 
 def stopped_task(stop_code: str | None = "EssentialContainerExited",
-                 exit_code: int | None = 1, reason: str | None = "Essential container in task "
+                 exit_code: int | None = 10, reason: str | None = "Essential container in task "
                  "exited", provider: str = "FARGATE_SPOT") -> str:
     """The Cause of States.TaskFailed: the stopped task, as DescribeTasks gives it, with
     PascalCase keys, as JSON text (research: toricls' gist, catalogue-pipeline#3377)."""
@@ -352,24 +369,28 @@ class Fakes:
     """Lambda, ECS and SNS as the states see them: scripted outcomes, recorded calls."""
 
     def __init__(self, path: str = "lambda", lambda_error: str | None = None,
-                 plan_error: str | None = None, tasks: list[Any] | None = None) -> None:
+                 plan_error: str | None = None, tasks: list[Any] | None = None,
+                 result: dict[str, Any] | None = None) -> None:
         self.path, self.lambda_error, self.plan_error = path, lambda_error, plan_error
         self.tasks = list(tasks or [])  # per RunTask: None (succeeds) or a StatesError
+        self.result = result  # the backup or restore function's; else as theirs would be
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
 
     def __call__(self, state: str, resource: str, parameters: dict[str, Any]) -> Any:
         self.calls.append((state, resource, parameters))
         if resource == LAMBDA:
             if state == "Plan":
-                assert set(parameters["Payload"]) == {"operation", "event"}
                 if self.plan_error:
                     raise StatesError(self.plan_error, "{}")
+                assert set(parameters["Payload"]) == {"operation", "event"}
                 return {"Payload": {**parameters["Payload"], "path": self.path,
                                     "estimate_seconds": 100, "limit_seconds": 840,
                                     "reason": "fits"}, "StatusCode": 200}
             if self.lambda_error:
                 raise StatesError(self.lambda_error, '{"errorMessage": "..."}')
-            return {"Payload": {"ok": True}, "StatusCode": 200}
+            default = BACKUP_RESULT if state == "InvokeBackup" else RESTORE_RESULT
+            return {"Payload": self.result or default, "StatusCode": 200,
+                    "ExecutedVersion": "$LATEST", "SdkHttpMetadata": {"HttpStatusCode": 200}}
         if resource == RUN_TASK:
             outcome = self.tasks.pop(0) if self.tasks else None
             if outcome is not None:
@@ -385,6 +406,19 @@ class Fakes:
 
     def published(self) -> list[dict[str, Any]]:
         return [p for _, r, p in self.calls if r == PUBLISH]
+
+
+# The functions' results (handlers/backup.py, restore.py), with what makes them long.
+BACKUP_RESULT = {"backup_id": "20260101T000000Z-full", "database_id": "db", "kind": "full",
+                 "bytes": 123456, "duration_seconds": 61.5, "warnings": ["w"] * 50,
+                 "tables_dumped": 4000, "tables_total": 4000, "files": {"files": 9}}
+DUPLICATE_RESULT = {"duplicate": True, "tick": "2026-01-04T03:00:00Z",
+                    "message": "tick 2026-01-04T03:00:00Z already has backup ..."}
+DRY_RUN_RESULT = {"at": None, "dry_run": True, "backup_id": "20260101T000000Z-full",
+                  "method": "backup", "plan": [f"restore table part {n}" for n in range(5000)]}
+RESTORE_RESULT = {"backup_id": "20260101T000000Z-full", "at": None, "method": "backup",
+                  "target": "postgresql://target", "lines": ["restored ...", "created roles"],
+                  "files": 9}
 
 
 def task_failed(**kwargs: Any) -> StatesError:
@@ -620,9 +654,13 @@ def test_a_run_that_cannot_fit_runs_the_task_with_its_operation_and_event(
         cfn: dict[str, Any], deployed: dict[str, Any], execution: dict[str, Any]) -> None:
     fakes = Fakes("fargate")
     _, end, output = run(deployed, cfn, execution, fakes)
-    assert end == "Succeed" and fakes.states(RUN_TASK) == ["RunTask"]
+    # a backup on TaskCapacityProvider (Spot here), a restore on demand only
+    state, provider = {"backup": ("RunTask", "FARGATE_SPOT"),
+                       "restore": ("RunTaskOnDemand", "FARGATE")}[execution["operation"]]
+    assert end == "Succeed" and fakes.states(RUN_TASK) == [state]
     assert not fakes.states(LAMBDA)[1:]  # the plan only
     [(_, _, params)] = [c for c in fakes.calls if c[1] == RUN_TASK]
+    assert params["CapacityProviderStrategy"] == [{"CapacityProvider": provider, "Weight": 1}]
     env = {e["Name"]: e["Value"] for e in params["Overrides"]["ContainerOverrides"][0][
         "Environment"]}
     assert env["SUPABACKUP_OPERATION"] == execution["operation"]
@@ -678,7 +716,12 @@ def check_message(message: dict[str, Any], operation: str) -> dict[str, Any]:
     body: dict[str, Any] = json.loads(message["Message"])
     assert {"status", "kind", "database", "error", "error_type", "what_to_do"} <= set(body)
     assert body["status"] == "failed" and body["execution"] == "exec-1"
-    assert "run it again" in body["what_to_do"]
+    assert body["kind"] == operation and "run it again" in body["what_to_do"]
+    if operation == "restore":  # what a stopped restore leaves, and what to do about it
+        assert "partial restore" in body["what_to_do"]
+        assert "drop and recreate it (a new, empty database)" in body["what_to_do"]
+    elif operation == "backup":
+        assert body["what_to_do"].startswith("nothing of the run is kept: run it again")
     for event in (BACKUP["event"], RESTORE["event"]):
         assert json.dumps(event) not in message["Message"]
     assert "tick" not in message["Message"] and "Overrides" not in message["Message"]
@@ -725,15 +768,32 @@ def test_the_spot_retry_happens_once_whatever_the_on_demand_run_does(
     assert first_after & runs == {"RunTaskOnDemand"}
 
 
-@pytest.mark.parametrize("exit_code", [1, 2])
-@pytest.mark.parametrize("on_demand", [False, True])
+@pytest.mark.parametrize("exit_code", [10, 12])  # failed, refused: the engine said so on SNS
+@pytest.mark.parametrize("execution, on_demand", [(BACKUP, False), (BACKUP, True),
+                                                  (RESTORE, False)])
 def test_an_engine_exit_code_fails_without_a_second_message(
-        cfn: dict[str, Any], deployed: dict[str, Any], exit_code: int, on_demand: bool) -> None:
+        cfn: dict[str, Any], deployed: dict[str, Any], exit_code: int,
+        execution: dict[str, Any], on_demand: bool) -> None:
     first = [task_failed(stop_code="SpotInterruption", exit_code=143)] if on_demand else []
     fakes = Fakes("fargate", tasks=[*first, task_failed(exit_code=exit_code)])
-    visited, end, _ = run(deployed, cfn, RESTORE, fakes)
+    visited, end, _ = run(deployed, cfn, execution, fakes)
     assert (end, visited[-1]) == ("Fail", "Failed") and not fakes.published()
     assert len(fakes.states(RUN_TASK)) == (2 if on_demand else 1)
+
+
+@pytest.mark.parametrize("exit_code", [1, 2, 70, 3, 137, 143, 0])
+@pytest.mark.parametrize("execution, on_demand", [(BACKUP, False), (BACKUP, True),
+                                                  (RESTORE, False)])
+def test_any_other_exit_code_is_published(
+        cfn: dict[str, Any], deployed: dict[str, Any], exit_code: int,
+        execution: dict[str, Any], on_demand: bool) -> None:
+    """1 is Python itself dying (an import error, a crash): the engine said nothing."""
+    first = [task_failed(stop_code="SpotInterruption", exit_code=143)] if on_demand else []
+    fakes = Fakes("fargate", tasks=[*first, task_failed(exit_code=exit_code)])
+    visited, end, _ = run(deployed, cfn, execution, fakes)
+    assert (end, visited[-2:]) == ("Fail", ["ReportFailure", "Failed"])
+    [message] = fakes.published()
+    assert f"code {exit_code} " in check_message(message, execution["operation"])["error"]
 
 
 @pytest.mark.parametrize("task, said", [
@@ -756,7 +816,7 @@ def test_a_task_that_stopped_otherwise_is_published_with_what_stopped_it(
 
 
 @pytest.mark.parametrize("error", ["ECS.AccessDeniedException", "States.Timeout",
-                                   "ECS.InvalidParameterException", "States.Runtime"])
+                                   "ECS.InvalidParameterException"])
 def test_a_task_that_could_not_be_run_or_followed_is_published(
         cfn: dict[str, Any], deployed: dict[str, Any], error: str) -> None:
     """Not every error of a task state has the stopped task as its Cause: only
@@ -766,6 +826,171 @@ def test_a_task_that_could_not_be_run_or_followed_is_published(
     assert (end, visited[-2:]) == ("Fail", ["ReportFailure", "Failed"])
     [message] = fakes.published()
     assert error in check_message(message, "backup")["error"]
+
+
+@pytest.mark.parametrize("error", sorted(UNCATCHABLE))
+@pytest.mark.parametrize("where", ["Plan", "InvokeBackup", "RunTask"])
+def test_the_terminal_errors_are_caught_by_no_catch(
+        cfn: dict[str, Any], deployed: dict[str, Any], error: str, where: str) -> None:
+    """States.Runtime and States.DataLimitExceeded end the execution whatever its
+    Catches say (the RunFailedAlarm tells): the definition must not raise them."""
+    fakes = Fakes("fargate" if where == "RunTask" else "lambda")
+
+    def failing(state: str, resource: str, parameters: dict[str, Any]) -> Any:
+        if state == where:
+            fakes.calls.append((state, resource, parameters))
+            raise StatesError(error, "terminal")
+        return fakes(state, resource, parameters)
+
+    with pytest.raises(StatesError) as raised:
+        run(deployed, cfn, BACKUP, failing)
+    assert raised.value.error == error and not fakes.published()
+
+
+@pytest.mark.parametrize("cause", ["", "not JSON", "Task failed: RESOURCE:MEMORY", "[1]"])
+@pytest.mark.parametrize("execution, on_demand", [(BACKUP, False), (BACKUP, True),
+                                                  (RESTORE, False)])
+def test_a_task_failure_whose_cause_is_not_a_json_object_is_published(
+        cfn: dict[str, Any], deployed: dict[str, Any], cause: str,
+        execution: dict[str, Any], on_demand: bool) -> None:
+    """States.StringToJson of anything but JSON text would fail the execution
+    (States.Runtime, no Catch takes it): such a Cause goes to the report, named."""
+    first = [task_failed(stop_code="SpotInterruption", exit_code=143)] if on_demand else []
+    fakes = Fakes("fargate", tasks=[*first, StatesError("States.TaskFailed", cause)])
+    visited, end, _ = run(deployed, cfn, execution, fakes)
+    assert (end, visited[-2:]) == ("Fail", ["ReportFailure", "Failed"])
+    assert "DescribeTaskError" in visited
+    assert not {"ReadStoppedTask", "ReadStoppedOnDemandTask"} & set(visited[-6:])
+    [message] = fakes.published()
+    assert "States.TaskFailed" in check_message(message, execution["operation"])["error"]
+
+
+def test_a_cause_is_read_as_json_only_behind_a_choice_that_checks_it(
+        asl: dict[str, Any]) -> None:
+    readers = {n: s for n, s in asl["States"].items()
+               if "StringToJson($.error.Cause)" in json.dumps(s.get("Parameters", {}))}
+    assert set(readers) == {"ReadStoppedTask", "ReadStoppedOnDemandTask"}
+    for name in readers:
+        entries = [(n, r) for n, s in asl["States"].items() for r in s.get("Choices", [])
+                   if r["Next"] == name]
+        assert [n for n, s in asl["States"].items() if name in targets(s)] == [
+            n for n, _ in entries], name  # only a Choice's rule goes there
+        for _, rule in entries:
+            assert {"Variable": "$.error.Cause", "IsPresent": True} in rule["And"]
+            assert {"Variable": "$.error.Cause", "StringMatches": "{*"} in rule["And"]
+            assert {"Variable": "$.error.Error", "StringEquals": "States.TaskFailed"} in rule[
+                "And"]
+
+
+def test_a_plan_that_failed_on_an_input_without_an_operation_fails_at_once(
+        cfn: dict[str, Any], deployed: dict[str, Any]) -> None:
+    """The report reads $.operation: without one in the input (the plan function, which
+    refuses such an input itself, having crashed or timed out) the execution fails, and
+    the RunFailedAlarm tells; never States.Runtime on the way to the report."""
+    fakes = Fakes(plan_error="Lambda.Unknown")
+    visited, end, _ = run(deployed, cfn, {"event": {"kind": "full"}}, fakes)
+    assert (end, visited) == ("Fail", ["Plan", "PlanFailed", "Failed"])
+    assert not fakes.published()
+    rule = deployed["States"]["PlanFailed"]["Choices"][0]
+    assert {"Variable": "$.operation", "IsPresent": True} in rule["And"]
+
+
+def test_a_restore_never_runs_on_spot_and_its_stop_is_published_not_retried(
+        cfn: dict[str, Any], deployed: dict[str, Any], asl: dict[str, Any]) -> None:
+    """A restore stopped midway leaves a partial target, on which a second run fails
+    ("target is not empty"): on demand capacity only, and a stop goes to the report."""
+    choice = asl["States"]["SpotOrOnDemand"]
+    assert asl["States"]["PrepareTask"]["Next"] == "SpotOrOnDemand"
+    assert choice["Choices"] == [{"Variable": "$.operation", "StringEquals": "backup",
+                                  "Next": "RunTask"}]
+    assert choice["Default"] == "RunTaskOnDemand"
+    # RunTask, whose capacity is FARGATE_SPOT with TaskSpot true, only after that rule
+    into_run_task = [n for n, s in asl["States"].items() if "RunTask" in targets(s)]
+    assert into_run_task == ["SpotOrOnDemand"]
+    on_demand = asl["States"]["RunTaskOnDemand"]["Parameters"]["CapacityProviderStrategy"]
+    assert on_demand == [{"CapacityProvider": "FARGATE", "Weight": 1}]
+    for stop_code, exit_code in (("SpotInterruption", 143), ("UserInitiated", 143),
+                                 ("TaskFailedToStart", None)):
+        fakes = Fakes("fargate", tasks=[task_failed(stop_code=stop_code,
+                                                    exit_code=exit_code)])
+        visited, end, _ = run(deployed, cfn, RESTORE, fakes)
+        assert fakes.states(RUN_TASK) == ["RunTaskOnDemand"], stop_code
+        assert (end, visited[-2:]) == ("Fail", ["ReportFailure", "Failed"])
+        [message] = fakes.published()
+        assert stop_code in check_message(message, "restore")["error"]
+
+
+@pytest.mark.parametrize("state, result, kept", [
+    ("InvokeBackup", BACKUP_RESULT, {"backup_id": BACKUP_RESULT["backup_id"], "kind": "full",
+                                     "total_bytes": 123456, "duration_seconds": 61.5}),
+    ("InvokeBackup", DUPLICATE_RESULT, {}),  # the plan's reason names the tick
+    ("InvokeBackup", {"unexpected": "x" * 10000}, {}),
+    ("InvokeRestore", DRY_RUN_RESULT, {"backup_id": DRY_RUN_RESULT["backup_id"],
+                                       "method": "backup"}),
+    ("InvokeRestore", RESTORE_RESULT, {"backup_id": RESTORE_RESULT["backup_id"],
+                                       "method": "backup"}),
+    ("InvokeRestore", {"method": "backup", "lines": ["x" * 10000]}, {}),
+])
+def test_a_run_on_lambda_keeps_only_a_few_fields_of_the_functions_result(
+        cfn: dict[str, Any], deployed: dict[str, Any], state: str, result: dict[str, Any],
+        kept: dict[str, Any]) -> None:
+    """A restore's dry-run plan has a line per table part (thousands on a big database):
+    the execution keeps named fields, far under 256 KiB; the rest is in the logs and on
+    SNS. A result without them (a duplicate tick has no backup_id) is no States.Runtime."""
+    execution = BACKUP if state == "InvokeBackup" else RESTORE
+    fakes = Fakes("lambda", result=result)
+    visited, end, output = run(deployed, cfn, execution, fakes)
+    assert end == "Succeed" and state in visited
+    assert output["result"] == {"path": "lambda", **kept}
+    assert len(json.dumps(output)) < 2048
+
+
+def test_the_lambda_results_are_cut_to_named_fields(asl: dict[str, Any]) -> None:
+    """What each invoke keeps: Lambda's metadata dropped (ResultSelector), then only named
+    fields of the payload, each read behind a Choice rule that checks it is there."""
+    for invoke in ("InvokeBackup", "InvokeRestore"):
+        state = asl["States"][invoke]
+        assert state["ResultSelector"] == {"path": "lambda", "payload.$": "$.Payload"}
+        assert state["ResultPath"] == "$.result" and state["Next"] == "KeepSummary"
+    choice = asl["States"]["KeepSummary"]
+    assert choice["Type"] == "Choice" and choice["Default"] == "NoSummary"
+    assert [n for n, s in asl["States"].items() if "KeepSummary" in targets(s)] == [
+        "InvokeBackup", "InvokeRestore"]
+    summaries = {}
+    for rule in choice["Choices"]:
+        summary = asl["States"][rule["Next"]]
+        assert summary["Type"] == "Pass" and summary["ResultPath"] == "$.result"
+        assert summary["Next"] == "Done"
+        assert all(r.get("IsPresent") is True for r in rule["And"])
+        checked = {r["Variable"] for r in rule["And"]}
+        read = {v for k, v in summary["Parameters"].items() if k.endswith(".$")}
+        assert read == checked, rule["Next"]
+        summaries[rule["Next"]] = summary["Parameters"]
+    assert summaries == {
+        "BackupSummary": {"path": "lambda", "backup_id.$": "$.result.payload.backup_id",
+                          "kind.$": "$.result.payload.kind",
+                          "total_bytes.$": "$.result.payload.bytes",
+                          "duration_seconds.$": "$.result.payload.duration_seconds"},
+        "RestoreSummary": {"path": "lambda", "backup_id.$": "$.result.payload.backup_id",
+                           "method.$": "$.result.payload.method"}}
+    assert asl["States"]["NoSummary"]["Parameters"] == {"path": "lambda"}
+
+
+def test_the_definition_stays_within_what_cfn_lint_can_resolve(cfn: dict[str, Any]) -> None:
+    """SAM makes the definition an Fn::Join of its JSON lines, and cfn-lint resolves a
+    join one element per nested generator: past about 750 lines Python aborts the run
+    ("Cannot recover from stack overflow", test_template's lint of the translated
+    template). Room is kept; a longer definition needs a shorter one, not a bigger stack."""
+    lines = cfn["Resources"][STATE_MACHINE]["Properties"]["DefinitionString"]["Fn::Join"][1]
+    assert len(lines) <= 720, len(lines)
+
+
+def test_the_task_workers_stay_within_the_engines_limit(cfn: dict[str, Any]) -> None:
+    """SUPABACKUP_JOBS above tabledata.MAX_JOBS is refused: every Fargate run would be."""
+    workers = cfn["Parameters"]["TaskWorkers"]
+    assert workers["MaxValue"] == tabledata.MAX_JOBS
+    assert workers["MinValue"] == 1 and workers["Default"] <= tabledata.MAX_JOBS
+    assert str(tabledata.MAX_JOBS) in workers["Description"]
 
 
 def test_a_report_that_cannot_be_published_still_fails_the_execution(
