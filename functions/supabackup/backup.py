@@ -161,9 +161,13 @@ def run_backup(conn: ConnectionInfo, store: Store, request: BackupRequest) -> Ma
         _release(store, lease)
 
 
+def tick_backup_ids(tick: str) -> list[str]:
+    """The ids a schedule tick's backup can have, one a kind: the tick names its backup."""
+    return [new_backup_id(parse_time(tick), kind) for kind in KINDS]
+
+
 def _refuse_a_done_tick(store: Store, database_id: str, tick: str) -> None:
-    for kind in KINDS:
-        backup_id = new_backup_id(parse_time(tick), kind)
+    for backup_id in tick_backup_ids(tick):
         if store.read_small(store.backup_key(database_id, backup_id, MANIFEST)) is not None:
             raise DuplicateRun(f"schedule tick {tick} already has its backup, {backup_id}",
                                "nothing to do: a repeated delivery of the schedule")
@@ -333,7 +337,7 @@ def _stored(parts: list[tuple[Slice, TablePart]]) -> list[StoredObject]:
 
 
 def parent_for(manifests: list[Manifest], profile: Profile,
-                now: datetime) -> tuple[Manifest | None, str]:
+               now: datetime) -> tuple[Manifest | None, str]:
     """The backup an incremental chains from, or None and the reason to take a full."""
     if not manifests:
         return None, "no previous backup to chain from"

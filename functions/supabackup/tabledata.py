@@ -340,18 +340,19 @@ def run_all(jobs: int, name: str, work: list[Callable[[], R]],
     runs (past Fargate Spot's two minutes' warning)."""
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix=name) as pool:
         futures = [pool.submit(job) for job in work]
+
+        def halt() -> None:
+            stop()
+            for future in futures:
+                future.cancel()
         try:
             finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
         except BaseException:
-            stop()
-            for future in futures:
-                future.cancel()
+            halt()
             raise
         failed = [f for f in finished if f.exception() is not None]
         if failed:
-            stop()
-            for future in futures:
-                future.cancel()
+            halt()
             wait(futures)
             raise _first_cause(failed, futures)
         return [f.result() for f in futures]

@@ -33,13 +33,13 @@ import psycopg2
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from .. import route
-from ..backup import KINDS, parent_for
+from ..backup import parent_for, tick_backup_ids
 from ..capture.pointintime import covering
 from ..catalog import restore_point
 from ..db import connect
 from ..dburl import ConnectionInfo
 from ..errors import ConfigError, ConnectionFailed
-from ..manifest import new_backup_id, parse_time, utcnow
+from ..manifest import utcnow
 from ..profiles import resolve_profile
 from ..store import Store
 from ..tabledata import default_jobs
@@ -127,8 +127,7 @@ def _backup_route(backups: Store, event: dict[str, Any], limit: int, fargate: bo
     history = backups.manifests(request.database_of(conn))
     if request.tick:
         stored = {m.backup_id for m in history}
-        done = [i for i in (new_backup_id(parse_time(request.tick), k) for k in KINDS)
-                if i in stored]
+        done = [i for i in tick_backup_ids(request.tick) if i in stored]
         if done:
             return route.on_lambda(f"schedule tick {request.tick} already has its backup, "
                                    f"{done[0]} (the function says so and does nothing)", limit)
@@ -158,7 +157,7 @@ def _restore_route(backups: Store, event: dict[str, Any], limit: int, fargate: b
         backup = covering(backups, database_id, point.when).base
     history = [m for m in backups.manifests(database_id) if m.backup_id <= backup.backup_id]
     return route.choose("restore", point.method, backup.database_size, history, limit,
-                        fargate, margin)
+                        fargate, margin, request.options.jobs or default_jobs())
 
 
 def _database_size(conn: ConnectionInfo) -> int:
