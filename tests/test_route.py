@@ -123,6 +123,9 @@ def test_runs_with_more_workers_count_slower_for_a_run_with_fewer() -> None:
     assert budget.estimate_seconds(history, "full", 20 * GB, 8) == 450
     # a run with fewer workers than this one counts as it was: never shorter
     assert budget.estimate_seconds([lambda_run], "full", 20 * GB, 8) == 1200
+    # a restore is paced by the same fulls, so it goes by the same rule
+    assert route.choose("restore", "backup", 20 * GB, history, TIMEOUT, True,
+                        jobs=2).path == "fargate"
     # and the Lambda's own budget agrees with the plan: it refuses before anything runs
     with pytest.raises(TimeLimitExceeded, match="would take about 30m"):
         budget.Budget(TIMEOUT).check("full", 20 * GB, history, 2)
@@ -458,7 +461,12 @@ def test_sigterm_mid_run_exits_143_and_keeps_nothing(task_stack: dict[str, Any])
     assert "stopped by SIGTERM" in msg["Message"]["error"], msg
 
 
-def test_sigterm_during_the_copies_exits_143_at_once(task_stack: dict[str, Any]) -> None:
+def test_sigterm_during_the_copies_exits_143_at_once(task_stack: dict[str, Any],
+                                                     pg15: Cluster) -> None:
+    # a table whose COPY lasts long enough for the poll to see its psql (the fixture's
+    # tables are copied in milliseconds, sometimes before the poll looks)
+    pg15.execute("CREATE TABLE wide AS SELECT i, repeat(md5(i::text), 8) AS t "
+                 "FROM generate_series(1, 150000) i", task_stack["source"])
     code, out, err, held = _terminated_while_frozen(task_stack, "psql", 10)
     assert [k for k in held if k.endswith("/schema.dump")], held
     assert code == 143, (out, err)
