@@ -8,8 +8,10 @@ PYTHON ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null 
 VENV   := .venv
 BIN    := $(VENV)/bin
 PG17   := build/postgresql-17/.version
-# aws-sam-cli and checkov pin conflicting versions of shared packages: a venv each.
-TOOLS  := build/tools/sam/.installed build/tools/checkov/.installed
+# aws-sam-cli and checkov pin conflicting versions of shared packages: a venv each; AWS's
+# Lambda runtime client has one too, as the artifact test's /var/runtime.
+TOOLS  := build/tools/sam/.installed build/tools/checkov/.installed \
+          build/tools/lambdaric/.installed
 
 .PHONY: setup test demo bench bench-parallel bench-capture bench-storage model-large lint layer clean fuzz
 
