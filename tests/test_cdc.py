@@ -10,9 +10,10 @@ import gzip
 import hashlib
 import itertools
 import json
+import os
 import threading
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -321,9 +322,68 @@ def test_the_capture_function_starts_runs_and_reports_the_slot(
     assert emf["kind"] == "capture"
     assert emf["RetainedWalBytes"] == [float(ran["slot"]["retained_wal_bytes"])]
     assert emf["CapturedTransactions"] == [1.0]
+    # how far restores to a time lag behind now: from what this run covered, just now
+    [lag] = emf["CaptureLagSeconds"]
+    assert 0 <= lag <= (datetime.now(UTC) - parse_time(ran["covered_through"])).total_seconds()
+    assert lag < 10  # the stream stored what committed every 5 s, until its deadline
+    assert {"Name": "CaptureLagSeconds", "Unit": "Seconds"} in emf["_aws"][
+        "CloudWatchMetrics"][0]["Metrics"]
     status = capture_handler.handler(load_event("capture-status.json"), FakeContext())
     assert status["started"] and status["last_commit_captured"]
     assert inbox.messages() == []  # a good run sends nothing
+
+
+def test_the_capture_lag_grows_from_the_stored_progress_while_runs_leave_or_fail(
+        logical: Cluster, s3: Any, inbox: Any, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """A run that stores nothing of its own (it left to the run holding the lease, or it
+    failed) still emits the lag, from the running epoch's stored progress: an outage
+    shows as a lag that grows, not as a gap in the graph."""
+    from supabackup import locks
+    from supabackup.handlers import capture as capture_handler
+    from supabackup.handlers import common
+    from supabackup.store import StoreURL
+
+    from .helpers import BUCKET, FakeContext, load_event
+    db = _fresh(logical, "cdc_lag")
+    _as_the_stack(logical, db, "SUPABACKUP_CAPTURE_SECRET_ARN", s3, inbox, monkeypatch)
+    capture_handler.handler(load_event("capture-start.json"), FakeContext())
+    covered = parse_time(capture_handler.handler({"action": "run"}, FakeContext())[
+        "covered_through"])
+    inbox.messages(), capfd.readouterr()
+
+    def lag_emitted() -> tuple[float, dict[str, Any]]:
+        emf = [json.loads(line) for line in capfd.readouterr().out.splitlines()
+               if line.startswith('{"_aws"')][-1]
+        [lag] = emf["CaptureLagSeconds"]
+        return lag, emf
+
+    backups = Store(StoreURL.parse(f"s3://{BUCKET}/prod"), s3)
+    database_id = capture_handler.handler(load_event("capture-status.json"), FakeContext())[
+        "database_id"]
+    lease = locks.acquire(backups, database_id, "another run", purpose="capture")
+    time.sleep(1.1)
+    before = datetime.now(UTC)
+    left = capture_handler.handler({"action": "run"}, FakeContext())
+    after = datetime.now(UTC)
+    assert left["left"] and left["covered_through"] is None
+    lag, emf = lag_emitted()
+    assert (before - covered).total_seconds() <= lag <= (after - covered).total_seconds()
+    assert lag >= 1.1 and "CaptureFailed" not in emf
+    locks.release(backups, lease)
+
+    # the direct connection's password is wrong now: the run fails, the lag grows on
+    arn = os.environ["SUPABACKUP_CAPTURE_SECRET_ARN"]
+    secret = json.loads(common.clients["secretsmanager"].get_secret_value(SecretId=arn)[
+        "SecretString"])
+    common.clients["secretsmanager"].put_secret_value(
+        SecretId=arn, SecretString=json.dumps({**secret, "password": "wrong"}))
+    before = datetime.now(UTC)
+    with pytest.raises(Exception, match="password authentication failed"):
+        capture_handler.handler({"action": "run"}, FakeContext())
+    failed_lag, emf = lag_emitted()
+    assert emf["CaptureFailed"] == [1.0]
+    assert lag < (before - covered).total_seconds() <= failed_lag
 
 
 def test_a_lost_slot_is_an_alert_on_sns_and_a_good_run_says_nothing(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
-from supabackup.errors import ConfigError
+from supabackup.errors import ConfigError, VerifyFailed
 from supabackup.handlers import backup as handler_module
 from supabackup.handlers import restore as restore_handler
 from supabackup.handlers import verify as verify_handler
@@ -159,7 +160,12 @@ def test_scheduled_verify_drills_the_newest_backup(deployed: dict[str, Any], dri
     assert msg["Subject"].endswith("succeeded: 1 backup(s) whole; drill: 1 tables match")
     assert msg["MessageAttributes"]["kind"]["Value"] == "verify"
     out = capfd.readouterr().out
-    assert _emf(out)["VerifySucceeded"] == [1.0]
+    emf = _emf(out)
+    assert emf["VerifySucceeded"] == [1.0]
+    # the drill's own result, for the dashboard's last drill: it passed
+    assert emf["DrillPassed"] == [1.0] and emf["kind"] == "verify"
+    assert {"Name": "DrillPassed", "Unit": "Count"} in emf["_aws"]["CloudWatchMetrics"][0][
+        "Metrics"]
     assert PASSWORD not in out + log_buffer.getvalue() + repr(msg)
 
 
@@ -175,7 +181,63 @@ def test_manual_verify_without_drill_names_a_damaged_object(
     (msg,) = inbox.messages()
     assert msg["MessageAttributes"]["status"]["Value"] == "failed"
     assert msg["Message"]["details"]["drill"] is None  # the manual sample skips the drill
-    assert _emf(capfd.readouterr().out)["VerifyFailed"] == [1.0]
+    emf = _emf(capfd.readouterr().out)
+    assert emf["VerifyFailed"] == [1.0]
+    assert "DrillPassed" not in emf  # no drill was asked for: no drill result
+
+
+@pytest.mark.parametrize("damaged, drill_passed", [
+    ("newest", 0.0),  # its chain failed to verify: the drill is not run, which is no pass
+    ("older", 1.0),   # the drill of the newest passes, though the verify fails
+    ("recorded", 0.0),  # the newest verifies, but the drill restores what it did not record
+])
+def test_the_drill_result_is_the_drills_own_not_the_verify_runs(
+        deployed: dict[str, Any], drill_secret: str, s3: Any, inbox: Inbox, damaged: str,
+        drill_passed: float, capfd: pytest.CaptureFixture[str]) -> None:
+    older = handler_module.handler(load_event("backup-full-manual.json"), FakeContext())
+    time.sleep(1.1)  # backup ids have one-second resolution
+    newest = handler_module.handler(load_event("backup-full-manual.json"), FakeContext())
+    inbox.messages(), capfd.readouterr()
+    backup_id = (older if damaged == "older" else newest)["backup_id"]
+    if damaged == "recorded":  # the manifest says the table held one row fewer
+        key = next(k for k in stored_keys(s3) if k.endswith(f"{backup_id}/manifest.json"))
+        manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        [orders] = [t for t in manifest["tables"] if t["name"] == "orders"]
+        orders["rows"] -= 1
+        s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(manifest).encode())
+        problem = "public.orders: 100 rows restored, the backup's snapshot held 99"
+    else:
+        key = next(k for k in stored_keys(s3) if k.endswith(f"{backup_id}/roles.sql"))
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"-- tampered\n")
+        problem = "roles.sql: size 12 bytes"
+    with pytest.raises(VerifyFailed, match=f"{backup_id}/{problem}"):
+        verify_handler.handler(load_event("verify-scheduled.json"), FakeContext())
+    (msg,) = inbox.messages()
+    drilled = msg["Message"]["details"]["drill"]
+    assert (drilled or {}).get("backup_id") == (None if damaged == "newest"
+                                                else newest["backup_id"])
+    emf = _emf(capfd.readouterr().out)
+    assert emf["VerifyFailed"] == [1.0] and emf["DrillPassed"] == [drill_passed]
+
+
+def test_a_drill_that_could_not_restore_is_a_drill_that_did_not_pass(
+        deployed: dict[str, Any], pg15: Cluster, inbox: Inbox,
+        capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The drill's user may not create its scratch database: the drill restores nothing,
+    and the last drill shows a failure."""
+    pg15.execute("DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname='sb_nodb')"
+                 f" THEN CREATE ROLE sb_nodb LOGIN NOCREATEDB PASSWORD '{PASSWORD}'; END IF;"
+                 " END$$", "postgres")
+    arn = deployed["secrets"].create_secret(Name="supabackup/drill-nodb", SecretString=json.dumps({
+        "host": "127.0.0.1", "port": pg15.port, "username": "sb_nodb", "password": PASSWORD,
+        "dbname": "postgres"}))["ARN"]
+    monkeypatch.setenv("SUPABACKUP_DRILL_SECRET_ARN", arn)
+    handler_module.handler(load_event("backup-full-scheduled.json"), FakeContext())
+    inbox.messages(), capfd.readouterr()
+    with pytest.raises(VerifyFailed, match="drill could not create a scratch database"):
+        verify_handler.handler(load_event("verify-scheduled.json"), FakeContext())
+    emf = _emf(capfd.readouterr().out)
+    assert emf["VerifyFailed"] == [1.0] and emf["DrillPassed"] == [0.0]
 
 
 @pytest.mark.parametrize("event, match", [

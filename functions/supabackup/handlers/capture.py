@@ -8,6 +8,11 @@ Thin: validate the event, read the direct connection's secret, call the engine, 
 slot's health as metrics (the retained-WAL alarm watches them). A run reports to SNS only
 what needs a person (report.capture_and_report).
 
+Every run (the "run" action) also emits CaptureLagSeconds: now less the time restores to a
+time reach (the run's covered_through; for a run that stored nothing of its own, as one
+that left to the run holding the lease, or one that failed, the stored progress of the
+running epoch). It grows while runs fail, so the dashboard shows an outage as it lasts.
+
 Environment: SUPABACKUP_STORE, SUPABACKUP_CAPTURE_SECRET_ARN (a direct connection:
 replication cannot use a pooler), SUPABACKUP_SNS_TOPIC_ARN, and optionally
 SUPABACKUP_MAX_RETAINED_WAL (bytes: drop the slot and start over above it) and
@@ -18,6 +23,7 @@ epoch runs the retention pass, which keeps every base those days need; default 7
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -25,9 +31,13 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from .. import capture
 from ..backup import BackupRequest
+from ..capture.drain import CaptureRun
+from ..capture.state import read_progress, read_state
 from ..capture.stream import FlushPolicy
+from ..manifest import parse_time, utcnow
 from ..report import capture_and_report
 from ..retention import KEEP_DAYS_ENV, checked_keep_days
+from ..store import Store
 from .common import Invocation, env_int, logger, metrics, read_secret, store
 from .events import parse_capture_event
 
@@ -51,16 +61,25 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         backups = store()
         conn = capture.require_direct(read_secret("SUPABACKUP_CAPTURE_SECRET_ARN"))
     database_id = os.environ.get("SUPABACKUP_DATABASE_ID") or conn.database_id
-    with run.running(conn.redact):
-        if action == "status":
-            return capture.status(conn, backups, database_id, keep_days)
-        if action == "start":
-            state, base = capture.start(conn, backups, BackupRequest(
-                database_id=database_id, retention="weekly", label="change capture base"))
-            return run.succeeded({"slot": state.slot, "plugin": state.plugin,
-                                  "base": base.backup_id})
-        result = capture_and_report(conn, backups, database_id, run.notify, limit,
-                                    seconds=seconds, policy=policy, keep_days=keep_days)
+    result: CaptureRun | None = None
+    try:
+        with run.running(conn.redact):
+            if action == "status":
+                return capture.status(conn, backups, database_id, keep_days)
+            if action == "start":
+                state, base = capture.start(conn, backups, BackupRequest(
+                    database_id=database_id, retention="weekly", label="change capture base"))
+                return run.succeeded({"slot": state.slot, "plugin": state.plugin,
+                                      "base": base.backup_id})
+            result = capture_and_report(conn, backups, database_id, run.notify, limit,
+                                        seconds=seconds, policy=policy, keep_days=keep_days)
+    finally:
+        if action == "run":  # whether the run stored, left or failed
+            covered = (result.covered_through if result is not None else None
+                       ) or stored_coverage(backups, database_id)
+            if covered is not None:
+                metrics.add_metric(name="CaptureLagSeconds", unit=MetricUnit.Seconds,
+                                   value=max(0.0, (utcnow() - covered).total_seconds()))
     stored = result.transactions
     metrics.add_metric(name="CapturedTransactions", unit=MetricUnit.Count, value=stored)
     if result.slot:
@@ -76,3 +95,16 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
                           "left": result.left, "slot": result.slot,
                           "covered_through": result.covered_through.isoformat()
                           if result.covered_through else None})
+
+
+def stored_coverage(backups: Store, database_id: str) -> datetime | None:
+    """How far the running epoch's stored progress says restores reach (None when capture
+    is not started, or the store cannot say: the lag is then not emitted, and the run's
+    own failure, if any, is what the invocation reports)."""
+    try:
+        state = read_state(backups, database_id)
+        progress = read_progress(backups, database_id, state) if state else None
+        return parse_time(progress.verified_at) if progress else None
+    except Exception as exc:  # noqa: BLE001 - never hides the run's own outcome
+        logger.warning("capture lag unknown: cannot read the capture progress: %s", exc)
+        return None
