@@ -8,6 +8,7 @@ aws-sam-translator (the library behind that transform) runs on the same input.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import importlib.util
 import json
@@ -30,6 +31,7 @@ from cfnlint.config import ManualArgs
 from cfnlint.helpers import REGIONS
 from moto import mock_aws
 from samtranslator.translator.transform import transform
+from supabackup.backup import KINDS as BACKUP_KINDS
 from supabackup.budget import MARGIN
 from supabackup.capture.state import TAGS as CAPTURE_TAGS
 from supabackup.dburl import ConnectionInfo
@@ -40,7 +42,9 @@ from supabackup.handlers.events import (
     parse_restore_event,
     parse_verify_event,
 )
+from supabackup.handlers.task import HANDLERS as TASK_HANDLERS
 from supabackup.manifest import RETENTION_CLASSES
+from supabackup.store import Store, StoreURL
 
 from .helpers import EVENTS, REPO, TEMPLATE, sam_template
 
@@ -691,14 +695,43 @@ def test_the_function_role_is_least_privilege(cfn: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("function, secret", [("VerifyFunction", "DrillSecretArn"),
                                               ("RestoreFunction", "RestoreTargetSecretArn")])
-def test_verify_and_restore_roles_only_read(cfn: dict[str, Any], function: str,
+def test_verify_and_restore_roles_only_read_but_verify_records_its_result(cfn: dict[str, Any], function: str,
                                             secret: str) -> None:
     statements = function_statements(cfn, function)
     actions = {a for s in statements for a in as_list(s["Action"])}
-    assert {"s3:PutObject", "s3:DeleteObject", "s3:PutObjectTagging"}.isdisjoint(actions)
+    writes = [s for s in statements if {"s3:PutObject", "s3:DeleteObject", "s3:PutObjectTagging",
+                                        "s3:PutObjectAcl"} & set(as_list(s["Action"]))]
+    if function == "VerifyFunction":
+        # Verify writes the record of its own result, tagged, and nothing else: exactly
+        # <prefix>/*/checks/*, never a backup, a capture segment, a lock or a file.
+        [write] = writes
+        assert sorted(as_list(write["Action"])) == ["s3:PutObject", "s3:PutObjectTagging"]
+        assert write["Resource"] == {"Fn::Sub": "${BackupBucket.Arn}/${BackupPrefix}/*/checks/*"}
+        assert "Condition" not in write
+        # (IAM's * matches across "/", as fnmatch's does; the bucket's ARN, resolved here as
+        # arn:BackupBucket, is followed by the key)
+        granted = resolve(cfn, write["Resource"], {})
+        store = Store(StoreURL.parse(f"s3://bucket/{default(cfn, {'Ref': 'BackupPrefix'})}"),
+                      None)
+        assert fnmatch.fnmatchcase("arn:BackupBucket/" + store.key(
+            "db", "checks", "20261129T050000Z.json"), granted)
+        for key in [store.backup_key("db", "20261129T030000Z-full", "manifest.json"),
+                    store.backup_key("db", "20261129T030000Z-full", "tables/16384.0.copy.zst"),
+                    store.key("db", "locks", "backup.json"), store.key("db", "cdc", "state.json"),
+                    store.key("db", "files", "ab", "ab" * 32), store.key("checks", "x.json"),
+                    "elsewhere/db/checks/x.json"]:
+            assert not fnmatch.fnmatchcase(f"arn:BackupBucket/{key}", granted), key
+        # the bucket's SSE-KMS key: the write needs a data key, through S3 only
+        [key_use] = [s for s in statements if "kms:GenerateDataKey" in as_list(s["Action"])]
+        assert key_use["Resource"] == KEY
+        assert {"Fn::Sub": "s3.${AWS::Region}.amazonaws.com"} in key_use["Condition"][
+            "StringEquals"]["kms:ViaService"]
+    else:
+        assert writes == []  # restore only reads the store
     assert actions <= {"logs:CreateLogStream", "logs:PutLogEvents", "sqs:SendMessage",
                        "s3:GetObject", "s3:ListBucket", "secretsmanager:GetSecretValue",
-                       "kms:Decrypt", "kms:GenerateDataKey", "sns:Publish"}
+                       "kms:Decrypt", "kms:GenerateDataKey", "sns:Publish"} | (
+        {"s3:PutObject", "s3:PutObjectTagging"} if function == "VerifyFunction" else set())
     reads = [s["Resource"] for s in statements
              if "secretsmanager:GetSecretValue" in as_list(s["Action"])]
     # the restore also reads the target project's Storage keys, when given
@@ -921,6 +954,310 @@ def test_the_capture_errors_alarm_fires_on_the_first_failed_run(cfn: dict[str, A
     assert cfn["Parameters"]["CaptureSecretArn"]["Default"] == ""
 
 
+# ------------------------------------------------------------------ dashboard
+
+STACK = "supabackup"
+
+
+def evaluate(cfn: dict[str, Any], name: str, parameters: dict[str, Any]) -> bool:
+    """A condition of the template, for these parameter values (defaults for the rest)."""
+    def value(node: Any) -> Any:
+        if isinstance(node, dict):
+            [(fn, arg)] = node.items()
+            if fn == "Ref":
+                return parameters.get(arg, cfn["Parameters"][arg].get("Default"))
+            if fn == "Fn::Join":
+                return arg[0].join(as_list(value(arg[1])))
+            if fn == "Fn::Equals":
+                return value(arg[0]) == value(arg[1])
+            if fn == "Fn::Not":
+                return not value(arg[0])
+            if fn == "Condition":
+                return evaluate(cfn, arg, parameters)
+            raise AssertionError(f"no evaluation of {fn} here")
+        return node
+    return bool(value(cfn["Conditions"][name]))
+
+
+def resolve(cfn: dict[str, Any], node: Any, parameters: dict[str, Any]) -> Any:
+    """A value of the template as CloudFormation would make it, with test names for what
+    only a deployment knows: a resource's Ref is "ref:<id>", its ARN "arn:<id>"."""
+    def name(text: str) -> str:
+        if text == "AWS::Region":
+            return REGION
+        if text == "AWS::StackName":
+            return STACK
+        if text in cfn["Parameters"]:
+            return str(parameters.get(text, cfn["Parameters"][text].get("Default")))
+        resource, _, attribute = text.partition(".")
+        assert resource in cfn["Resources"], f"${{{text}}} names nothing in the template"
+        condition = cfn["Resources"][resource].get("Condition")
+        assert condition is None or evaluate(cfn, condition, parameters), (
+            f"{text} is used where its resource ({condition}) is not deployed")
+        return f"arn:{resource}" if attribute == "Arn" else f"ref:{resource}"
+
+    if isinstance(node, list):
+        return [resolve(cfn, item, parameters) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if set(node) == {"Ref"}:
+        return name(node["Ref"])
+    if set(node) == {"Fn::GetAtt"}:
+        return name(".".join(node["Fn::GetAtt"]))
+    if set(node) == {"Fn::If"}:
+        condition, yes, no = node["Fn::If"]
+        return resolve(cfn, yes if evaluate(cfn, condition, parameters) else no, parameters)
+    if set(node) == {"Fn::Sub"}:
+        text, variables = (node["Fn::Sub"], {}) if isinstance(node["Fn::Sub"], str) \
+            else node["Fn::Sub"]
+        values = {k: resolve(cfn, v, parameters) for k, v in variables.items()}
+        return re.sub(r"\$\{([^}!]+)\}",
+                      lambda m: str(values[m.group(1)]) if m.group(1) in values
+                      else name(m.group(1)), text)
+    return {k: resolve(cfn, v, parameters) for k, v in node.items()}
+
+
+WITH_CAPTURE = {"CaptureSecretArn": CAPTURE_SECRET}
+
+
+@pytest.fixture(scope="module")
+def cfn_with_capture() -> dict[str, Any]:
+    return translate(WITH_CAPTURE)
+
+
+@pytest.fixture(params=[False, True], ids=["without-capture", "with-capture"])
+def stack(request: pytest.FixtureRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The translated template and its parameters: without change capture (the default),
+    and with it."""
+    if request.param:
+        return request.getfixturevalue("cfn_with_capture"), WITH_CAPTURE
+    return request.getfixturevalue("cfn"), {}
+
+
+def dashboard_body(cfn: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+    [(_, dashboard)] = of_type(cfn, "AWS::CloudWatch::Dashboard").items()
+    body = resolve(cfn, dashboard["Properties"]["DashboardBody"], parameters)
+    parsed: dict[str, Any] = json.loads(body)
+    return parsed
+
+
+def widget_metrics(body: dict[str, Any]) -> list[tuple[str, str, dict[str, str],
+                                                        dict[str, Any]]]:
+    """Every metric of every metric widget: (namespace, name, dimensions, options), each
+    row written out whole (no "." shorthand, no expression)."""
+    found = []
+    for widget in body["widgets"]:
+        if widget["type"] != "metric":
+            continue
+        for row in widget["properties"]["metrics"]:
+            options = row[-1] if isinstance(row[-1], dict) else {}
+            fields = row[:-1] if options else row
+            assert "expression" not in options and "." not in fields, row
+            namespace, metric, *pairs = fields
+            assert len(pairs) % 2 == 0, row
+            found.append((namespace, metric, dict(zip(pairs[::2], pairs[1::2], strict=True)),
+                          options))
+    return found
+
+
+# The kinds each handler's Invocation gives its metrics (dimension kind): a backup's
+# kind; the plan's, a backup's kind or restore; the Fargate task's refusal, its operation.
+HANDLER_KINDS: dict[str, tuple[str, ...]] = {
+    "backup": BACKUP_KINDS, "verify": ("verify",), "restore": ("restore",),
+    "capture": ("capture",), "plan": (*BACKUP_KINDS, "restore"),
+    "task": (*TASK_HANDLERS, "task")}
+
+
+def handler_emits(module: str) -> set[str]:
+    """Every metric name a handler can emit, read from its source and common.py's: its
+    add_metric names, its Invocation's {metric}{outcome} counts, and NotifyFailed."""
+    handlers = REPO / "functions" / "supabackup" / "handlers"
+    source, common_source = (handlers / f"{module}.py").read_text(), (
+        handlers / "common.py").read_text()
+    outcomes = set(re.findall(r'count\("(\w+)"\)', common_source))
+    assert outcomes == {"Failed", "Succeeded"}
+    [metric] = set(re.findall(r'Invocation\([^;]*?, "(\w+)"\)', source))
+    return ({f"{metric}{o}" for o in outcomes} | set(re.findall(r'add_metric\(name="(\w+)"',
+                                                               source))
+            | set(re.findall(r'add_metric\(name="(\w+)"', common_source)))
+
+
+def emitted(cfn: dict[str, Any], parameters: dict[str, Any]
+            ) -> dict[tuple[str, str, frozenset[tuple[str, str]]], str]:
+    """What the deployed handlers emit, as Powertools serializes it for each one's own
+    setup (common.metrics' namespace and service, the dimension kind): (namespace, name,
+    dimensions) -> the handler module."""
+    from supabackup.handlers import common
+    runs_in = {"task": "TaskDefinition"}  # the Fargate task runs the task handler
+    for resource_id, resource in of_type(cfn, "AWS::Lambda::Function").items():
+        runs_in[resource["Properties"]["Handler"].split(".")[-2]] = resource_id
+    assert set(runs_in) == set(HANDLER_KINDS)
+    found = {}
+    for module, kinds in HANDLER_KINDS.items():
+        resource = cfn["Resources"][runs_in[module]]
+        if resource.get("Condition") and not evaluate(cfn, resource["Condition"], parameters):
+            continue  # not deployed
+        if module == "task":
+            [container] = resource["Properties"]["ContainerDefinitions"]
+            env = {e["Name"]: e["Value"] for e in container["Environment"] if "Name" in e}
+        else:
+            env = resource["Properties"]["Environment"]["Variables"]
+        for kind in kinds:
+            for name in handler_emits(module):
+                metrics = EphemeralMetrics(namespace=common.metrics.namespace,
+                                           service=common.metrics.service)
+                metrics.add_dimension(name="kind", value=kind)
+                metrics.add_metric(name=name, unit=MetricUnit.Count, value=1)
+                emf: dict[str, Any] = dict(metrics.serialize_metric_set())
+                [directive] = emf["_aws"]["CloudWatchMetrics"]
+                assert directive["Namespace"] == env["POWERTOOLS_METRICS_NAMESPACE"]
+                [dimension_set] = directive["Dimensions"]
+                found[(directive["Namespace"], name,
+                       frozenset((d, emf[d]) for d in dimension_set))] = module
+    return found
+
+
+def deployed(cfn: dict[str, Any], parameters: dict[str, Any], type_: str) -> set[str]:
+    return {rid for rid, r in of_type(cfn, type_).items()
+            if not r.get("Condition") or evaluate(cfn, r["Condition"], parameters)}
+
+
+def test_the_dashboards_metrics_are_the_ones_the_functions_emit(
+        stack: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    cfn, parameters = stack
+    body = dashboard_body(cfn, parameters)
+    handlers = emitted(cfn, parameters)
+    functions = {f"ref:{f}" for f in deployed(cfn, parameters, "AWS::Lambda::Function")}
+    machines = {f"ref:{m}" for m in deployed(cfn, parameters,
+                                               "AWS::StepFunctions::StateMachine")}
+    shown = widget_metrics(body)
+    assert len(shown) > 20
+    for namespace, name, dimensions, _ in shown:
+        if namespace == "AWS/Lambda":
+            assert name == "Errors" and set(dimensions) == {"FunctionName"}
+            assert dimensions["FunctionName"] in functions
+        elif namespace == "AWS/States":
+            assert name in {"ExecutionsFailed", "ExecutionsTimedOut", "ExecutionsAborted"}
+            assert set(dimensions) == {"StateMachineArn"}
+            assert dimensions["StateMachineArn"] in machines
+        else:
+            key = (namespace, name, frozenset(dimensions.items()))
+            assert key in handlers, f"no deployed handler emits {key}"
+    # every widget reads this stack's region
+    assert {w["properties"]["region"] for w in body["widgets"] if w["type"] == "metric"} == {
+        REGION}
+
+
+def test_the_dashboard_shows_every_failure_a_function_counts_and_every_lambda_error(
+        stack: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    cfn, parameters = stack
+    shown = widget_metrics(dashboard_body(cfn, parameters))
+    failed = {(name, dims["kind"]) for ns, name, dims, _ in shown if name.endswith("Failed")
+              and ns != "AWS/States"}
+    counted = {(name, dict(dims)["kind"]) for (_, name, dims) in emitted(cfn, parameters)
+               if name.endswith("Failed") and name != "NotifyFailed"}
+    assert failed == counted
+    capture = "CaptureSecretArn" in parameters
+    assert {name for name, _ in failed} == {"BackupFailed", "VerifyFailed", "RestoreFailed",
+                                            "PlanFailed", "TaskFailed"} | (
+        {"CaptureFailed"} if capture else set())
+    errors = {dims["FunctionName"] for ns, name, dims, _ in shown if ns == "AWS/Lambda"}
+    assert errors == {f"ref:{f}" for f in deployed(cfn, parameters, "AWS::Lambda::Function")}
+    assert ("ref:CaptureFunction" in errors) == capture
+    runs = {name for ns, name, _, _ in shown if ns == "AWS/States"}
+    assert runs == {"ExecutionsFailed", "ExecutionsTimedOut", "ExecutionsAborted"}
+
+
+def test_the_dashboards_alarm_widgets_hold_every_alarm_of_the_stack(
+        stack: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    cfn, parameters = stack
+    body = dashboard_body(cfn, parameters)
+    widgets = [w["properties"] for w in body["widgets"] if w["type"] == "alarm"]
+    listed = [a for w in widgets for a in w["alarms"]]
+    alarms = deployed(cfn, parameters, "AWS::CloudWatch::Alarm")
+    assert sorted(listed) == sorted(f"arn:{a}" for a in alarms)
+    capture_alarms = {"CaptureErrorsAlarm", "RetainedWalAlarm", "SafeWalAlarm",
+                      "CaptureSlotLostAlarm"}
+    assert alarms & capture_alarms == (capture_alarms if "CaptureSecretArn" in parameters
+                                       else set())
+    # the dead man's switch first, on its own: no backup for hours, or a run that failed
+    assert widgets[0]["alarms"] == ["arn:MissedBackupAlarm", "arn:RunFailedAlarm"]
+    assert widgets[0]["title"].startswith("Dead man's switch")
+    assert body["widgets"][0]["type"] == "alarm"
+
+
+def test_the_dashboard_shows_each_backup_kind_and_the_last_drill(cfn: dict[str, Any]) -> None:
+    body = dashboard_body(cfn, {})
+    by_title = {w["properties"].get("title"): w for w in body["widgets"]}
+    for title, name in [("Backup duration (seconds)", "BackupDuration"),
+                        ("Backup size (bytes stored)", "BackupBytes")]:
+        props = by_title[title]["properties"]
+        assert [(m[1], m[5]) for m in props["metrics"]] == [(name, "full"),
+                                                            (name, "incremental")]
+        assert props["view"] == "timeSeries" and props["stat"] == "Maximum"
+    assert "BackupDuration" in handler_emits("backup") and "BackupBytes" in handler_emits(
+        "backup")
+    # the drill: the weekly verify's, so the widget looks back further than the dashboard
+    [drill] = [w["properties"] for w in body["widgets"]
+               if any(m[1] == "DrillPassed" for m in w["properties"].get("metrics", []))]
+    assert drill["view"] == "singleValue" and drill["stat"] == "Minimum"  # a failure shows
+    assert [m[1:6] for m in drill["metrics"]] == [
+        ["DrillPassed", "service", "supabackup", "kind", "verify"]]
+    assert "DrillPassed" in handler_emits("verify")
+    verify_every = default(cfn, schedules(cfn)["verify"]["ScheduleExpression"])
+    assert verify_every.startswith("cron(") and verify_every.endswith(" ? * SUN *)")  # weekly
+    assert drill["start"] == "-P35D" and drill["period"] == 86400
+    assert body["start"] == "-P14D"  # two weekly fulls and a fortnight of incrementals
+
+
+def test_the_dashboard_without_capture_says_so_and_with_it_shows_its_lag_and_wal(
+        stack: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    cfn, parameters = stack
+    body = dashboard_body(cfn, parameters)
+    capture = [m for m in widget_metrics(body) if m[2].get("kind") == "capture"]
+    texts = [w["properties"]["markdown"] for w in body["widgets"] if w["type"] == "text"]
+    if "CaptureSecretArn" not in parameters:
+        assert capture == []
+        [text] = texts
+        assert "Change capture is off" in text and "CaptureSecretArn" in text
+        return
+    assert texts == []
+    names = {name for _, name, _, _ in capture}
+    assert {"CaptureLagSeconds", "RetainedWalBytes", "SafeWalSize", "CaptureFailed"} <= names
+    assert names <= handler_emits("capture")
+    # retained WAL against safe_wal_size, on one graph, with the two alarms' thresholds
+    [wal] = [w["properties"] for w in body["widgets"] if {"RetainedWalBytes", "SafeWalSize"}
+             <= {m[1] for m in w["properties"].get("metrics", [])}]
+    stats = {m[1]: m[-1]["stat"] for m in wal["metrics"]}
+    assert stats == {"RetainedWalBytes": "Maximum", "SafeWalSize": "Minimum"}
+    lines = {a["label"]: a["value"] for a in wal["annotations"]["horizontal"]}
+    assert lines == {alarm: default(cfn, cfn["Resources"][alarm]["Properties"]["Threshold"])
+                     for alarm in ("RetainedWalAlarm", "SafeWalAlarm")}
+
+
+def test_the_dashboard_layout_fits_the_grid(stack: tuple[dict[str, Any], dict[str, Any]]
+                                            ) -> None:
+    cfn, parameters = stack
+    cells: set[tuple[int, int]] = set()
+    for widget in dashboard_body(cfn, parameters)["widgets"]:
+        x, y, width, height = (widget[k] for k in ("x", "y", "width", "height"))
+        assert 0 <= x and x + width <= 24 and width > 0 and height > 0
+        mine = {(x + i, y + j) for i in range(width) for j in range(height)}
+        assert not mine & cells, widget["properties"].get("title")  # no two overlap
+        cells |= mine
+
+
+def test_the_dashboard_url_is_in_the_outputs(cfn: dict[str, Any]) -> None:
+    [(dashboard_id, dashboard)] = of_type(cfn, "AWS::CloudWatch::Dashboard").items()
+    assert "Condition" not in dashboard
+    url = resolve(cfn, cfn["Outputs"]["DashboardUrl"]["Value"], {})
+    assert url == (f"https://{REGION}.console.aws.amazon.com/cloudwatch/home?region={REGION}"
+                   f"#dashboards:name=ref:{dashboard_id}")
+    # dashboards are one list per account: the stack's name and region keep it its own
+    assert resolve(cfn, dashboard["Properties"]["DashboardName"], {}) == (
+        f"supabackup-{STACK}-{REGION}")
+
+
 # ------------------------------------------------------------------ outputs
 
 
@@ -968,6 +1305,11 @@ def test_the_stack_deploys_into_moto() -> None:
                   "TargetStorageSecretArn": TARGET_SECRET + "-target-storage",
                   "PointInTimeDays": "30"}
     template = translate(parameters)
+    # moto skips the alarms, so the dashboard's GetAtt of their ARNs cannot resolve: it
+    # and its URL are left out here (their every reference is resolved above, with and
+    # without capture, in the dashboard's tests).
+    [dashboard] = of_type(template, "AWS::CloudWatch::Dashboard")
+    del template["Resources"][dashboard], template["Outputs"]["DashboardUrl"]
     env = {"AWS_DEFAULT_REGION": REGION, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing"}
     # moto's LayerVersion has no physical id: a Ref to it (the Fargate task's role and
