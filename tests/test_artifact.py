@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 from cfnlint.decode import decode
+from supabackup.budget import MARGIN
 from supabackup.manifest import Manifest
 
 from devkit.compare import differences
@@ -254,6 +255,24 @@ def test_a_bad_event_fails_the_invocation_and_stores_nothing(stack: Stack) -> No
     assert stored_keys(stack.moto.client("s3"), BUCKET) == before
     assert outcome(stack)["MessageAttributes"]["status"]["Value"] == "failed"
     assert emf(bad)["BackupFailed"] == [1.0]
+
+
+def test_a_run_given_less_time_than_it_needs_refuses_while_it_can_still_say_so(
+        stack: Stack) -> None:
+    """The deadline Lambda gives (Lambda-Runtime-Deadline-Ms) is the budget's: with less
+    left than the budget keeps for cleaning up, the backup refuses at once, reports, and
+    stores nothing, instead of being killed at the deadline with nothing said."""
+    before = stored_keys(stack.moto.client("s3"), BUCKET)
+    short = stack.invoke("BackupFunction", load_event("backup-full-scheduled.json"),
+                         timeout_seconds=MARGIN - 10)
+    assert not short.timed_out and short.error is not None, short
+    assert short.error["errorType"] == "TimeLimitExceeded"
+    assert "left before the time limit" in short.error["errorMessage"]
+    assert stored_keys(stack.moto.client("s3"), BUCKET) == before
+    message = outcome(stack)
+    assert message["MessageAttributes"]["status"]["Value"] == "failed"
+    assert "time limit" in json.dumps(message["Message"])
+    assert emf(short)["BackupFailed"] == [1.0]
 
 
 def test_verify_with_a_drill(stack: Stack) -> None:
