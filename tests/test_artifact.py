@@ -285,7 +285,8 @@ def test_verify_with_a_drill(stack: Stack) -> None:
     message = outcome(stack)
     assert message["MessageAttributes"]["kind"]["Value"] == "verify"
     assert message["MessageAttributes"]["status"]["Value"] == "succeeded"
-    assert emf(result)["VerifySucceeded"] == [1.0]
+    metrics = emf(result)
+    assert (metrics["VerifySucceeded"], metrics["DrillPassed"]) == ([1.0], [1.0])
     assert SUPERUSER_PASSWORD not in result.log
 
 
@@ -322,6 +323,8 @@ def test_capture_starts_streams_until_its_deadline_and_reports_the_slot(
     metrics = emf(ran)
     assert metrics["kind"] == "capture" and metrics["CapturedTransactions"] == [1.0]
     assert metrics["RetainedWalBytes"] == [float(ran.payload["slot"]["retained_wal_bytes"])]
+    [lag] = metrics["CaptureLagSeconds"]
+    assert 0 <= lag < 60  # it streamed until moments ago
     status = stack.invoke("CaptureFunction", load_event("capture-status.json"))
     assert status.ok and status.payload["started"] and status.payload["last_commit_captured"]
     assert stack.inbox.messages() == []  # a good run says nothing
