@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from datetime import timedelta
 
 from . import __version__, capture
 from .backup import KINDS, BackupRequest
@@ -37,6 +38,7 @@ from .report import (
 )
 from .restore import RestoreOptions
 from .retention import KEEP_DAYS, KEEP_DAYS_ENV, checked_keep_days
+from .status import NEEDS_A_PERSON, Limits, screen, store_status
 from .store import Store, StoreURL
 from .tabledata import JOBS_ENV, checked_jobs
 from .verify import VerifyReport
@@ -55,6 +57,7 @@ examples:
   supabackup restore --store s3://BUCKET/PREFIX --target-url "$EMPTY_DB" --at latest
   supabackup restore --store s3://BUCKET/PREFIX --target-url "$EMPTY_DB" --at 2026-11-29T14:03:00Z
   supabackup verify --store s3://BUCKET/PREFIX --drill-url "$SCRATCH_SERVER"
+  supabackup status --store s3://BUCKET/PREFIX    # exit 1 when something needs a person
 
 --at TIME restores by replaying change capture where capture covers the time, else the
 newest backup taken at or before it; the output says which. Exit status: 0 success,
@@ -169,7 +172,44 @@ def build_parser() -> argparse.ArgumentParser:
                              "server and compare every table with what the backup recorded "
                              "(default: $SUPABACKUP_DRILL_URL)")
     sns_flag(verify)
+
+    status = sub.add_parser("status", help="health at a glance: the newest backups, the "
+                            "point-in-time window, the last verify and drill, and what needs "
+                            "a person (exit status 1 when anything does)")
+    store_flag(status)
+    status.add_argument("--json", action="store_true", help="print JSON instead of a screen")
+    keep_days_flag(status)
+    limits_flags(status)
     return parser
+
+
+def limits_flags(p: argparse.ArgumentParser) -> None:
+    """status's thresholds: the defaults follow the stack's schedules and alarms (see
+    status.Limits); a stack deployed with others passes its own."""
+    default = Limits()
+    p.add_argument("--missed-backup-hours", type=float, metavar="H",
+                   default=default.backup.total_seconds() / 3600,
+                   help="no backup for longer needs a person (default: 26, the stack's "
+                        "MissedBackupHours)")
+    p.add_argument("--full-days", type=float, metavar="D",
+                   default=default.full.total_seconds() / 86400,
+                   help="no full backup for longer needs a person (default: a week and "
+                        "2 hours, the weekly full)")
+    p.add_argument("--verify-days", type=float, metavar="D",
+                   default=default.verify.total_seconds() / 86400,
+                   help="no verify, or drill, for longer needs a person (default: a week "
+                        "and 2 hours, the weekly verify)")
+    p.add_argument("--capture-lag-minutes", type=float, metavar="M",
+                   default=default.capture_lag.total_seconds() / 60,
+                   help="capture further behind needs a person (default: 15, three "
+                        "5-minute runs)")
+    p.add_argument("--retained-wal-bytes", type=int, metavar="BYTES",
+                   default=default.retained_wal,
+                   help="a slot holding more WAL needs a person (default: 1 GiB, the "
+                        "stack's RetainedWalAlarmBytes)")
+    p.add_argument("--safe-wal-bytes", type=int, metavar="BYTES", default=default.safe_wal,
+                   help="a slot closer than this to max_slot_wal_keep_size needs a person "
+                        "(default: 128 MiB, the stack's SafeWalAlarmBytes)")
 
 
 def _jobs(value: str | None) -> int | None:
@@ -335,10 +375,34 @@ def _print_verify(report: VerifyReport) -> None:
                   if found.released else ""))
     print(f"verified {len(report.verified)} backup(s) of {report.database_id}: "
           f"{human_bytes(report.bytes_read)} read, {len(report.findings)} problem(s)")
+    if report.record_error:
+        print(f"NOT RECORDED: {report.record_error} (`supabackup status` will not see this run)")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = Store(StoreURL.parse(require(args.store, "--store", "SUPABACKUP_STORE")))
+    found = store_status(store, args.database_id, _keep_days(args.keep_days), _limits(args))
+    print(json.dumps(found, indent=2) if args.json else "\n".join(screen(found)))
+    return 0 if found["healthy"] else NEEDS_A_PERSON
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    given = {"--missed-backup-hours": args.missed_backup_hours, "--full-days": args.full_days,
+             "--verify-days": args.verify_days,
+             "--capture-lag-minutes": args.capture_lag_minutes,
+             "--retained-wal-bytes": args.retained_wal_bytes,
+             "--safe-wal-bytes": args.safe_wal_bytes}
+    for flag, value in given.items():
+        if not value > 0:
+            raise ConfigError(f"{flag} must be more than 0, not {value}")
+    return Limits(backup=timedelta(hours=args.missed_backup_hours),
+                  full=timedelta(days=args.full_days), verify=timedelta(days=args.verify_days),
+                  capture_lag=timedelta(minutes=args.capture_lag_minutes),
+                  retained_wal=args.retained_wal_bytes, safe_wal=args.safe_wal_bytes)
 
 
 COMMANDS = {"backup": cmd_backup, "list": cmd_list, "restore": cmd_restore,
-            "verify": cmd_verify, "cdc": cmd_cdc}
+            "verify": cmd_verify, "cdc": cmd_cdc, "status": cmd_status}
 
 
 def _interrupted(signum: int, frame: object) -> None:

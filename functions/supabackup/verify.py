@@ -26,13 +26,24 @@ Supabase Storage files (files/check.py): every stored content the verified backu
 is re-read and re-hashed once; a missing or damaged one is a finding named
 `files/<bucket>/<key>` for each backup that lists it. The drill also restores a sample of
 the backup's files into a scratch folder of the store and compares them.
+
+Every run that found backups to verify records its result in the store (a CheckRecord at
+<database-id>/checks/<YYYYmmddTHHMMSSZ>.json, tagged retention=daily so the daily
+lifecycle rule expires it): what was verified, ok or the problems, the drill's target
+and result, the time. `supabackup status` reads these; nothing else does. The record is
+an observation of the run, not part of it: a record that cannot be written is logged and
+named in the run's outcome (`record_error`), and the verify's own result stands, good or
+bad. Status then finds no fresh record and says so, which is what a person must see.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 import zstandard
@@ -40,15 +51,19 @@ import zstandard
 from .capture.audit import CaptureAudit, audit_store
 from .dburl import ConnectionInfo
 from .drill import DrillReport, run_drill
-from .errors import BackupNotFound, RestoreFailed, StoreError
+from .errors import BackupNotFound, RestoreFailed, StoreError, SupabackupError
 from .files.check import drill_files, verify_files
-from .manifest import Manifest
+from .manifest import Manifest, iso, record, utcnow
 from .pgtools import Child, exit_reason, find_tools
 from .retention import KEEP_DAYS_ENV, checked_keep_days
 from .store import MANIFEST, Store
 
 log = logging.getLogger(__name__)
 CAPTURE = "cdc"  # the folder change capture keeps its records in: its findings' first part
+CHECKS = "checks"  # the folder of each database where verify records its results
+CHECK_TAGS = {"retention": "daily"}  # the daily lifecycle rule expires old results
+CHECK_FORMAT = 1
+STAMP = "%Y%m%dT%H%M%SZ"  # a check record's key: its time, so keys sort by time
 
 
 @dataclass(frozen=True)
@@ -69,10 +84,21 @@ class VerifyReport:
     bytes_read: int = 0
     drill: DrillReport | None = None
     capture: CaptureAudit | None = None  # what was checked of change capture, if any
+    drill_target: str = ""   # the drill server (user@host:port/db), "" when none was asked
+    drill_problems: list[Finding] = field(default_factory=list)  # the drill's, or why not run
+    error: str = ""          # the run stopped before it finished: why
+    record: str = ""         # the key its CheckRecord was stored at
+    record_error: str = ""   # why the record could not be stored ("" when it was)
 
     @property
     def ok(self) -> bool:
-        return not self.findings
+        return not self.findings and not self.error
+
+    @property
+    def drill_passed(self) -> bool:
+        """The drill ran and found the backup as recorded: it restored, every table
+        matched, and no later problem (a Storage file) names the drilled backup."""
+        return self.drill is not None and not self.drill_problems
 
     def summary(self) -> dict[str, Any]:
         """What the CLI's last line and the SNS message say (with change capture: what
@@ -82,6 +108,9 @@ class VerifyReport:
                  "drill": self.drill.summary() if self.drill else None}
         if self.capture is not None:
             found["capture"] = self.capture.summary()
+        found["record"] = self.record or None
+        if self.record_error:
+            found["record_error"] = self.record_error
         return found
 
 
@@ -92,14 +121,31 @@ def verify_database(store: Store, database_id: str, backup_id: str | None = None
     With `drill`, the backup (or the newest one) is then restored on that server and
     compared with what it recorded, unless its objects already failed to verify.
     Verifying every backup verifies the database's change capture too, when it has any.
+    The run's result, also one that stopped half way, is recorded (record_check).
     """
-    report = VerifyReport(database_id=database_id)
-    manifests: dict[str, Manifest] = {}
+    started = utcnow()
     keys = store.manifest_keys(database_id)
     if not keys:  # a typo in the database id must not make a weekly verify pass for ever
         raise BackupNotFound(f"no backup of {database_id} in {store.url} to verify",
                              "check --database-id (or SUPABACKUP_DATABASE_ID); `supabackup "
                              "list` shows the ids")
+    report = VerifyReport(database_id=database_id)
+    scrub = drill.redact if drill is not None else str
+    try:
+        _verify(store, keys, backup_id, drill, report)
+    except SupabackupError as exc:  # a run that stops is a result too: the last one
+        report.error = str(exc)
+        record_check(store, report, backup_id, started, scrub)
+        raise
+    record_check(store, report, backup_id, started, scrub)
+    return report
+
+
+def _verify(store: Store, keys: list[str], backup_id: str | None,
+            drill: ConnectionInfo | None, report: VerifyReport) -> None:
+    """The checks themselves, their findings into `report`."""
+    database_id = report.database_id
+    manifests: dict[str, Manifest] = {}
     for key in keys:
         found_id = key.rsplit("/", 2)[-2]
         try:
@@ -123,8 +169,105 @@ def verify_database(store: Store, database_id: str, backup_id: str | None = None
     if backup_id is None:
         _check_capture(store, database_id, manifests, keys, report)
     if drill is not None:
+        report.drill_target = drill.display()
+        before = len(report.findings)
         _drill(store, manifests, backup_id or max(manifests, default=""), drill, report)
-    return report
+        report.drill_problems = report.findings[before:]
+
+
+@dataclass(frozen=True)
+class DrillRecord:
+    """A drill's result as a CheckRecord keeps it."""
+
+    target: str          # the drill server, user@host:port/db (never a password)
+    backup_id: str       # the backup it restored ("" when there was none to restore)
+    ran: bool            # False: not run (the backup failed to verify), or the restore failed
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    tables: int = 0
+    rows: int = 0
+    files: int = 0
+
+
+@dataclass(frozen=True)
+class CheckRecord:
+    """One verify run's result, as the store keeps it for `supabackup status`."""
+
+    database_id: str
+    started_at: str
+    finished_at: str
+    backup: str          # the backup asked for (it and its chain verified); "" every backup
+    verified: list[str]
+    ok: bool
+    problems: list[str]
+    error: str = ""      # the run stopped before it finished: why
+    bytes_read: int = 0
+    capture: dict[str, Any] | None = None   # what was checked of change capture
+    drill: DrillRecord | None = None        # None: no drill was asked for
+    format: int = CHECK_FORMAT
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes, key: str) -> CheckRecord:
+        """A stored record, every field checked (manifest.record); a StoreError naming
+        the key when it is not one."""
+        try:
+            data = json.loads(raw)
+            if isinstance(data, dict) and data.get("drill") is not None:
+                data["drill"] = record(DrillRecord, data["drill"], "the drill")
+            return record(cls, data, "the check record")
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"{key} is damaged: {' '.join(str(exc).split())[:300]}",
+                             "run `supabackup verify` to record a new result") from None
+
+
+def check_key(store: Store, database_id: str, when: datetime) -> str:
+    """Where the result of a run that ended at `when` is stored (one key per run)."""
+    return store.key(database_id, CHECKS, f"{when.strftime(STAMP)}.json")
+
+
+def check_record(report: VerifyReport, backup_id: str | None, started: datetime,
+                 finished: datetime, scrub: Callable[[str], str] = str) -> CheckRecord:
+    """What `report` says, as a CheckRecord; `scrub` takes the drill server's password
+    out of what its errors may quote (the record is stored, and read by people)."""
+    drill = None
+    if report.drill_target:
+        done = report.drill
+        drill = DrillRecord(target=report.drill_target,
+                            backup_id=done.backup_id if done else (
+                                report.drill_problems[0].backup_id
+                                if report.drill_problems else ""),
+                            ran=done is not None, ok=report.drill_passed,
+                            problems=[scrub(str(f)) for f in report.drill_problems],
+                            tables=done.tables if done else 0, rows=done.rows if done else 0,
+                            files=done.files if done else 0)
+    return CheckRecord(database_id=report.database_id, started_at=iso(started),
+                       finished_at=iso(finished), backup=backup_id or "",
+                       verified=report.verified, ok=report.ok,
+                       problems=[scrub(str(f)) for f in report.findings],
+                       error=scrub(report.error),
+                       bytes_read=report.bytes_read,
+                       capture=report.capture.summary() if report.capture else None,
+                       drill=drill)
+
+
+def record_check(store: Store, report: VerifyReport, backup_id: str | None,
+                 started: datetime, scrub: Callable[[str], str] = str) -> None:
+    """Store the run's CheckRecord; a failure is logged and named in the report
+    (`record_error`), never raised: the verify's result is what it found, and status
+    shows a missing record as a verify not on record."""
+    finished = utcnow()
+    key = check_key(store, report.database_id, finished)
+    body = check_record(report, backup_id, started, finished, scrub).to_json()
+    try:
+        store.put_small(key, body, "application/json", tags=CHECK_TAGS)
+    except StoreError as exc:
+        report.record_error = f"the result could not be recorded at {key}: {exc}"
+        log.error("%s (the verify's own result stands)", report.record_error)
+        return
+    report.record = key
 
 
 def _drill(store: Store, manifests: dict[str, Manifest], backup_id: str,
