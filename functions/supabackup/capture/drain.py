@@ -38,7 +38,7 @@ from ..db import USER_SCHEMAS, connect
 from ..dburl import ConnectionInfo
 from ..definitions import definitions_fingerprint
 from ..errors import CaptureError, ConfigError, StoreError
-from ..manifest import iso, parse_time
+from ..manifest import iso, parse_time, utcnow
 from ..store import Store
 from .slot import MAX_CHANGES, peek, slot_status, whole_transactions
 from .state import (
@@ -53,6 +53,7 @@ from .state import (
     reach_of,
     read_progress,
     read_state,
+    record_slot,
     segments,
     segments_of,
     write_segment,
@@ -172,6 +173,7 @@ def open_drain(conn: ConnectionInfo, store: Store, database_id: str,
         with db.cursor() as cur:
             output.pin(cur)  # values decode in this session: as replay will read them
         health = slot_status(db, state.slot)
+        _keep_reading(store, database_id, state.slot, health)
         if health and health["plugin"] != state.plugin:
             raise StoreError(f"capture state of {database_id} says plugin {state.plugin}, but "
                              f"the slot {state.slot} decodes with {health['plugin']}",
@@ -196,6 +198,16 @@ def open_drain(conn: ConnectionInfo, store: Store, database_id: str,
     except BaseException:
         db.close()
         raise
+
+
+def _keep_reading(store: Store, database_id: str, slot: str, health: dict[str, Any]) -> None:
+    """Store the slot's health for `supabackup status` (state.SlotReading), as the run
+    read it on opening the slot: the most WAL it holds in the run, before the run
+    confirms. An observation: a failed write is logged, and capture goes on."""
+    try:
+        record_slot(store, database_id, slot, health, iso(utcnow()))
+    except StoreError as exc:
+        log.warning("could not keep the slot's reading for status: %s", exc)
 
 
 def _reach(store: Store, database_id: str, state: CaptureState,

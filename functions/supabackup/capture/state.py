@@ -10,6 +10,10 @@ Layout, under <database-id>/cdc/:
     index/<end-lsn>.json                commit times, LSNs, size and sha256 of a segment,
                                         its epoch, where its stream began, and the check
                                         of the run that stored it
+    slots/<slot>.json                   the slot's health as the last run to open it read
+                                        it (retained WAL, safe_wal_size, wal_status), so
+                                        `supabackup status` can say what it holds without
+                                        a connection to the database
 
 A segment counts only once its index entry is stored (as a backup counts only once its
 manifest is): the entry is written last. Segments and index entries carry the tag
@@ -119,6 +123,41 @@ class Segment:
     large_objects: int = 0
     epoch: str = ""          # start LSN of the epoch whose slot it came from ("" before 0.6)
     after: str = ""          # its stream began after this position (see the chain above)
+
+
+@dataclass(frozen=True)
+class SlotReading:
+    """A slot's health as a capture run read it (slot.slot_status), kept in a record of its
+    own rather than in the progress record: a reader of an older release refuses a
+    progress record with fields it does not know, and this one is only an observation."""
+
+    slot: str
+    read_at: str
+    found: bool                      # False: the slot was gone when the run looked
+    wal_status: str | None = None    # reserved, extended, unreserved, lost
+    retained_wal_bytes: int = 0      # pg_current_wal_lsn() - restart_lsn
+    safe_wal_size: int | None = None  # WAL the server may still write before it invalidates
+    #                                  the slot (None: no max_slot_wal_keep_size)
+
+
+def slot_key(store: Store, database_id: str, slot: str) -> str:
+    return store_key(store, database_id, "slots", f"{slot}.json")
+
+
+def record_slot(store: Store, database_id: str, slot: str, health: dict[str, Any],
+                at: str) -> None:
+    """Keep what slot_status read of `slot` at `at` (an ISO time)."""
+    reading = SlotReading(slot=slot, read_at=at, found=bool(health),
+                          wal_status=health.get("wal_status"),
+                          retained_wal_bytes=int(health.get("retained_wal_bytes") or 0),
+                          safe_wal_size=health.get("safe_wal_size"))
+    put_json(store, slot_key(store, database_id, slot), asdict(reading))
+
+
+def read_slot(store: Store, database_id: str, slot: str) -> SlotReading | None:
+    """The last reading of `slot` a capture run kept (None: none yet)."""
+    return read_record(store, slot_key(store, database_id, slot), SlotReading,
+                       "capture slot reading")
 
 
 def store_key(store: Store, database_id: str, *parts: str) -> str:
