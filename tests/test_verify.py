@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import pytest
+from botocore.awsrequest import AWSResponse
 from supabackup.backup import BackupRequest, run_backup
 from supabackup.dburl import ConnectionInfo
+from supabackup.errors import VerifyFailed
 from supabackup.manifest import Manifest, new_backup_id
+from supabackup.notify import Notifier
+from supabackup.report import verify_and_report
 from supabackup.store import Store
-from supabackup.verify import verify_database
+from supabackup.verify import CheckRecord, verify_database
 
 from devkit.pg import Cluster
 
@@ -131,3 +137,74 @@ def test_the_missing_base_of_a_chain_is_named(chain: Any, store: Store, s3: Any)
     s3.delete_object(Bucket=BUCKET, Key=_key(store, full, "manifest.json"))
     assert _problems(store, incr, incr.backup_id) == [
         f"{incr.backup_id}/chain: its base {full.backup_id} is missing"]
+
+
+# --- the record of each run's result (what `supabackup status` reads) -----------------------
+
+def _records(store: Store, s3: Any, manifest: Manifest) -> list[tuple[str, dict[str, Any]]]:
+    """Each stored check record of the database: its key and its JSON, oldest first."""
+    keys = store.list_keys(store.key(manifest.database_id, "checks") + "/")
+    return [(k, json.loads(s3.get_object(Bucket=BUCKET, Key=k)["Body"].read())) for k in keys]
+
+
+def test_a_verify_records_its_result_tagged_for_the_daily_rule(chain: Any, store: Store,
+                                                               s3: Any) -> None:
+    full, incr = chain
+    report = verify_database(store, full.database_id)
+    [(key, found)] = _records(store, s3, full)
+    assert re.fullmatch(rf"backups/{full.database_id}/checks/\d{{8}}T\d{{6}}Z\.json", key)
+    assert report.record == key and report.summary()["record"] == key
+    tags = s3.get_object_tagging(Bucket=BUCKET, Key=key)["TagSet"]
+    assert tags == [{"Key": "retention", "Value": "daily"}]
+    assert (found["ok"], found["problems"], found["verified"], found["backup"]) == (
+        True, [], [full.backup_id, incr.backup_id], "")
+    assert found["bytes_read"] == report.bytes_read and found["drill"] is None
+    assert found["started_at"] <= found["finished_at"] and found["error"] == ""
+    assert CheckRecord.from_json(json.dumps(found).encode(), key).ok
+
+
+def test_a_failed_verify_records_its_problems(chain: Any, store: Store, s3: Any) -> None:
+    full, incr = chain
+    s3.delete_object(Bucket=BUCKET, Key=_key(store, full, "roles.sql"))
+    with pytest.raises(VerifyFailed):
+        verify_and_report(store, full.database_id, Notifier(None), incr.backup_id)
+    [(_, found)] = _records(store, s3, full)
+    assert (found["ok"], found["problems"], found["backup"]) == (
+        False, [f"{full.backup_id}/roles.sql: missing"], incr.backup_id)
+
+
+def _refuse_check_records(s3: Any) -> list[str]:
+    """S3 refuses every put under checks/ as IAM would without the grant (AccessDenied),
+    before anything is sent (moto would store what reaches it); the keys it refused."""
+    refused: list[str] = []
+
+    def deny(params: dict[str, Any], **_: Any) -> tuple[Any, dict[str, Any]] | None:
+        if "/checks/" not in params["url_path"]:
+            return None
+        refused.append(params["url_path"])
+        return (AWSResponse(params["url_path"], 403, {}, None),
+                {"Error": {"Code": "AccessDenied", "Message": "Access Denied"},
+                 "ResponseMetadata": {"HTTPStatusCode": 403}})
+    s3.meta.events.register_first("before-call.s3.PutObject", deny)
+    return refused
+
+
+def test_a_record_that_cannot_be_written_leaves_the_verify_result_as_it_is(
+        chain: Any, store: Store, s3: Any, caplog: pytest.LogCaptureFixture) -> None:
+    full, incr = chain
+    refused = _refuse_check_records(s3)
+    report = verify_and_report(store, full.database_id, Notifier(None))  # no VerifyFailed
+    assert report.ok and refused
+    assert report.record == "" and report.record_error.startswith(
+        f"the result could not be recorded at backups/{full.database_id}/checks/")
+    assert "AccessDenied" in report.record_error
+    assert report.summary()["record_error"] == report.record_error
+    assert any("the verify's own result stands" in r.message and r.levelname == "ERROR"
+               for r in caplog.records)
+    # and a failed verify stays failed, naming the record it could not write too
+    s3.delete_object(Bucket=BUCKET, Key=_key(store, incr, "roles.sql"))
+    with pytest.raises(VerifyFailed) as failed:
+        verify_and_report(store, full.database_id, Notifier(None))
+    assert str(failed.value).startswith(f"{incr.backup_id}/roles.sql: missing")
+    assert failed.value.report.record_error.startswith("the result could not be recorded")
+    assert _records(store, s3, full) == []

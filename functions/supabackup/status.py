@@ -67,7 +67,7 @@ class DatabaseRead:
     database_id: str
     manifests: list[Manifest] = field(default_factory=list)  # readable ones, oldest first
     stored: set[str] = field(default_factory=set)  # ids of every stored manifest
-    unreadable: list[str] = field(default_factory=list)   # "key: why"
+    unreadable: list[str] = field(default_factory=list)   # why each manifest cannot be read
     verify: tuple[str, CheckRecord] | None = None   # the newest check record, and its key
     drill: tuple[str, CheckRecord] | None = None    # the newest one with a drill
     damaged_checks: list[str] = field(default_factory=list)
@@ -91,7 +91,7 @@ def read_database(store: Store, database_id: str, keep_days: int,
         try:
             read.manifests.append(store.read_manifest_key(key))
         except StoreError as exc:
-            read.unreadable.append(f"{key}: {exc.message}")
+            read.unreadable.append(exc.message)
     _read_checks(store, read)
     try:
         read.capture = _read_capture(store, database_id, keep_days, now)
@@ -253,7 +253,7 @@ def needs_attention(read: DatabaseRead, found: dict[str, Any], limits: Limits) -
 
 
 def _backup_findings(read: DatabaseRead, found: dict[str, Any], limits: Limits) -> list[str]:
-    lines = [f"manifest {line}" for line in read.unreadable]
+    lines = [f"a manifest cannot be read: {line}" for line in read.unreadable]
     full, incremental = found["newest_full"], found["newest_incremental"]
     if full is None and incremental is None:
         return [*lines, f"no backup of {read.database_id} on record"]
@@ -314,7 +314,7 @@ def _slot_findings(slot: str, reading: dict[str, Any], limits: Limits) -> list[s
 
 
 def _check_findings(read: DatabaseRead, found: dict[str, Any], limits: Limits) -> list[str]:
-    lines = [f"check record {line}" for line in read.damaged_checks]
+    lines = [f"a check record cannot be read: {line}" for line in read.damaged_checks]
     verify, drill = found["verify"], found["drill"]
     if verify is None:
         return [*lines, "no verify on record"]
