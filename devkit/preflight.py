@@ -14,7 +14,8 @@ PostgreSQL put there some other way counts too:
 - the pinned PostgreSQL 17 binaries (`make setup` fetches them), and every shared library
   they need, resolved by `ldd`: that is how a missing libicu72 or libreadline8 shows;
 - as root, setpriv and the `postgres` OS user the servers run as (devkit.pg);
-- for `make test`, what the layer and fault tests run: readelf, GNU time, Debian's keyring.
+- for `make test`, what the layer and fault tests run: readelf, GNU time, Debian's keyring,
+  zstd, and qemu-aarch64-static (the arm64 layer's programs run under emulation).
 Every place looked in is a field of `Machine`, so a test can point them at an empty folder.
 """
 
@@ -143,6 +144,8 @@ def _test_tools(machine: Machine) -> list[Missing]:
         found.append(Missing("debian-archive-keyring", str(machine.keyring)))
     if not _program(machine, "zstd"):  # the README's restore by hand, which a test runs
         found.append(Missing("zstd", "zstd"))
+    if not _program(machine, "qemu-aarch64-static"):  # the arm64 layer's programs, emulated
+        found.append(Missing("qemu-user-static", "qemu-aarch64-static"))
     return found
 
 

@@ -90,11 +90,8 @@ class DebianLibraries:
         argv = ["apt-get", "-qq"] + [f"-o{k}={v}" for k, v in options.items()] + list(args)
         subprocess.run(argv, check=True, cwd=cwd, stdout=subprocess.DEVNULL)
 
-    def library(self, soname: str) -> tuple[Path, str]:
-        """The real file of `soname` from its package, and 'package version'."""
-        package = DEBIAN_PACKAGES.get(soname)
-        if package is None:
-            sys.exit(f"no Debian package known for {soname}: add it to DEBIAN_PACKAGES")
+    def unpack(self, package: str) -> Path:
+        """The package's files, downloaded (verified by apt) and unpacked once."""
         if package not in self.unpacked:
             debs = self.root / "debs"
             for old in debs.glob(f"{package}_*.deb"):
@@ -107,7 +104,14 @@ class DebianLibraries:
             subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
             self.unpacked[package] = target
             self.versions[package] = deb.name.split("_")[1].replace("%3a", ":")
-        matches = [p for p in self.unpacked[package].rglob(soname) if "-linux-gnu" in str(p)]
+        return self.unpacked[package]
+
+    def library(self, soname: str) -> tuple[Path, str]:
+        """The real file of `soname` from its package, and 'package version'."""
+        package = DEBIAN_PACKAGES.get(soname)
+        if package is None:
+            sys.exit(f"no Debian package known for {soname}: add it to DEBIAN_PACKAGES")
+        matches = [p for p in self.unpack(package).rglob(soname) if "-linux-gnu" in str(p)]
         if not matches:
             sys.exit(f"{package} has no {soname}")
         return matches[0].resolve(), f"{package} {self.versions[package]}"
@@ -139,6 +143,18 @@ def build(dest: Path, arch: str, cache: Path) -> None:
             pending.append(dest / "lib" / soname)
     (dest / "lib" / "MANIFEST").write_text(
         "".join(f"{path}\t{source}\n" for path, source in sorted(origin.items())))
+
+
+def library_root(dest: Path, arch: str, cache: Path) -> Path:
+    """A root holding the target's glibc (what the layer leaves to the runtime: GLIBC),
+    from the same bookworm packages, for running the layer's programs of another
+    architecture under qemu's user-mode emulation (`qemu-aarch64-static -L DEST`): the
+    programs' loader and libc come from here, every other library from the layer."""
+    debian = DebianLibraries(arch, cache)
+    shutil.rmtree(dest, ignore_errors=True)
+    for package in ("libc6", "libgcc-s1"):  # libgcc_s: glibc loads it to unwind threads
+        shutil.copytree(debian.unpack(package), dest, symlinks=True, dirs_exist_ok=True)
+    return dest
 
 
 def main() -> None:

@@ -288,6 +288,16 @@ def test_verify_with_a_drill(stack: Stack) -> None:
     metrics = emf(result)
     assert (metrics["VerifySucceeded"], metrics["DrillPassed"]) == ([1.0], [1.0])
     assert SUPERUSER_PASSWORD not in result.log
+    # the result is on record for `supabackup status`, with the grant the role has
+    s3 = stack.moto.client("s3")
+    key = result.payload["record"]
+    assert "/checks/" in key and result.payload.get("record_error", "") == ""
+    record = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    assert (record["ok"], record["drill"]["ok"], record["drill"]["backup_id"]) == (
+        True, True, drill["backup_id"])
+    assert SUPERUSER_PASSWORD not in json.dumps(record)
+    assert s3.get_object_tagging(Bucket=BUCKET, Key=key)["TagSet"] == [
+        {"Key": "retention", "Value": "daily"}]
 
 
 def test_restore_the_latest_into_the_target(stack: Stack, server: Cluster) -> None:

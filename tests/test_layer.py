@@ -2,28 +2,36 @@
 
 The layer's programs run under `env -i` with only the layer's own directories set (PATH
 and LD_LIBRARY_PATH, as Lambda sets them for /opt), against live PostgreSQL 15 and 17.
+The arm64 layer (the template's default architecture) runs too, under qemu's user-mode
+emulation with an arm64 glibc from the same Debian packages: its programs dump, restore
+and query a real database, and the engine backs up and restores with them.
 """
 
 from __future__ import annotations
 
+import random
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from supabackup.backup import BackupRequest, run_backup
 from supabackup.dburl import ConnectionInfo
+from supabackup.restore import run_restore
 from supabackup.store import Store
 
+from devkit.compare import differences
+from devkit.differential.source import Source
 from devkit.pg import Cluster
 
 from .helpers import REPO
 
 sys.path.insert(0, str(REPO / "layers"))
-from build_layer import GLIBC, PROGRAMS, build, needed
+from build_layer import GLIBC, PROGRAMS, build, library_root, needed
 
 pytestmark = pytest.mark.tools  # builds and runs the layer's programs
 
@@ -145,3 +153,108 @@ def test_engine_uses_the_layer_and_records_which_pg_dump(
     manifest = run_backup(ConnectionInfo.from_url(pg17.url(db)), store, BackupRequest())
     assert manifest.pg_dump == str(layer / "bin" / "pg_dump")
     assert manifest.pg_dump_version == "17.11"
+
+
+# --- arm64: the template's default architecture, run under emulation ---------------------
+
+QEMU = shutil.which("qemu-aarch64-static") or "/usr/bin/qemu-aarch64-static"
+EM_AARCH64 = 183  # ELF e_machine
+
+
+@pytest.fixture(scope="module")
+def arm64_root(arm64_layer: Path) -> Path:
+    """arm64 glibc from the same bookworm packages: what Lambda's runtime provides."""
+    return library_root(REPO / "build" / "root-aarch64", "aarch64", REPO / "build" / ".layer-cache")
+
+
+@pytest.fixture(scope="module")
+def emulated(arm64_layer: Path, arm64_root: Path, tmp_path_factory: pytest.TempPathFactory
+             ) -> Path:
+    """The arm64 layer as a host with binfmt_misc runs it: bin/ holds for each program a
+    script that notes the run (in `ran`) and execs the arm64 program under qemu's user-mode emulation (the
+    loader and libc from the arm64 root, every other library from the layer's lib/, through
+    LD_LIBRARY_PATH as Lambda sets it). pg_dumpall runs `pg_dump -V` from its own directory
+    through /bin/sh, so its arm64 copy sits in arm64/ beside an emulated pg_dump. This host
+    has no binfmt_misc entry for arm64, and registering one would change the whole machine;
+    Graviton runs the programs natively."""
+    root = tmp_path_factory.mktemp("emulated-layer")
+    for folder in ("bin", "arm64"):
+        (root / folder).mkdir()
+    (root / "lib").symlink_to(arm64_layer / "lib")
+    shutil.copy2(arm64_layer / "bin" / "pg_dumpall", root / "arm64" / "pg_dumpall")
+
+    def emulate(script: Path, program: Path) -> None:
+        script.write_text(f"#!/bin/sh\necho {program.name} >> {root / 'ran'}\n"
+                          f'exec {QEMU} -L {arm64_root} {program} "$@"\n')
+        script.chmod(0o755)
+    for program in PROGRAMS:
+        emulate(root / "bin" / program, root / "arm64" / program if program == "pg_dumpall"
+                else arm64_layer / "bin" / program)
+    emulate(root / "arm64" / "pg_dump", arm64_layer / "bin" / "pg_dump")
+    return root
+
+
+def _emulated(layer: Path, program: str, *args: str, **run: Any
+              ) -> subprocess.CompletedProcess[bytes]:
+    """One of the arm64 layer's programs, emulated, with only what Lambda sets for a layer."""
+    return subprocess.run([*_layer_env(layer), program, *args], capture_output=True,
+                          check=True, **run)
+
+
+def test_arm64_programs_dump_restore_and_query_a_real_database(
+        pg17: Cluster, new_db: Any, arm64_layer: Path, emulated: Path, tmp_path: Path) -> None:
+    for program in PROGRAMS:  # these are arm64 programs: nothing runs them but qemu
+        assert int.from_bytes((arm64_layer / "bin" / program).read_bytes()[18:20], "little") == (
+            EM_AARCH64)
+    source, target = new_db(pg17), new_db(pg17)
+    schema = Source(pg17.url(source), random.Random(18))  # noqa: S311 - a fixed schema
+    schema.build(6)  # every type the differential test knows, keys and REPLICA IDENTITY FULL
+    for i in range(6):
+        schema.step(ddl=i % 2 == 1)
+    pg17.execute(f"DROP ROLE IF EXISTS {ARM64_ROLE}; CREATE ROLE {ARM64_ROLE} NOLOGIN")
+    try:
+        started = time.monotonic()
+        archive = tmp_path / "arm64.dump"
+        _emulated(emulated, "pg_dump", "--format=custom", "--compress=zstd",
+                  f"--file={archive}", f"--dbname={pg17.url(source)}")
+        _emulated(emulated, "pg_restore", "--exit-on-error", "--no-owner",
+                  f"--dbname={pg17.url(target)}", str(archive))
+        assert differences(pg17.url(source), pg17.url(target)) == []
+        counted = _emulated(emulated, "psql", "-X", "-At", f"--dbname={pg17.url(target)}",
+                            "-c", "SELECT count(*) FROM public.every_type_pk", text=True).stdout
+        [(rows,)] = pg17.execute("SELECT count(*) FROM public.every_type_pk", source)
+        assert int(counted) == rows > 0
+        roles = _emulated(emulated, "pg_dumpall", "--roles-only", f"--dbname={pg17.url()}",
+                          text=True).stdout
+        assert f"CREATE ROLE {ARM64_ROLE};" in roles
+        print(f"arm64 under qemu: dump, restore, query and roles in "
+              f"{time.monotonic() - started:.1f} s")
+    finally:
+        pg17.execute(f"DROP ROLE IF EXISTS {ARM64_ROLE}")
+
+
+ARM64_ROLE = "sb_arm64_role"
+
+
+def test_the_engine_backs_up_and_restores_with_the_arm64_programs(
+        pg17: Cluster, new_db: Any, arm64_layer: Path, emulated: Path, store: Store,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full and an incremental backup and a restore of the chain, every client program
+    the arm64 one (parallel COPY workers, roles, the schema archive), compared whole."""
+    monkeypatch.setenv("SUPABACKUP_PG_BINDIR", str(emulated / "bin"))
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(arm64_layer / "lib"))
+    source, target = new_db(pg17), new_db(pg17)
+    schema = Source(pg17.url(source), random.Random(1818))  # noqa: S311 - a fixed schema
+    schema.build(4)
+    started = time.monotonic()
+    full = run_backup(ConnectionInfo.from_url(pg17.url(source)), store, BackupRequest())
+    schema.step(ddl=True)
+    incremental = run_backup(ConnectionInfo.from_url(pg17.url(source)), store,
+                             BackupRequest(kind="incremental"))
+    assert (full.pg_dump, incremental.base) == (str(emulated / "bin" / "pg_dump"), full.backup_id)
+    assert {"pg_dump", "pg_dumpall", "psql"} <= set((emulated / "ran").read_text().split())
+    (emulated / "ran").unlink()
+    run_restore(store, incremental, ConnectionInfo.from_url(pg17.url(target)))
+    assert {"pg_restore", "psql"} <= set((emulated / "ran").read_text().split())
+    print(f"arm64 under qemu: full, incremental and restore in {time.monotonic() - started:.1f} s")
+    assert differences(pg17.url(source), pg17.url(target)) == []

@@ -27,7 +27,7 @@ def _complete_machine(root: Path, ldd: str = RESOLVED_LDD) -> Machine:
     for name in PG17_LIBRARIES:
         (root / "pg17" / "lib" / name).touch()
     for name, text in (("ldd", ldd), ("setpriv", "#!/bin/sh\n"), ("readelf", "#!/bin/sh\n"),
-                       ("zstd", "#!/bin/sh\n")):
+                       ("zstd", "#!/bin/sh\n"), ("qemu-aarch64-static", "#!/bin/sh\n")):
         (tools / name).write_text(text)
         (tools / name).chmod(0o755)
     (root / "time").touch()
@@ -97,5 +97,5 @@ def test_message_empty_machine_names_every_package_once_and_make_setup(tmp_path:
     assert "\n" not in line
     assert line.endswith("; run: apt-get install -y util-linux postgresql-common postgresql-15 "
                          "postgresql-client-15 postgresql-15-wal2json binutils time "
-                         "debian-archive-keyring zstd && make setup")
+                         "debian-archive-keyring zstd qemu-user-static && make setup")
     assert line.count("postgresql-15 (") == 1
