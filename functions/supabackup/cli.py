@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 from . import __version__, capture
 from .backup import KINDS, BackupRequest
@@ -183,33 +184,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# status's thresholds: (flag, the Limits field, the flag's unit in seconds or 0 for bytes,
+# metavar, help). The defaults follow the stack's schedules and alarms (status.Limits); a
+# stack deployed with others passes its own.
+LIMIT_FLAGS = (
+    ("--missed-backup-hours", "backup", 3600, "H", "no backup for longer needs a person "
+     "(default: 26, the stack's MissedBackupHours)"),
+    ("--full-days", "full", 86400, "D", "no full backup for longer needs a person (default: "
+     "a week and 2 hours, the weekly full)"),
+    ("--verify-days", "verify", 86400, "D", "no verify, or drill, for longer needs a person "
+     "(default: a week and 2 hours, the weekly verify)"),
+    ("--capture-lag-minutes", "capture_lag", 60, "M", "capture further behind needs a "
+     "person (default: 15, three 5-minute runs)"),
+    ("--retained-wal-bytes", "retained_wal", 0, "BYTES", "a slot holding more WAL needs a "
+     "person (default: 1 GiB, the stack's RetainedWalAlarmBytes)"),
+    ("--safe-wal-bytes", "safe_wal", 0, "BYTES", "a slot closer than this to "
+     "max_slot_wal_keep_size needs a person (default: 128 MiB, the stack's SafeWalAlarmBytes)"),
+)
+
+
 def limits_flags(p: argparse.ArgumentParser) -> None:
-    """status's thresholds: the defaults follow the stack's schedules and alarms (see
-    status.Limits); a stack deployed with others passes its own."""
     default = Limits()
-    p.add_argument("--missed-backup-hours", type=float, metavar="H",
-                   default=default.backup.total_seconds() / 3600,
-                   help="no backup for longer needs a person (default: 26, the stack's "
-                        "MissedBackupHours)")
-    p.add_argument("--full-days", type=float, metavar="D",
-                   default=default.full.total_seconds() / 86400,
-                   help="no full backup for longer needs a person (default: a week and "
-                        "2 hours, the weekly full)")
-    p.add_argument("--verify-days", type=float, metavar="D",
-                   default=default.verify.total_seconds() / 86400,
-                   help="no verify, or drill, for longer needs a person (default: a week "
-                        "and 2 hours, the weekly verify)")
-    p.add_argument("--capture-lag-minutes", type=float, metavar="M",
-                   default=default.capture_lag.total_seconds() / 60,
-                   help="capture further behind needs a person (default: 15, three "
-                        "5-minute runs)")
-    p.add_argument("--retained-wal-bytes", type=int, metavar="BYTES",
-                   default=default.retained_wal,
-                   help="a slot holding more WAL needs a person (default: 1 GiB, the "
-                        "stack's RetainedWalAlarmBytes)")
-    p.add_argument("--safe-wal-bytes", type=int, metavar="BYTES", default=default.safe_wal,
-                   help="a slot closer than this to max_slot_wal_keep_size needs a person "
-                        "(default: 128 MiB, the stack's SafeWalAlarmBytes)")
+    for flag, name, unit, metavar, help_ in LIMIT_FLAGS:
+        value = getattr(default, name)
+        p.add_argument(flag, dest=name, type=float if unit else int, metavar=metavar,
+                       default=value.total_seconds() / unit if unit else value, help=help_)
 
 
 def _jobs(value: str | None) -> int | None:
@@ -387,18 +386,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _limits(args: argparse.Namespace) -> Limits:
-    given = {"--missed-backup-hours": args.missed_backup_hours, "--full-days": args.full_days,
-             "--verify-days": args.verify_days,
-             "--capture-lag-minutes": args.capture_lag_minutes,
-             "--retained-wal-bytes": args.retained_wal_bytes,
-             "--safe-wal-bytes": args.safe_wal_bytes}
-    for flag, value in given.items():
+    values: dict[str, Any] = {}
+    for flag, name, unit, _, _ in LIMIT_FLAGS:
+        value = getattr(args, name)
         if not value > 0:
             raise ConfigError(f"{flag} must be more than 0, not {value}")
-    return Limits(backup=timedelta(hours=args.missed_backup_hours),
-                  full=timedelta(days=args.full_days), verify=timedelta(days=args.verify_days),
-                  capture_lag=timedelta(minutes=args.capture_lag_minutes),
-                  retained_wal=args.retained_wal_bytes, safe_wal=args.safe_wal_bytes)
+        values[name] = timedelta(seconds=value * unit) if unit else value
+    return Limits(**values)
 
 
 COMMANDS = {"backup": cmd_backup, "list": cmd_list, "restore": cmd_restore,
