@@ -171,9 +171,9 @@ def arm64_root(arm64_layer: Path) -> Path:
 def emulated(arm64_layer: Path, arm64_root: Path, tmp_path_factory: pytest.TempPathFactory
              ) -> Path:
     """The arm64 layer as a host with binfmt_misc runs it: bin/ holds for each program a
-    script that notes the run (in `ran`) and execs the arm64 program under qemu's user-mode emulation (the
-    loader and libc from the arm64 root, every other library from the layer's lib/, through
-    LD_LIBRARY_PATH as Lambda sets it). pg_dumpall runs `pg_dump -V` from its own directory
+    script that notes the run (in `ran`) and execs the arm64 program under qemu's user-mode
+    emulation (the loader and libc from the arm64 root, every other library from the
+    layer's lib/, through LD_LIBRARY_PATH as Lambda sets it). pg_dumpall runs `pg_dump -V` from its own directory
     through /bin/sh, so its arm64 copy sits in arm64/ beside an emulated pg_dump. This host
     has no binfmt_misc entry for arm64, and registering one would change the whole machine;
     Graviton runs the programs natively."""
@@ -201,16 +201,27 @@ def _emulated(layer: Path, program: str, *args: str, **run: Any
                           check=True, **run)
 
 
+ARM64_ROLE = "sb_arm64_role"
+
+
+def _realistic_source(cluster: Cluster, db: str, seed: int, tables: int, steps: int) -> Source:
+    """A schema from the differential test's builder (every type it knows, keys and REPLICA
+    IDENTITY FULL, `tables` random tables), then `steps` steps of DML, every other with DDL;
+    the builder, for more steps."""
+    schema = Source(cluster.url(db), random.Random(seed))  # noqa: S311 - a fixed schema
+    schema.build(tables)
+    for i in range(steps):
+        schema.step(ddl=i % 2 == 1)
+    return schema
+
+
 def test_arm64_programs_dump_restore_and_query_a_real_database(
         pg17: Cluster, new_db: Any, arm64_layer: Path, emulated: Path, tmp_path: Path) -> None:
     for program in PROGRAMS:  # these are arm64 programs: nothing runs them but qemu
         assert int.from_bytes((arm64_layer / "bin" / program).read_bytes()[18:20], "little") == (
             EM_AARCH64)
     source, target = new_db(pg17), new_db(pg17)
-    schema = Source(pg17.url(source), random.Random(18))  # noqa: S311 - a fixed schema
-    schema.build(6)  # every type the differential test knows, keys and REPLICA IDENTITY FULL
-    for i in range(6):
-        schema.step(ddl=i % 2 == 1)
+    _realistic_source(pg17, source, seed=18, tables=6, steps=6)
     pg17.execute(f"DROP ROLE IF EXISTS {ARM64_ROLE}; CREATE ROLE {ARM64_ROLE} NOLOGIN")
     try:
         started = time.monotonic()
@@ -233,9 +244,6 @@ def test_arm64_programs_dump_restore_and_query_a_real_database(
         pg17.execute(f"DROP ROLE IF EXISTS {ARM64_ROLE}")
 
 
-ARM64_ROLE = "sb_arm64_role"
-
-
 def test_the_engine_backs_up_and_restores_with_the_arm64_programs(
         pg17: Cluster, new_db: Any, arm64_layer: Path, emulated: Path, store: Store,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -244,17 +252,18 @@ def test_the_engine_backs_up_and_restores_with_the_arm64_programs(
     monkeypatch.setenv("SUPABACKUP_PG_BINDIR", str(emulated / "bin"))
     monkeypatch.setenv("LD_LIBRARY_PATH", str(arm64_layer / "lib"))
     source, target = new_db(pg17), new_db(pg17)
-    schema = Source(pg17.url(source), random.Random(1818))  # noqa: S311 - a fixed schema
-    schema.build(4)
+    schema = _realistic_source(pg17, source, seed=1818, tables=4, steps=0)
+    ran = emulated / "ran"
+    ran.unlink(missing_ok=True)  # what the other test ran must not count for this one
     started = time.monotonic()
     full = run_backup(ConnectionInfo.from_url(pg17.url(source)), store, BackupRequest())
     schema.step(ddl=True)
     incremental = run_backup(ConnectionInfo.from_url(pg17.url(source)), store,
                              BackupRequest(kind="incremental"))
     assert (full.pg_dump, incremental.base) == (str(emulated / "bin" / "pg_dump"), full.backup_id)
-    assert {"pg_dump", "pg_dumpall", "psql"} <= set((emulated / "ran").read_text().split())
-    (emulated / "ran").unlink()
+    assert {"pg_dump", "pg_dumpall", "psql"} <= set(ran.read_text().split())
+    ran.unlink()
     run_restore(store, incremental, ConnectionInfo.from_url(pg17.url(target)))
-    assert {"pg_restore", "psql"} <= set((emulated / "ran").read_text().split())
+    assert {"pg_restore", "psql"} <= set(ran.read_text().split())
     print(f"arm64 under qemu: full, incremental and restore in {time.monotonic() - started:.1f} s")
     assert differences(pg17.url(source), pg17.url(target)) == []
